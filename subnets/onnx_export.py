@@ -1,0 +1,391 @@
+"""ONNX export of sub-networks, built straight from the sliced weights.
+
+The graphs are assembled node by node with ``onnx.helper`` from a ``SubnetWeights`` (no
+tracing): a Llama decoder is a short, fixed recipe, and building it directly takes
+milliseconds where torch's exporters take 7-48 s per graph. Two graphs per sub-network share
+one external weights file:
+
+- prefill: ``input_ids[B,S]`` -> ``logits[B,1,V]`` (last position: generation needs no
+  more) and ``present.{i}.key|value[B,G_i,S,hd]``;
+- decode: ``input_ids[B,1]``, ``past_key_values.{i}.key|value[B,G_i,P,hd]`` -> ``logits[B,1,V]``
+  and ``present.{i}.key|value[B,G_i,P+1,hd]``.
+
+S, P and B are dynamic, so one file serves a grid of shapes. Query heads are laid out group
+by group and attend to their KV head by broadcasting (no repeat), as GQA runtimes do.
+
+Exports are content-addressed: the folder name is a hash of the config, the base model and
+the export options, so a sub-network is never exported twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from subnets.errors import ExportError
+from subnets.extract import SubnetWeights
+
+log = logging.getLogger(__name__)
+
+EXPORTER_VERSION = 1
+MIN_OPSET = 13  # Unsqueeze/Slice with axes as inputs, Softmax over one axis
+WEIGHTS_FILE = "weights.bin"
+_ALIGN = 64
+Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("prefill", "decode")
+
+
+def max_opset() -> int:
+    return onnx.defs.onnx_opset_version()
+
+
+def min_ir_version(opset: int) -> int:
+    """The oldest IR version that carries ``opset``: the most runtimes can load it."""
+    best = None
+    for _release, ir, op, *_ in helper.VERSION_TABLE:
+        if op >= opset and (best is None or ir < best):
+            best = ir
+    return best if best is not None else onnx.IR_VERSION
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+    ir_version: int | None = None  # None: the oldest that carries ``opset``
+    weights: Literal["real", "none"] = "real"  # "none": graph + manifest only (profiling)
+
+    def validate(self) -> None:
+        top = max_opset()
+        if not MIN_OPSET <= self.opset <= top:
+            raise ExportError(
+                f"opset {self.opset} is not supported: edgenas exports opsets {MIN_OPSET}..{top}",
+                "choose --opset in that range (the board's handshake says what its runtime loads)",
+            )
+        if self.ir_version is not None and self.ir_version < min_ir_version(self.opset):
+            raise ExportError(
+                f"IR version {self.ir_version} cannot carry opset {self.opset} "
+                f"(needs IR >= {min_ir_version(self.opset)})",
+                "raise --ir-version or lower --opset",
+            )
+        if self.weights not in ("real", "none"):
+            raise ExportError(f"unknown weights mode {self.weights!r}", "use 'real' or 'none'")
+
+    @property
+    def resolved_ir_version(self) -> int:
+        return self.ir_version if self.ir_version is not None else min_ir_version(self.opset)
+
+
+@dataclass
+class TensorRecord:
+    """Where one weight tensor lies in the shared weights file."""
+
+    name: str
+    shape: list[int]
+    offset: int
+    length: int
+    kind: str  # "linear", "norm", "embed", "bias": how a board fills it when weights are absent
+
+
+@dataclass
+class ExportedSubnet:
+    key: str
+    folder: Path
+    graphs: dict[str, str]  # phase -> file name
+    graph_sha256: dict[str, str]
+    weights_file: str
+    weights_bytes: int
+    weights_sha256: str | None  # None when the weights were not written
+    options: dict[str, object]
+    tensors: list[TensorRecord] = field(default_factory=list)
+
+    def path(self, phase: str) -> Path:
+        return self.folder / self.graphs[phase]
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["folder"] = str(self.folder)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ExportedSubnet:
+        d = dict(d)
+        d["folder"] = Path(str(d["folder"]))
+        d["tensors"] = [TensorRecord(**t) for t in d.get("tensors", [])]  # type: ignore[union-attr]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# weights plan: every tensor once, in one file shared by both graphs
+# --------------------------------------------------------------------------------------
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def plan_weights(w: SubnetWeights) -> list[tuple[str, np.ndarray, str]]:
+    """(name, array, kind) for every initializer. Linear weights are stored [in, out] for
+    MatMul; the query projection carries the 1/sqrt(head_dim) attention scale (RoPE is
+    linear, so scaling before it is exact)."""
+    scale = w.head_dim**-0.5
+    out: list[tuple[str, np.ndarray, str]] = [("embed", _np(w.embed), "embed")]
+    for i, lw in enumerate(w.layers):
+        p = f"l{i}."
+        out.append((p + "in_norm", _np(lw.input_norm), "norm"))
+        out.append((p + "q", _np((lw.q * scale).t()), "linear"))
+        out.append((p + "k", _np(lw.k.t()), "linear"))
+        out.append((p + "v", _np(lw.v.t()), "linear"))
+        out.append((p + "o", _np(lw.o.t()), "linear"))
+        for n, b, s in (("q_bias", lw.q_bias, scale), ("k_bias", lw.k_bias, 1.0),
+                        ("v_bias", lw.v_bias, 1.0), ("o_bias", lw.o_bias, 1.0)):
+            if b is not None:
+                out.append((p + n, _np(b * s), "bias"))
+        out.append((p + "post_norm", _np(lw.post_norm), "norm"))
+        out.append((p + "gate", _np(lw.gate.t()), "linear"))
+        out.append((p + "up", _np(lw.up.t()), "linear"))
+        out.append((p + "down", _np(lw.down.t()), "linear"))
+    out.append(("final_norm", _np(w.final_norm), "norm"))
+    if w.lm_head is not None:
+        out.append(("lm_head", _np(w.lm_head), "embed"))
+    return out
+
+
+def _layout(plan: list[tuple[str, np.ndarray, str]]) -> list[TensorRecord]:
+    recs, off = [], 0
+    for name, arr, kind in plan:
+        off = (off + _ALIGN - 1) // _ALIGN * _ALIGN
+        recs.append(TensorRecord(name, list(arr.shape), off, arr.nbytes, kind))
+        off += arr.nbytes
+    return recs
+
+
+def _write_weights(plan: list[tuple[str, np.ndarray, str]], recs: list[TensorRecord], path: Path) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    with path.open("wb") as f:
+        for (_, arr, _), rec in zip(plan, recs):
+            if rec.offset > pos:
+                pad = b"\0" * (rec.offset - pos)
+                f.write(pad)
+                h.update(pad)
+            mv = memoryview(arr).cast("B")
+            f.write(mv)
+            h.update(mv)
+            pos = rec.offset + rec.length
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# graph builder
+# --------------------------------------------------------------------------------------
+class _Graph:
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._n = 0
+        self._consts: dict[tuple[object, ...], str] = {}
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: object) -> str:
+        self._n += 1
+        name = out or f"{op_type.lower()}_{self._n}"
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"n{self._n}_{op_type}", **attrs))
+        return name
+
+    def const(self, value: object, dtype: type = np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"c{len(self._consts)}"
+            self.inits.append(onnx.numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def external(self, rec: TensorRecord) -> str:
+        t = TensorProto()
+        t.name = rec.name
+        t.data_type = TensorProto.FLOAT
+        t.dims.extend(rec.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", WEIGHTS_FILE), ("offset", str(rec.offset)), ("length", str(rec.length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.inits.append(t)
+        return rec.name
+
+    # composite ops --------------------------------------------------------------------
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        return self.op("Unsqueeze", [x, self.const(axes)])
+
+    def slice(self, x: str, start: int, end: int, axis: int) -> str:
+        return self.op("Slice", [x, self.const([start]), self.const([end]), self.const([axis])])
+
+    def rms_norm(self, x: str, weight: str, eps: float) -> str:
+        # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern onnxruntime fuses into
+        # SimplifiedLayerNormalization.
+        sq = self.op("Pow", [x, self.const(2.0, np.float32)])
+        if self.opset >= 18:
+            mean = self.op("ReduceMean", [sq, self.const([-1])], keepdims=1)
+        else:
+            mean = self.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        std = self.op("Sqrt", [self.op("Add", [mean, self.const(eps, np.float32)])])
+        return self.op("Mul", [self.op("Div", [x, std]), weight])
+
+    def linear(self, x: str, w: str, b: str | None = None) -> str:
+        y = self.op("MatMul", [x, w])
+        return self.op("Add", [y, b]) if b else y
+
+    def rope(self, x: str, cos: str, sin: str, half: int) -> str:
+        x1 = self.slice(x, 0, half, -1)
+        x2 = self.slice(x, half, 2 * half, -1)
+        rot = self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1)
+        return self.op("Add", [self.op("Mul", [x, cos]), self.op("Mul", [rot, sin])])
+
+
+def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
+    g = _Graph(options.opset)
+    names = {r.name: g.external(r) for r in recs}
+    hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
+    vocab = int(w.embed.shape[0])
+    eps = w.rms_norm_eps
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence" if phase == "prefill" else 1])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, vocab])]
+
+    # positions and RoPE tables, computed in the graph from the dynamic shapes
+    if phase == "prefill":
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)
+        pos = g.op("Range", [g.const(0), seq, g.const(1)])
+        kpos = g.unsqueeze(pos, [0])
+        qpos = g.unsqueeze(pos, [1])
+        mask = g.op("Where", [g.op("Greater", [kpos, qpos]), g.const(np.finfo(np.float32).min, np.float32),
+                              g.const(0.0, np.float32)])
+    else:
+        past = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"]), g.const(2)], axis=0)
+        pos = g.op("Reshape", [past, g.const([1])])
+        mask = None
+    posf = g.unsqueeze(g.op("Cast", [pos], to=f32), [1])
+    freqs = g.op("Mul", [posf, g.const(w.inv_freq.numpy()[None, :], np.float32)])
+    emb = g.op("Concat", [freqs, freqs], axis=1)
+    cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+    if w.rope_scaling != 1.0:
+        s = g.const(w.rope_scaling, np.float32)
+        cos, sin = g.op("Mul", [cos, s]), g.op("Mul", [sin, s])
+
+    x = g.op("Gather", [names["embed"], "input_ids"], axis=0)
+    for i, lw in enumerate(w.layers):
+        p = f"l{i}."
+        G, hpg = lw.num_kv_heads, lw.num_heads // lw.num_kv_heads
+        h = g.rms_norm(x, names[p + "in_norm"], eps)
+        q = g.linear(h, names[p + "q"], names.get(p + "q_bias"))
+        q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, G, hpg, hd])])], perm=[0, 2, 3, 1, 4])
+        q = g.rope(q, cos, sin, half)  # [B,G,hpg,S,hd]
+        k = g.linear(h, names[p + "k"], names.get(p + "k_bias"))
+        k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
+        v = g.linear(h, names[p + "v"], names.get(p + "v_bias"))
+        v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
+        kname, vname = f"present.{i}.key", f"present.{i}.value"
+        total = "sequence" if phase == "prefill" else "total_sequence"
+        if phase == "decode":
+            pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+            inputs += [helper.make_tensor_value_info(n, f32, ["batch", G, "past_sequence", hd]) for n in (pk, pv)]
+            k = g.op("Concat", [pk, g.rope(k, cos, sin, half)], kname, axis=2)
+            v = g.op("Concat", [pv, v], vname, axis=2)
+        else:
+            k = g.op("Identity", [g.rope(k, cos, sin, half)], kname)
+            v = g.op("Identity", [v], vname)
+        outputs += [helper.make_tensor_value_info(n, f32, ["batch", G, total, hd]) for n in (kname, vname)]
+        kt = g.unsqueeze(g.op("Transpose", [k], perm=[0, 1, 3, 2]), [2])  # [B,G,1,hd,T]
+        scores = g.op("MatMul", [q, kt])  # [B,G,hpg,S,T]
+        if mask is not None:
+            scores = g.op("Add", [scores, mask])
+        probs = g.op("Softmax", [scores], axis=-1)
+        ctx = g.op("MatMul", [probs, g.unsqueeze(v, [2])])  # [B,G,hpg,S,hd]
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4]), g.const([0, 0, -1])])
+        x = g.op("Add", [x, g.linear(ctx, names[p + "o"], names.get(p + "o_bias"))])
+        h = g.rms_norm(x, names[p + "post_norm"], eps)
+        gate = g.linear(h, names[p + "gate"])
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), g.linear(h, names[p + "up"])])
+        x = g.op("Add", [x, g.linear(act, names[p + "down"])])
+
+    x = g.rms_norm(x, names["final_norm"], eps)
+    if phase == "prefill":
+        x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
+    flat = g.op("Reshape", [x, g.const([-1, d])])
+    lm = names.get("lm_head", names["embed"])
+    logits = g.op("Gemm", [flat, lm], transB=1)
+    g.op("Unsqueeze", [logits, g.const([1])], "logits")
+
+    graph = helper.make_graph(g.nodes, f"edgenas_{phase}", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", options.opset)],
+                              producer_name="edgenas", producer_version=str(EXPORTER_VERSION))
+    model.ir_version = options.resolved_ir_version
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# content-addressed export
+# --------------------------------------------------------------------------------------
+def export_key(w: SubnetWeights, options: ExportOptions) -> str:
+    ident = {"exporter": EXPORTER_VERSION, "config": w.config.to_dict(), "opset": options.opset,
+             "ir": options.resolved_ir_version, "weights": options.weights}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+MANIFEST = "export.json"
+
+
+def export_subnet(
+    w: SubnetWeights,
+    root: Path,
+    options: ExportOptions | None = None,
+    phases: tuple[Phase, ...] = PHASES,
+) -> ExportedSubnet:
+    """Export ``w`` under ``root/<key>/`` unless that export already exists; return it."""
+    options = options or ExportOptions()
+    options.validate()
+    key = export_key(w, options)
+    folder = Path(root) / key
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        done = ExportedSubnet.from_dict(json.loads(manifest.read_text()))
+        done.folder = folder
+        if all(p in done.graphs for p in phases):
+            log.debug("export %s already exists", key)
+            return done
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        plan = plan_weights(w)
+        recs = _layout(plan)
+        weights_sha = None
+        if options.weights == "real":
+            weights_sha = _write_weights(plan, recs, tmp / WEIGHTS_FILE)
+        graphs, shas = {}, {}
+        for phase in phases:
+            data = build_graph(w, recs, phase, options).SerializeToString()
+            fname = f"{phase}.onnx"
+            (tmp / fname).write_bytes(data)
+            graphs[phase], shas[phase] = fname, hashlib.sha256(data).hexdigest()
+        size = recs[-1].offset + recs[-1].length if recs else 0
+        done = ExportedSubnet(key, folder, graphs, shas, WEIGHTS_FILE, size, weights_sha,
+                              {"opset": options.opset, "ir_version": options.resolved_ir_version,
+                               "weights": options.weights, "exporter": EXPORTER_VERSION}, recs)
+        rec = done.to_dict()
+        rec["config"] = w.config.to_dict()
+        (tmp / MANIFEST).write_text(json.dumps(rec, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return done
