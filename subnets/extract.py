@@ -77,7 +77,8 @@ def _bias(lin: Any, idx: torch.Tensor | None = None) -> torch.Tensor | None:
 
 def slice_weights(base: Any, importance: Importance, config: SubnetConfig) -> SubnetWeights:
     """Keep, per ``config``, the most important layers' units of ``base`` (a ``BaseModel``)."""
-    base.space().validate(config)
+    # Structural check only (any neuron count); the search space's step is the caller's.
+    base.space(neuron_step=1).validate(config)
     dims = base.dims
     model = base.model
     hd = dims.head_dim

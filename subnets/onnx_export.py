@@ -119,7 +119,7 @@ class ExportedSubnet:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ExportedSubnet:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "config"}
         d["folder"] = Path(str(d["folder"]))
         d["tensors"] = [TensorRecord(**t) for t in d.get("tensors", [])]  # type: ignore[union-attr]
         return cls(**d)  # type: ignore[arg-type]

@@ -34,3 +34,38 @@ def tiny_importance(tiny_base):
 
     tokens = tokenize(stdlib_docstrings("calibration", 20_000), tiny_base.tokenizer, budget=512, window=128)
     return compute_importance(tiny_base, tokens)
+
+
+_USER_CACHE = None
+
+
+def _user_cache() -> str:
+    global _USER_CACHE
+    if _USER_CACHE is None:
+        import os
+
+        from subnets.paths import cache_dir
+
+        saved = os.environ.pop("EDGENAS_CACHE", None)
+        try:
+            _USER_CACHE = str(cache_dir())
+        finally:
+            if saved is not None:
+                os.environ["EDGENAS_CACHE"] = saved
+    return _USER_CACHE
+
+
+_user_cache()  # resolved before any test redirects the cache
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M workspace; its converted folder and importance live in the user
+    cache dir, so only the first run anywhere pays the ~20 s conversion."""
+    import os
+    from unittest import mock
+
+    from subnets.workspace import Workspace
+
+    with mock.patch.dict(os.environ, {"EDGENAS_CACHE": _user_cache()}):
+        return Workspace.open("smollm2", eval_budget=1024)

@@ -1,0 +1,204 @@
+"""``edgenas``: the command line of the shared core and the end-to-end pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from subnets.clikit import make_parser, run, subparsers
+from subnets.configio import read_configs
+from subnets.cost import cost
+from subnets.errors import ConfigError
+from subnets.onnx_export import ExportOptions
+
+# Wide enough for the tables when output goes to a file or CI log (rich assumes 80 columns).
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="base model: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF Llama-family folder, or a .gguf file")
+    p.add_argument("--neuron-step", type=int, default=64, help="MLP neurons move in multiples of this (default 64)")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--ir-version", type=int, default=None, help="ONNX IR version (default: oldest that carries the opset)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("edgenas", "Hardware-aware sub-network search for Llama-family LLMs.")
+    sub = subparsers(p)
+    s = sub.add_parser("space", help="print the search space of a base model")
+    _add_model(s)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("sample", help="print seeded sub-network configs as JSON lines")
+    _add_model(s)
+    s.add_argument("--n", type=int, required=True, help="how many configs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--granularity", choices=["uniform", "per-layer"], default="per-layer")
+    s.add_argument("--strategy", choices=["uniform", "stratified"], default="stratified",
+                   help="stratified: equal share per parameter-count bin (default)")
+    s.add_argument("--random-layers", action="store_true",
+                   help="keep a random subset of layers instead of the top-k by block influence")
+    s = sub.add_parser("export", help="extract a sub-network: HF folder + ONNX graphs + summary JSON")
+    _add_model(s)
+    _add_export(s)
+    s.add_argument("--config", required=True, help="config file (JSON or JSON lines; the first config is used unless --index)")
+    s.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
+    s.add_argument("--out", required=True, type=Path, help="output folder")
+    s.add_argument("--no-perplexity", action="store_true", help="skip the perplexity evaluation")
+    s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
+    s = sub.add_parser("pipeline", help="the main job: sample, extract, export and evaluate sub-networks")
+    _add_model(s)
+    s.add_argument("--n", type=int, default=4, help="sampled sub-networks besides the full model")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=Path("runs/pipeline"))
+    s.add_argument("--text", default=None, help="held-out text file for perplexity")
+    return p
+
+
+def _workspace(args: argparse.Namespace):
+    from subnets.workspace import Workspace
+
+    return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None))
+
+
+def cmd_space(args: argparse.Namespace) -> None:
+    from subnets.basemodel import load_base_model
+
+    base = load_base_model(args.model)
+    space = base.space(args.neuron_step)
+    desc = space.describe()
+    if args.json:
+        print(json.dumps(desc, indent=1))
+        return
+    d = space.dims
+    t = Table(title=f"search space of {base.base_id}")
+    t.add_column("dimension")
+    t.add_column("base")
+    t.add_column("choices per kept layer")
+    t.add_row("layers", str(d.num_layers), desc["layers"])
+    t.add_row("KV groups", str(d.num_kv_heads), str(desc["kv_groups"]))
+    t.add_row("query heads per group", str(d.heads_per_group), str(desc["heads_per_group"]))
+    n = desc["neurons"]
+    t.add_row("MLP neurons", str(d.intermediate_size), f"{n[0]}..{n[-1]} step {space.neuron_step} ({len(n)} choices)")
+    t.add_row("hidden / head dim / vocab", f"{d.hidden_size} / {d.head_dim} / {d.vocab_size}", "fixed")
+    out_console.print(t)
+    out_console.print(f"sub-networks: 10^{desc['log10_size_uniform']} uniform, 10^{desc['log10_size_per_layer']} per-layer")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from subnets.basemodel import load_base_model
+
+    base = load_base_model(args.model)
+    ranking = None
+    if not args.random_layers:
+        from subnets.importance import importance_for
+
+        ranking = importance_for(base).layer_ranking()
+    configs = base.space(args.neuron_step).sample(
+        args.n, args.seed, granularity=args.granularity, strategy=args.strategy, layer_ranking=ranking
+    )
+    sys.stdout.write("".join(c.to_json() + "\n" for c in configs))
+
+
+def summarize(ws, config, exported, ppl: float | None, seq_len: int = 128, past_len: int = 128) -> dict:
+    pre = cost(config, ws.space.dims, "prefill", seq_len=seq_len)
+    dec = cost(config, ws.space.dims, "decode", past_len=past_len)
+    return {
+        "config_hash": config.config_hash(),
+        "summary": config.summary(),
+        "params": pre.params,
+        f"prefill_gflops_s{seq_len}": round(pre.flops / 1e9, 3),
+        f"decode_gflops_p{past_len}": round(dec.flops / 1e9, 4),
+        "perplexity": ppl,
+        "onnx": {ph: str(exported.path(ph)) for ph in exported.graphs} if exported else None,
+        "onnx_sha256": exported.graph_sha256 if exported else None,
+        "weights_sha256": exported.weights_sha256 if exported else None,
+    }
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from subnets.extract import build_model, save_subnet
+    from subnets.onnx_export import export_subnet
+    from subnets.quality import perplexity
+
+    configs = read_configs(args.config)
+    if not 0 <= args.index < len(configs):
+        raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
+                          f"use --index 0..{len(configs) - 1}")
+    options = ExportOptions(opset=args.opset, ir_version=args.ir_version)
+    options.validate()
+    ws = _workspace(args)
+    config = ws.space.validate(configs[args.index])
+    w = ws.weights(config)
+    model = build_model(w)
+    out: Path = args.out
+    save_subnet(model, out / "hf", config, ws.base.tokenizer)
+    exported = export_subnet(w, out / "onnx", options)
+    ppl = None if args.no_perplexity else perplexity(model, ws.eval_tokens())
+    summary = summarize(ws, config, exported, ppl)
+    summary["hf_folder"] = str(out / "hf")
+    summary["config"] = config.to_dict()
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    import time
+
+    from rich.progress import Progress
+
+    from subnets.extract import build_model
+    from subnets.onnx_export import export_key, export_subnet
+    from subnets.quality import perplexity
+
+    ws = _workspace(args)
+    configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, strategy="stratified",
+                                                   layer_ranking=ws.importance.layer_ranking())]
+    rows = []
+    with Progress(console=out_console, transient=True) as prog:
+        task = prog.add_task("extract, export, evaluate", total=len(configs))
+        for c in configs:
+            w = ws.weights(c)
+            cached = (args.out / "onnx" / export_key(w, ExportOptions()) / "export.json").is_file()
+            t0 = time.perf_counter()
+            exported = export_subnet(w, args.out / "onnx")
+            export_s = None if cached else time.perf_counter() - t0
+            ppl = perplexity(build_model(w), ws.eval_tokens())
+            rows.append((summarize(ws, c, exported, ppl), export_s))
+            prog.advance(task)
+    t = Table(title=f"sub-networks of {ws.base.base_id} (perplexity on {ws.eval_tokens().num_tokens} held-out tokens)")
+    for col in ("config", "hash", "params (M)", "prefill GFLOPs S=128", "decode GFLOPs P=128", "perplexity", "export s"):
+        t.add_column(col, justify="right" if col not in ("config", "hash") else "left")
+    for s, ex in rows:
+        t.add_row(s["summary"], s["config_hash"][:10], f"{s['params'] / 1e6:.1f}", f"{s['prefill_gflops_s128']:.2f}",
+                  f"{s['decode_gflops_p128']:.3f}", _fmt_ppl(s["perplexity"]),
+                  "cached" if ex is None else f"{ex:.2f}")
+    out_console.print(t)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "subnets.json").write_text(json.dumps([s for s, _ in rows], indent=1))
+    out_console.print(f"ONNX files and summary under {args.out}")
+
+
+def _fmt_ppl(p: float) -> str:
+    return f"{p:.1f}" if p < 1e5 else f"{p:.2e}"
+
+
+COMMANDS = {"space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    return run(parser, argv, lambda a: COMMANDS[a.command](a))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

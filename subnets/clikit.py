@@ -1,0 +1,63 @@
+"""What every edgenas command line shares: logging through rich, and one way of turning a
+user error into a message and exit status 2 (never a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from subnets.errors import EdgenasError
+
+console = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors exit 2 too, without usage spam
+        self.print_usage(sys.stderr)
+        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+        raise SystemExit(2)
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return p
+
+
+def subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int | None]) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("transformers", "urllib3", "paramiko", "matplotlib", "PIL", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        return int(handler(args) or 0)
+    except EdgenasError as e:
+        console.print(f"[bold red]error:[/] {escape(e.problem)}", soft_wrap=True, highlight=False)
+        if e.fix:
+            console.print(f"[bold]fix:[/] {escape(e.fix)}", soft_wrap=True, highlight=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130

@@ -1,0 +1,48 @@
+"""One place that turns a ``--model`` argument into a loaded base model, its importance and
+its search space, so every command resolves them the same way."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from subnets.basemodel import BaseModel, load_base_model
+from subnets.config import SubnetConfig
+from subnets.extract import SubnetWeights, build_model, slice_weights
+from subnets.importance import Importance, importance_for
+from subnets.quality import EvalTokens, perplexity, tokenize
+from subnets.space import SearchSpace
+from subnets.textdata import Corpus, read_text_file, stdlib_docstrings
+
+
+@dataclass
+class Workspace:
+    base: BaseModel
+    importance: Importance
+    space: SearchSpace
+    _eval: EvalTokens | None = None
+    eval_text: str | None = None
+    eval_budget: int = 4096
+
+    @classmethod
+    def open(cls, model: str | os.PathLike[str] = "smollm2", neuron_step: int = 64,
+             eval_text: str | None = None, eval_budget: int = 4096) -> Workspace:
+        base = load_base_model(model)
+        return cls(base, importance_for(base), base.space(neuron_step), eval_text=eval_text, eval_budget=eval_budget)
+
+    def eval_tokens(self) -> EvalTokens:
+        if self._eval is None:
+            corpus: Corpus = read_text_file(self.eval_text) if self.eval_text else stdlib_docstrings("heldout")
+            self._eval = tokenize(corpus, self.base.tokenizer, budget=self.eval_budget, window=512)
+        return self._eval
+
+    def weights(self, config: SubnetConfig) -> SubnetWeights:
+        self.space.validate(config)
+        return slice_weights(self.base, self.importance, config)
+
+    def model(self, config: SubnetConfig) -> Any:
+        return build_model(self.weights(config))
+
+    def perplexity(self, config: SubnetConfig) -> float:
+        return perplexity(self.model(config), self.eval_tokens())
