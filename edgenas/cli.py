@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
+    s = sub.add_parser("measurements", help="summarize or export a measurement store")
+    s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
+    s.add_argument("--csv", type=Path, default=None, help="write every measurement to this CSV file")
+    s.add_argument("--parquet", type=Path, default=None, help="write every measurement to this Parquet file (needs pyarrow)")
     return p
 
 
@@ -192,7 +196,13 @@ def _fmt_ppl(p: float) -> str:
     return f"{p:.1f}" if p < 1e5 else f"{p:.2e}"
 
 
-COMMANDS = {"space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
+def cmd_measurements(args: argparse.Namespace) -> int:
+    from profiler.cli import measurements_main
+
+    return measurements_main(args)
+
+
+COMMANDS = {"measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""edgenas device agent: measures ONNX models on this board and answers in JSON lines.
+
+Protocol: one JSON object per line on stdin, {"id": ..., "verb": ..., "args": {...}}; one per
+line on stdout, {"id": ..., "ok": true, "result": {...}} or {"id": ..., "ok": false,
+"error": {"class": ..., "message": ...}}. Verbs: hello, models, verify, materialize, measure,
+telemetry, shutdown.
+
+Everything it writes lies under its root folder (``--root``, by default the folder above its
+own). It needs Python 3.8+, numpy and the runtime, and imports no host code."""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import agent_onnxprobe
+import agent_runtime
+import agent_telemetry
+import agent_timing
+from agent_runtime import AgentError
+
+AGENT_VERSION = "1"
+PROTOCOL = 1
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FILE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class Agent(object):
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.models_dir = os.path.join(self.root, "models")
+        if not os.path.isdir(self.models_dir):
+            os.makedirs(self.models_dir)
+        self.np = None
+        self.ort = None
+        self.import_errors = {}
+        try:
+            import numpy
+
+            self.np = numpy
+        except ImportError as e:
+            self.import_errors["numpy"] = str(e)
+        try:
+            import onnxruntime
+
+            self.ort = onnxruntime
+        except ImportError as e:
+            self.import_errors["onnxruntime"] = str(e)
+        self.sessions = []  # small LRU of (key tuple, OrtSession, load_ms)
+        self.probe = None
+
+    # --- helpers ------------------------------------------------------------------------
+    def model_dir(self, key, partial=False):
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise AgentError("load_error", "invalid model key %r" % (key,))
+        return os.path.join(self.models_dir, key + (".partial" if partial else ""))
+
+    def require_runtime(self):
+        missing = [m for m in ("numpy", "onnxruntime") if m in self.import_errors]
+        if missing:
+            raise AgentError("load_error", "this board's Python lacks %s; install with `%s -m pip install %s`"
+                             % (" and ".join(missing), sys.executable, " ".join(missing)))
+
+    # --- verbs --------------------------------------------------------------------------
+    def hello(self, args):
+        ort_info = None
+        if self.ort is not None:
+            if self.probe is None:
+                self.probe = agent_onnxprobe.probe(self.ort)
+            ort_info = {"version": self.ort.__version__, "providers": self.ort.get_available_providers(),
+                        "max_opset": self.probe[0], "max_ir_version": self.probe[1]}
+        return {
+            "agent_version": AGENT_VERSION,
+            "protocol": PROTOCOL,
+            "python": platform.python_version(),
+            "python_executable": sys.executable,
+            "numpy": getattr(self.np, "__version__", None),
+            "onnxruntime": ort_info,
+            "missing": self.import_errors,
+            "board": agent_telemetry.board_info(),
+            "root": self.root,
+            "pid": os.getpid(),
+        }
+
+    def models(self, args):
+        out = []
+        for name in sorted(os.listdir(self.models_dir)):
+            d = os.path.join(self.models_dir, name)
+            if os.path.isfile(os.path.join(d, ".verified")):
+                out.append(name)
+        return {"models": out}
+
+    def verify(self, args):
+        """Check the uploaded files of ``key`` against their sha256 and publish them."""
+        key = args["key"]
+        files = args["files"]
+        partial, final = self.model_dir(key, True), self.model_dir(key)
+        src = partial if os.path.isdir(partial) else final
+        bad = []
+        for name, digest in sorted(files.items()):
+            if not _FILE.match(name):
+                raise AgentError("load_error", "invalid file name %r" % name)
+            p = os.path.join(src, name)
+            if not os.path.isfile(p):
+                bad.append("%s missing" % name)
+            elif sha256_file(p) != digest:
+                bad.append("%s sha256 mismatch (%d bytes on board)" % (name, os.path.getsize(p)))
+        if bad:
+            raise AgentError("load_error", "upload of %s failed verification: %s" % (key, "; ".join(bad)))
+        if src == partial:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.rename(partial, final)
+        with open(os.path.join(final, ".verified"), "w") as f:
+            json.dump(files, f)
+        return {"key": key, "verified": sorted(files)}
+
+    def materialize(self, args):
+        """Write a graph-only export's weights file on the board: random normal with a fixed
+        seed (never zeros, which some kernels shortcut), in the layout the graph expects."""
+        self.require_runtime()
+        np = self.np
+        d = self.model_dir(args["key"])
+        manifest_path = os.path.join(d, "export.json")
+        if not os.path.isfile(manifest_path):
+            raise AgentError("load_error", "model %s is not on this board" % args["key"])
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        target = os.path.join(d, manifest["weights_file"])
+        if os.path.isfile(target) and os.path.getsize(target) == manifest["weights_bytes"]:
+            return {"key": args["key"], "written": False}
+        rng = np.random.default_rng(int(args.get("seed", 0)))
+        tmp = target + ".tmp"
+        t0 = time.time()
+        with open(tmp, "wb") as f:
+            pos = 0
+            for t in manifest["tensors"]:
+                if t["offset"] > pos:
+                    f.write(b"\0" * (t["offset"] - pos))
+                count = t["length"] // 4
+                if t["kind"] == "norm":
+                    arr = (1.0 + 0.02 * rng.standard_normal(count)).astype(np.float32)
+                else:
+                    arr = (0.02 * rng.standard_normal(count)).astype(np.float32)
+                f.write(arr.tobytes())
+                pos = t["offset"] + t["length"]
+            if pos < manifest["weights_bytes"]:
+                f.write(b"\0" * (manifest["weights_bytes"] - pos))
+        os.rename(tmp, target)
+        return {"key": args["key"], "written": True, "seconds": time.time() - t0}
+
+    def _session(self, args):
+        key = (args["key"], args["phase"], args.get("backend", "ort-cpu"), int(args.get("threads", 1)),
+               bool(args.get("spinning", False)), tuple(args.get("affinity") or ()))
+        for k, sess, load_ms in self.sessions:
+            if k == key:
+                return sess, load_ms, True
+        d = self.model_dir(args["key"])
+        manifest_path = os.path.join(d, "export.json")
+        if not os.path.isfile(os.path.join(d, ".verified")) or not os.path.isfile(manifest_path):
+            raise AgentError("load_error", "model %s is not on this board (upload it first)" % args["key"])
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if args["phase"] not in manifest["graphs"]:
+            raise AgentError("load_error", "model %s has no %s graph" % (args["key"], args["phase"]))
+        self.materialize({"key": args["key"]})
+        self.sessions = self.sessions[-1:]  # keep at most two sessions' memory
+        t0 = time.perf_counter()
+        sess = agent_runtime.OrtSession(self.ort, os.path.join(d, manifest["graphs"][args["phase"]]),
+                                        backend=key[2], threads=key[3], spinning=key[4], affinity=list(key[5]) or None)
+        load_ms = (time.perf_counter() - t0) * 1000.0
+        self.sessions.append((key, sess, load_ms))
+        return sess, load_ms, False
+
+    def measure(self, args):
+        self.require_runtime()
+        np = self.np
+        policy = agent_timing.TimingPolicy.from_dict(args.get("timing"))
+        batch, seq_len, past_len = int(args.get("batch", 1)), int(args.get("seq_len", 1)), int(args.get("past_len", 0))
+        before = agent_telemetry.snapshot()
+        peak_reset = agent_runtime.reset_peak_rss()
+        rss0 = agent_runtime.rss_mb()
+        sess, load_ms, reused = self._session(args)
+        feeds = sess.make_feeds(np, batch, seq_len, past_len, seed=int(args.get("seed", 0)))
+        sess.prepare(feeds)
+        try:
+            out = sess.run_once()
+            sess.check_outputs(np, out, batch)
+            t_start = time.perf_counter()
+            times, reason = agent_timing.run_protocol(sess.run_once, policy)
+            timing_s = time.perf_counter() - t_start
+        except AgentError:
+            raise
+        except Exception as e:
+            raise AgentError(agent_runtime.classify_exception(e, "runtime_error"), "run failed: %s" % str(e)[:500])
+        after = agent_telemetry.snapshot()
+        stats = agent_timing.summarize(times, policy.unstable_cov)
+        reasons = agent_telemetry.throttle_reasons(before, after)
+        stats.update({
+            "stop_reason": reason,
+            "throttled": bool(reasons),
+            "throttle_reasons": reasons,
+            "load_ms": load_ms,
+            "timing_s": timing_s,
+            "session_reused": reused,
+            "peak_rss_mb": agent_runtime.current_peak_rss_mb(),
+            "peak_rss_is_cell_peak": peak_reset,
+            "rss_before_mb": rss0,
+            "raw_ms": [round(t * 1000.0, 4) for t in times],
+            "settings": sess.settings,
+            "policy": policy.to_dict(),
+            "telemetry_before": before,
+            "telemetry_after": after,
+            "versions": {"onnxruntime": self.ort.__version__, "numpy": np.__version__,
+                         "python": platform.python_version(), "agent": AGENT_VERSION},
+        })
+        return stats
+
+    def telemetry(self, args):
+        return agent_telemetry.snapshot()
+
+
+def serve(agent, inp, out):
+    verbs = {"hello": agent.hello, "models": agent.models, "verify": agent.verify, "materialize": agent.materialize,
+             "measure": agent.measure, "telemetry": agent.telemetry}
+    for line in inp:
+        line = line.strip()
+        if not line:
+            continue
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            verb = req.get("verb")
+            if verb == "shutdown":
+                out.write(json.dumps({"id": rid, "ok": True, "result": {}}) + "\n")
+                out.flush()
+                return
+            if verb not in verbs:
+                raise AgentError("protocol_error", "unknown verb %r" % (verb,))
+            resp = {"id": rid, "ok": True, "result": verbs[verb](req.get("args") or {})}
+        except AgentError as e:
+            resp = {"id": rid, "ok": False, "error": {"class": e.error_class, "message": e.message}}
+        except MemoryError as e:
+            resp = {"id": rid, "ok": False, "error": {"class": "out_of_memory", "message": "MemoryError: %s" % e}}
+        except Exception as e:
+            resp = {"id": rid, "ok": False, "error": {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
+                                                        "traceback": traceback.format_exc()[-2000:]}}
+        out.write(json.dumps(resp) + "\n")
+        out.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--root", default=None, help="folder the agent may write under (default: the folder above this file)")
+    args = ap.parse_args()
+    root = args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The protocol owns stdout: route anything else that writes to fd 1 (native runtime
+    # logs) to stderr.
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(Agent(root), sys.stdin, proto)
+
+
+if __name__ == "__main__":
+    main()

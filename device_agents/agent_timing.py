@@ -1,0 +1,115 @@
+"""The timing protocol of the edgenas agent (stdlib only; Python 3.8+).
+
+Warm-up, then timed runs until a minimum count and duration are met and the 95% confidence
+interval of the median is within a target relative half-width, or a time cap is hit. The
+median's interval is distribution-free: the order statistics at ranks n/2 -+ 1.96 sqrt(n)/2
+(binomial, normal approximation), so it holds for the skewed, heavy-tailed latencies that
+boards produce."""
+
+import math
+import time
+
+
+class TimingPolicy(object):
+    def __init__(self, warmup_runs=3, warmup_s=0.2, min_runs=10, min_time_s=1.0, max_time_s=20.0,
+                 max_runs=100000, target_rel_ci=0.02, unstable_cov=0.05):
+        self.warmup_runs = int(warmup_runs)
+        self.warmup_s = float(warmup_s)
+        self.min_runs = max(3, int(min_runs))
+        self.min_time_s = float(min_time_s)
+        self.max_time_s = float(max_time_s)
+        self.max_runs = int(max_runs)
+        self.target_rel_ci = float(target_rel_ci)
+        self.unstable_cov = float(unstable_cov)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d or {})
+        allowed = ("warmup_runs", "warmup_s", "min_runs", "min_time_s", "max_time_s", "max_runs",
+                   "target_rel_ci", "unstable_cov")
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError("unknown timing settings: %s" % ", ".join(unknown))
+        return cls(**d)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def percentile(sorted_x, q):
+    """Linear-interpolated percentile of an already sorted list (q in 0..100)."""
+    if not sorted_x:
+        return float("nan")
+    pos = (len(sorted_x) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_x) - 1)
+    return sorted_x[lo] + (sorted_x[hi] - sorted_x[lo]) * (pos - lo)
+
+
+def median_ci(sorted_x, z=1.96):
+    """(low, high) bounds of the ~95% confidence interval of the median."""
+    n = len(sorted_x)
+    if n < 3:
+        return sorted_x[0], sorted_x[-1]
+    half = z * math.sqrt(n) / 2.0
+    # 1-based ranks j = n/2 - half and k = 1 + n/2 + half, as 0-based indices
+    lo = max(0, math.floor(n / 2.0 - half) - 1)
+    hi = min(n - 1, math.ceil(n / 2.0 + half))
+    return sorted_x[lo], sorted_x[hi]
+
+
+def summarize(times_s, unstable_cov=0.05):
+    """Statistics in milliseconds of a list of run times in seconds."""
+    ms = sorted(t * 1000.0 for t in times_s)
+    n = len(ms)
+    mean = sum(ms) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in ms) / (n - 1)) if n > 1 else 0.0
+    med = percentile(ms, 50)
+    lo, hi = median_ci(ms)
+    cov = std / mean if mean > 0 else 0.0
+    return {
+        "n": n,
+        "median_ms": med,
+        "mean_ms": mean,
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "std_ms": std,
+        "cov": cov,
+        "median_ci_low_ms": lo,
+        "median_ci_high_ms": hi,
+        "median_rel_ci": (hi - lo) / 2.0 / med if med > 0 else 0.0,
+        "unstable": cov > unstable_cov,
+    }
+
+
+def run_protocol(fn, policy, clock=time.perf_counter):
+    """Time ``fn()`` under ``policy``. Returns (run times in seconds, stop reason)."""
+    start = clock()
+    done = 0
+    while done < policy.warmup_runs or clock() - start < policy.warmup_s:
+        fn()
+        done += 1
+        if clock() - start > policy.max_time_s / 2:
+            break  # a model so slow that warm-up eats half the cap: measure what is left
+    times = []
+    t0 = clock()
+    reason = "max_runs"
+    while len(times) < policy.max_runs:
+        a = clock()
+        fn()
+        times.append(clock() - a)
+        elapsed = clock() - t0
+        n = len(times)
+        if n >= policy.min_runs and elapsed >= policy.min_time_s:
+            s = sorted(times)
+            lo, hi = median_ci(s)
+            med = percentile(s, 50)
+            if med > 0 and (hi - lo) / 2.0 / med <= policy.target_rel_ci:
+                reason = "converged"
+                break
+        if elapsed >= policy.max_time_s and n >= 3:
+            reason = "time_cap"
+            break
+    return times, reason

@@ -1,0 +1,233 @@
+"""``profile-device``: measure sub-networks on a board (or ``local``) into the store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from profiler.errors import StoreError
+from subnets.clikit import make_parser, run
+from subnets.errors import ConfigError
+
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+
+DEFAULT_DB = Path("runs/measurements.db")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 64,128")
+    return vals
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    vals = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in vals if v not in ("prefill", "decode")]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {bad or text!r}: use prefill, decode or prefill,decode")
+    return vals
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="~/.ssh/config alias, inventory entry, or 'local'")
+    p.add_argument("--model", default="smollm2", help="base model: 'smollm2', a local HF folder, or a .gguf file")
+    p.add_argument("--neuron-step", type=int, default=64)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--samples", type=int, default=None, help="sample N sub-networks (stratified by size)")
+    src.add_argument("--configs", type=Path, default=None, help="JSON-lines file of sub-network configs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--granularity", choices=["uniform", "per-layer"], default="per-layer")
+    p.add_argument("--phases", type=_phases, default=("prefill", "decode"))
+    p.add_argument("--seq-len", type=_ints, default=(128,), help="prefill lengths, e.g. 64,128")
+    p.add_argument("--past-len", type=_ints, default=(128,), help="decode past lengths, e.g. 128,512")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: inventory, else 1)")
+    p.add_argument("--backend", default=None, help="ort-cpu (default), ort-cuda, ort-trt")
+    p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"measurement store (default {DEFAULT_DB})")
+    p.add_argument("--inventory", type=Path, default=None, help="inventory TOML (default ~/.config/edgenas/inventory.toml)")
+    p.add_argument("--ssh-config", type=Path, default=None, help="ssh config (default ~/.ssh/config)")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and record a host key seen for the first time (changed keys are always refused)")
+    p.add_argument("--weights", choices=["none", "real"], default="none",
+                   help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
+    p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per cell at least")
+    p.add_argument("--max-time", type=float, default=20.0, help="timed seconds per cell at most")
+    p.add_argument("--target-ci", type=float, default=0.02, help="stop when the median's 95%% CI half-width is within this fraction")
+    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--reference-every", type=int, default=20, help="re-measure the reference every N jobs (0: never)")
+    p.add_argument("--drift-threshold", type=float, default=0.03)
+    p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed in earlier sweeps")
+    p.add_argument("--connect-timeout", type=float, default=None)
+    p.add_argument("--handshake-timeout", type=float, default=120.0)
+    p.add_argument("--measure-timeout", type=float, default=None, help="seconds for one measurement (default 3 x max-time + 120)")
+    p.add_argument("--upload-timeout", type=float, default=60.0, help="seconds an upload may stall")
+    p.add_argument("--agent-memory-mb", type=int, default=None, help="limit the agent's address space (ulimit -v)")
+
+
+def configs_for(args: argparse.Namespace, ws: Any) -> list[Any]:
+    from subnets.configio import read_configs
+
+    if args.configs is not None:
+        configs = read_configs(args.configs)
+        for i, c in enumerate(configs, 1):
+            try:
+                ws.space.validate(c)
+            except ConfigError as e:
+                raise ConfigError(f"{args.configs}, config {i}: {e.problem}", e.fix) from None
+        return configs
+    n = args.samples if args.samples is not None else 10
+    if n < 1:
+        raise ConfigError(f"--samples {n} is not positive", "ask for at least 1 sample")
+    return ws.space.sample(n, args.seed, granularity=args.granularity, strategy="stratified",
+                           layer_ranking=ws.importance.layer_ranking())
+
+
+def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = None) -> tuple[Any, Any]:
+    """Run a sweep from parsed arguments; returns (summary, store path)."""
+    from dataclasses import replace
+
+    from profiler.hosts import resolve_host
+    from profiler.store import Store
+    from profiler.sweep import Profiler, SweepSpec
+    from profiler.targets import Timeouts, make_target
+    from subnets.workspace import Workspace
+
+    spec_host = resolve_host(args.host, args.inventory, args.ssh_config)
+    if args.agent_memory_mb:
+        spec_host = replace(spec_host, agent_memory_mb=args.agent_memory_mb)
+    if args.connect_timeout:
+        spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
+    store = Store(args.db)  # open before the long model load: a bad store fails fast
+    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
+    configs = configs if configs is not None else configs_for(args, ws)
+    threads = args.threads or spec_host.threads or 1
+    backend = args.backend or spec_host.backend
+    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci}
+    spec = SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len, threads=threads,
+                     backend=backend, timing=timing, weights=args.weights, max_attempts=args.max_attempts,
+                     reference_every=args.reference_every, drift_threshold=args.drift_threshold,
+                     retry_failed=args.retry_failed)
+    timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
+                        upload_stall=args.upload_timeout,
+                        measure=args.measure_timeout or 3 * args.max_time + 120)
+    target = make_target(spec_host, timeouts, args.accept_new_host_key, args.inventory, args.ssh_config)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(f"profiling on {args.host}", total=None)
+
+        def progress(done: int, total: int, text: str) -> None:
+            prog.update(task, completed=done, total=total, description=f"{args.host}: {text[:60]}")
+
+        try:
+            summary = Profiler(ws, target, store, spec, progress).run(configs, record)
+        finally:
+            store.close()
+    return summary, args.db
+
+
+def print_summary(summary: Any, db: Path) -> None:
+    from profiler.store import Store
+
+    store = Store(db)
+    try:
+        rows = [r for r in store.measurement_rows(device=summary.fingerprint)]
+    finally:
+        store.close()
+    t = Table(title=f"latency on {summary.device} (device {summary.fingerprint}), median ms")
+    for c in ("sub-network", "hash", "params (M)", "phase", "S", "P", "median", "p90", "CoV", "n", "flags"):
+        t.add_column(c, justify="left" if c in ("sub-network", "hash", "phase", "flags") else "right")
+    import json
+
+    from subnets.config import SubnetConfig
+
+    for r in rows[-40:]:
+        flags = ",".join(f for f, on in (("unstable", r["unstable"]), ("throttled", r["throttled"])) if on)
+        summ = SubnetConfig.from_json(r["config"]).summary()
+        t.add_row(summ, r["subnet_hash"][:10], f"{r['params'] / 1e6:.1f}", r["phase"], str(r["seq_len"]), str(r["past_len"]),
+                  f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['cov']:.2%}", str(r["n"]), flags)
+    out_console.print(t)
+    s = summary
+    sec = s.seconds
+    out_console.print(
+        f"jobs {s.jobs}: {s.measured} measured now, {s.already_done} already in the store, {len(s.failed)} failed"
+        f" | retries {s.retries}, reconnects {s.reconnects} | {s.unstable} unstable, {s.throttled} throttled")
+    tot = sec["total"] or 1.0
+    out_console.print(
+        f"time {sec['total']:.1f} s: export {sec['export']:.1f} s ({sec['export'] / tot:.0%}), upload {sec['upload']:.1f} s "
+        f"({sec['upload'] / tot:.0%}, {s.bytes_uploaded / 1e6:.1f} MB), session load {sec['session_load']:.1f} s "
+        f"({sec['session_load'] / tot:.0%}), timing {sec['timing']:.1f} s ({sec['timing'] / tot:.0%})"
+        f" | {s.subnets_per_hour:.0f} sub-networks/hour")
+    if s.references:
+        out_console.print(f"reference medians (ms): {', '.join(f'{x:.2f}' for x in s.references)}")
+    for d in s.drift:
+        out_console.print(f"[yellow]drift:[/] {d}")
+    if s.failed:
+        ft = Table(title="failed jobs")
+        for c in ("sub-network", "phase", "S", "P", "error class", "attempts", "message"):
+            ft.add_column(c)
+        for f in s.failed:
+            ft.add_row(f["subnet"][:10], f["phase"], str(f["seq_len"]), str(f["past_len"]), str(f["error_class"]),
+                       str(f["attempts"]), str(f["message"])[:80])
+        out_console.print(ft)
+    out_console.print(f"store: {db} ({json.dumps(s.failure_counts()) if s.failed else 'no failures'})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("profile-device", "Measure sub-networks' latency on a device into the measurement store.")
+    add_profile_args(p)
+
+    def handle(args: argparse.Namespace) -> int:
+        summary, db = sweep(args)
+        print_summary(summary, db)
+        return 0
+
+    return run(p, argv, handle)
+
+
+def measurements_main(args: argparse.Namespace) -> int:
+    from profiler.store import Store
+
+    if not args.db.is_file():
+        raise StoreError(f"measurement store {args.db} does not exist", "run profile-device first, or pass --db PATH")
+    store = Store(args.db)
+    try:
+        if args.csv:
+            n = store.export_csv(args.csv)
+            out_console.print(f"wrote {n} measurements to {args.csv}")
+        if args.parquet:
+            n = store.export_parquet(args.parquet)
+            out_console.print(f"wrote {n} measurements to {args.parquet}")
+        if not args.csv and not args.parquet:
+            t = Table(title=f"{args.db}")
+            for c in ("device", "fingerprint", "phase", "measurements", "median ms (min..max)"):
+                t.add_column(c)
+            q = ("SELECT d.name, d.fingerprint, m.phase, COUNT(*), MIN(m.median_ms), MAX(m.median_ms) FROM measurements m "
+                 "JOIN devices d ON d.id=m.device_id WHERE m.is_reference=0 GROUP BY d.id, m.phase")
+            for name, fp, phase, n, lo, hi in store.db.execute(q):
+                t.add_row(name, fp, phase, str(n), f"{lo:.2f}..{hi:.2f}")
+            out_console.print(t)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

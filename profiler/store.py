@@ -1,0 +1,254 @@
+"""The measurement store: SQLite in WAL mode, append-only for measurements.
+
+A sweep is a set of jobs; a job is done when its measurement row exists, written in the same
+transaction that marks the job done. Killing the host or the board at any moment therefore
+loses no finished measurement, and rerunning the same command resumes where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from profiler.errors import ErrorClass, StoreError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices(
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT NOT NULL UNIQUE, info TEXT NOT NULL,
+  first_seen REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS subnets(
+  hash TEXT PRIMARY KEY, base_id TEXT NOT NULL, config TEXT NOT NULL, params INTEGER NOT NULL, summary TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+  id INTEGER PRIMARY KEY, job_key TEXT NOT NULL UNIQUE, device_id INTEGER NOT NULL REFERENCES devices(id),
+  subnet_hash TEXT NOT NULL REFERENCES subnets(hash), phase TEXT NOT NULL, batch INTEGER NOT NULL,
+  seq_len INTEGER NOT NULL, past_len INTEGER NOT NULL, backend TEXT NOT NULL, threads INTEGER NOT NULL,
+  status TEXT NOT NULL DEFAULT 'pending', error_class TEXT, error_message TEXT,
+  attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS measurements(
+  id INTEGER PRIMARY KEY, job_id INTEGER UNIQUE REFERENCES jobs(id), device_id INTEGER NOT NULL,
+  subnet_hash TEXT NOT NULL, phase TEXT NOT NULL, batch INTEGER NOT NULL, seq_len INTEGER NOT NULL,
+  past_len INTEGER NOT NULL, backend TEXT NOT NULL, threads INTEGER NOT NULL, is_reference INTEGER NOT NULL,
+  median_ms REAL NOT NULL, mean_ms REAL, p90_ms REAL, p99_ms REAL, std_ms REAL, cov REAL, n INTEGER,
+  median_rel_ci REAL, load_ms REAL, peak_rss_mb REAL, unstable INTEGER NOT NULL, throttled INTEGER NOT NULL,
+  stop_reason TEXT, export_key TEXT, raw_ms TEXT, telemetry TEXT, versions TEXT, settings TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS meas_device ON measurements(device_id, phase);
+CREATE TABLE IF NOT EXISTS sweeps(
+  id INTEGER PRIMARY KEY, device_id INTEGER, started REAL NOT NULL, finished REAL, args TEXT, summary TEXT);
+"""
+
+EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
+                  "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
+                  "std_ms", "cov", "n", "median_rel_ci", "load_ms", "peak_rss_mb", "unstable", "throttled",
+                  "stop_reason", "config", "created"]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    subnet_hash: str
+    phase: str
+    batch: int
+    seq_len: int
+    past_len: int
+    backend: str
+    threads: int
+    status: str
+    attempts: int
+    error_class: str | None
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._check_schema()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not an edgenas measurement store ({e})",
+                             "pass a new --db path (or the store a previous sweep wrote)") from None
+        self.db.row_factory = sqlite3.Row
+
+    def _check_schema(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise StoreError(f"{self.path} is an SQLite file that edgenas did not write",
+                             "pass a new --db path")
+        if "meta" in tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            found = int(row[0]) if row else None
+            if found != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by an incompatible edgenas (store schema {found}, this version reads {SCHEMA_VERSION})",
+                    "use a new --db path, or export the old store with the edgenas version that wrote it",
+                )
+            return
+        with self.tx():
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            self.db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT INTO meta VALUES('created', ?)", (str(time.time()),))
+
+    def tx(self) -> Any:
+        store = self
+
+        class _Tx:
+            def __enter__(self) -> None:
+                store.db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+                store.db.execute("COMMIT" if et is None else "ROLLBACK")
+
+        return _Tx()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- devices and sub-networks -------------------------------------------------------
+    def upsert_device(self, name: str, fingerprint: str, info: dict[str, Any]) -> int:
+        now = time.time()
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(fingerprint) DO UPDATE SET last_seen=excluded.last_seen, name=excluded.name, info=excluded.info",
+                (name, fingerprint, json.dumps(info), now, now))
+        return int(self.db.execute("SELECT id FROM devices WHERE fingerprint=?", (fingerprint,)).fetchone()[0])
+
+    def devices(self) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM devices ORDER BY id"))
+
+    def find_devices(self, name: str) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM devices WHERE name=? OR fingerprint=? ORDER BY last_seen DESC", (name, name)))
+
+    def add_subnet(self, config_hash: str, base_id: str, config_json: str, params: int, summary: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO subnets VALUES(?,?,?,?,?)", (config_hash, base_id, config_json, params, summary))
+
+    # --- jobs ---------------------------------------------------------------------------
+    def add_jobs(self, rows: list[dict[str, Any]]) -> None:
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO jobs(job_key, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, created, updated) "
+                "VALUES(:job_key, :device_id, :subnet_hash, :phase, :batch, :seq_len, :past_len, :backend, :threads, :now, :now)",
+                [dict(r, now=now) for r in rows])
+
+    def jobs_by_key(self, keys: list[str]) -> list[Job]:
+        out = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT * FROM jobs WHERE job_key IN ({','.join('?' * len(chunk))}) ORDER BY id"
+            out += [self._job(r) for r in self.db.execute(q, chunk)]
+        return out
+
+    @staticmethod
+    def _job(r: sqlite3.Row) -> Job:
+        return Job(r["id"], r["subnet_hash"], r["phase"], r["batch"], r["seq_len"], r["past_len"], r["backend"],
+                   r["threads"], r["status"], r["attempts"], r["error_class"])
+
+    def start_attempt(self, job_id: int) -> None:
+        with self.tx():
+            self.db.execute("UPDATE jobs SET attempts=attempts+1, status='running', updated=? WHERE id=?", (time.time(), job_id))
+
+    def fail_job(self, job_id: int, error_class: ErrorClass, message: str, final: bool) -> None:
+        with self.tx():
+            self.db.execute("UPDATE jobs SET status=?, error_class=?, error_message=?, updated=? WHERE id=?",
+                            ("failed" if final else "pending", error_class.value, message[:2000], time.time(), job_id))
+
+    def finish_job(self, job: Job, device_id: int, result: dict[str, Any], export_key: str) -> int:
+        with self.tx():
+            mid = self._insert_measurement(job.id, device_id, job.subnet_hash, job.phase, job.batch, job.seq_len,
+                                           job.past_len, job.backend, job.threads, False, result, export_key)
+            self.db.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=? WHERE id=?",
+                            (time.time(), job.id))
+        return mid
+
+    def add_reference(self, device_id: int, subnet_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
+                      backend: str, threads: int, result: dict[str, Any], export_key: str) -> int:
+        with self.tx():
+            return self._insert_measurement(None, device_id, subnet_hash, phase, batch, seq_len, past_len, backend,
+                                            threads, True, result, export_key)
+
+    def _insert_measurement(self, job_id: int | None, device_id: int, subnet_hash: str, phase: str, batch: int,
+                            seq_len: int, past_len: int, backend: str, threads: int, is_ref: bool,
+                            r: dict[str, Any], export_key: str) -> int:
+        telemetry = {"before": r.get("telemetry_before"), "after": r.get("telemetry_after"),
+                     "throttle_reasons": r.get("throttle_reasons")}
+        cur = self.db.execute(
+            "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
+            "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
+            "unstable, throttled, stop_reason, export_key, raw_ms, telemetry, versions, settings, created) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, int(is_ref),
+             r["median_ms"], r.get("mean_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("std_ms"), r.get("cov"),
+             r.get("n"), r.get("median_rel_ci"), r.get("load_ms"), r.get("peak_rss_mb"), int(bool(r.get("unstable"))),
+             int(bool(r.get("throttled"))), r.get("stop_reason"), export_key, json.dumps(r.get("raw_ms")),
+             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(r.get("settings")), time.time()))
+        return int(cur.lastrowid)
+
+    # --- sweeps -------------------------------------------------------------------------
+    def start_sweep(self, device_id: int, args: dict[str, Any]) -> int:
+        with self.tx():
+            cur = self.db.execute("INSERT INTO sweeps(device_id, started, args) VALUES(?,?,?)",
+                                  (device_id, time.time(), json.dumps(args)))
+        return int(cur.lastrowid)
+
+    def finish_sweep(self, sweep_id: int, summary: dict[str, Any]) -> None:
+        with self.tx():
+            self.db.execute("UPDATE sweeps SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary), sweep_id))
+
+    def references(self, device_id: int) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM measurements WHERE device_id=? AND is_reference=1 ORDER BY id", (device_id,)))
+
+    # --- reading ------------------------------------------------------------------------
+    def measurement_rows(self, device: str | None = None, phase: str | None = None,
+                         include_reference: bool = False) -> Iterator[dict[str, Any]]:
+        q = ("SELECT m.*, d.name AS device, d.fingerprint, s.base_id, s.params, s.config FROM measurements m "
+             "JOIN devices d ON d.id=m.device_id JOIN subnets s ON s.hash=m.subnet_hash WHERE 1=1")
+        args: list[Any] = []
+        if device is not None:
+            q += " AND (d.name=? OR d.fingerprint=?)"
+            args += [device, device]
+        if phase is not None:
+            q += " AND m.phase=?"
+            args.append(phase)
+        if not include_reference:
+            q += " AND m.is_reference=0"
+        for r in self.db.execute(q + " ORDER BY m.id", args):
+            yield dict(r)
+
+    def count(self, table: str) -> int:
+        if table not in ("measurements", "jobs", "devices", "subnets", "sweeps"):
+            raise ValueError(table)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    def export_csv(self, path: Path) -> int:
+        rows = list(self.measurement_rows(include_reference=True))
+        with Path(path).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        return len(rows)
+
+    def export_parquet(self, path: Path) -> int:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise StoreError("writing Parquet needs pyarrow, which is not installed",
+                             "pip install pyarrow (or use --csv)") from None
+        rows = list(self.measurement_rows(include_reference=True))
+        table = pa.Table.from_pylist([{k: r.get(k) for k in EXPORT_COLUMNS} for r in rows])
+        pq.write_table(table, str(path))
+        return len(rows)

@@ -1,0 +1,296 @@
+"""A profiling sweep: sub-networks x phases x shapes on one device, as resumable jobs.
+
+Each job: export the sub-network (content-addressed, graph only by default), upload it
+unless the board has it, measure, and store the result in the same transaction that marks
+the job done. Faults are classified; transient ones are retried within a limit after
+reconnecting; deterministic ones (out of memory, wrong answer) fail the job at once. A
+reference sub-network is re-measured every N jobs to catch drift (thermal, other load)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from profiler.errors import ErrorClass, HostError, MeasureError
+from profiler.store import Job, Store
+from profiler.targets import Target, device_fingerprint
+from subnets.config import SubnetConfig
+from subnets.cost import count_params
+from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
+from subnets.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSpec:
+    phases: tuple[str, ...] = ("prefill", "decode")
+    seq_lens: tuple[int, ...] = (128,)
+    past_lens: tuple[int, ...] = (128,)
+    batch: int = 1
+    threads: int = 1
+    backend: str = "ort-cpu"
+    timing: dict[str, Any] = field(default_factory=dict)
+    weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
+    opset: int = 17
+    max_attempts: int = 3
+    reconnect_attempts: int = 4
+    reference_every: int = 20
+    drift_threshold: float = 0.03
+    retry_failed: bool = False
+
+
+@dataclass
+class SweepSummary:
+    device: str
+    fingerprint: str
+    jobs: int = 0
+    already_done: int = 0
+    measured: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped_failed: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    references: list[float] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    unstable: int = 0
+    throttled: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"export": 0.0, "upload": 0.0, "session_load": 0.0,
+                                                              "timing": 0.0, "total": 0.0})
+    bytes_uploaded: int = 0
+    subnets_measured: int = 0
+    stopped: str | None = None
+
+    @property
+    def subnets_per_hour(self) -> float:
+        t = self.seconds["total"]
+        return self.subnets_measured * 3600.0 / t if t > 0 else 0.0
+
+    def failure_counts(self) -> dict[str, int]:
+        return dict(Counter(f["error_class"] for f in self.failed))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["subnets_per_hour"] = self.subnets_per_hour
+        return d
+
+
+def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
+            backend: str, threads: int) -> str:
+    ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOptions:
+    """The newest opset up to ``spec.opset`` that the board's runtime loads, with the oldest IR
+    version that carries it."""
+    ort = hello.get("onnxruntime") or {}
+    max_opset, max_ir = ort.get("max_opset"), ort.get("max_ir_version")
+    opset = spec.opset if max_opset is None else min(spec.opset, max_opset)
+    if opset < MIN_OPSET:
+        raise HostError(f"the board's onnxruntime {ort.get('version')} loads opsets up to {max_opset}; edgenas needs {MIN_OPSET}+",
+                        "upgrade onnxruntime on the board (1.8 or newer)")
+    ir = min_ir_version(opset)
+    if max_ir is not None and ir > max_ir:
+        raise HostError(f"the board's onnxruntime takes IR version <= {max_ir}, opset {opset} needs {ir}",
+                        "upgrade onnxruntime on the board")
+    return ExportOptions(opset=opset, ir_version=ir, weights=spec.weights)  # type: ignore[arg-type]
+
+
+class Profiler:
+    def __init__(self, workspace: Any, target: Target, store: Store, spec: SweepSpec,
+                 progress: Callable[[int, int, str], None] | None = None,
+                 reference: SubnetConfig | None = None) -> None:
+        self.ws = workspace
+        self.target = target
+        self.store = store
+        self.spec = spec
+        self.progress = progress or (lambda done, total, text: None)
+        self.reference = reference or workspace.space.full()
+        self._exports: dict[str, ExportedSubnet] = {}
+        self._on_board: set[str] = set()
+
+    # --- pieces -------------------------------------------------------------------------
+    def _export(self, config: SubnetConfig, options: ExportOptions, summary: SweepSummary) -> ExportedSubnet:
+        h = config.config_hash()
+        if h not in self._exports:
+            t0 = time.perf_counter()
+            root = cache_dir() / "exports" / self.ws.base.base_id.replace("@", "-")
+            self._exports[h] = export_subnet(self.ws.weights(config), root, options)
+            summary.seconds["export"] += time.perf_counter() - t0
+        return self._exports[h]
+
+    def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,
+                 summary: SweepSummary) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if self.target.ensure_model(exported, self._on_board):
+            summary.seconds["upload"] += time.perf_counter() - t0
+        args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
+                "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
+                "timing": self.spec.timing}
+        result = self.target.call("measure", args, timeout=self.target.timeouts.measure)
+        if not result.get("session_reused"):
+            summary.seconds["session_load"] += result.get("load_ms", 0.0) / 1000.0
+        summary.seconds["timing"] += result.get("timing_s", 0.0)
+        return result
+
+    def _recover(self, err: MeasureError, summary: SweepSummary) -> None:
+        """Bring the agent back after a fault that may have taken it (or the link) down."""
+        if err.error_class in (ErrorClass.LOAD_ERROR,):
+            return  # the agent is fine; the model will be re-sent
+        if err.error_class in (ErrorClass.OUT_OF_MEMORY, ErrorClass.WRONG_ANSWER, ErrorClass.COMPILE_ERROR):
+            # The agent answered, but it may hold a half-built session: start clean.
+            pass
+        delay = 1.0
+        for attempt in range(1, self.spec.reconnect_attempts + 1):
+            try:
+                self.target.restart()
+                summary.reconnects += 1
+                self._on_board = self.target.models_on_board()
+                log.info("reconnected to %s (attempt %d)", self.target.spec.name, attempt)
+                return
+            except (HostError, MeasureError, OSError) as e:
+                log.warning("reconnect %d/%d to %s failed: %s", attempt, self.spec.reconnect_attempts,
+                            self.target.spec.name, e)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise HostError(f"lost {self.target.spec.name} and could not reconnect after {self.spec.reconnect_attempts} tries "
+                        f"(last fault: {err.error_class.value}: {err.message})",
+                        "check the board; rerun the same command to resume (finished measurements are kept)")
+
+    def _reference(self, options: ExportOptions, device_id: int, summary: SweepSummary) -> None:
+        phase = self.spec.phases[0]
+        seq = self.spec.seq_lens[0] if phase == "prefill" else 1
+        past = self.spec.past_lens[0] if phase == "decode" else 0
+        exported = self._export(self.reference, options, summary)
+        try:
+            r = self._measure(exported, phase, seq, past, summary)
+        except MeasureError as e:
+            log.warning("reference measurement failed: %s", e)
+            return
+        self.store.add_subnet(self.reference.config_hash(), self.reference.base_id, self.reference.to_json(),
+                              count_params(self.reference, self.ws.space.dims), self.reference.summary())
+        self.store.add_reference(device_id, self.reference.config_hash(), phase, self.spec.batch, seq, past,
+                                 self.spec.backend, self.spec.threads, r, exported.key)
+        summary.references.append(r["median_ms"])
+        base = summary.references[0]
+        prior = [row["median_ms"] for row in self.store.references(device_id)
+                 if row["phase"] == phase and row["seq_len"] == seq and row["past_len"] == past
+                 and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend]
+        if prior:
+            base = prior[0]
+        change = r["median_ms"] / base - 1.0
+        if abs(change) > self.spec.drift_threshold:
+            msg = (f"reference drifted {change:+.1%} ({base:.2f} -> {r['median_ms']:.2f} ms) after "
+                   f"{summary.measured} jobs")
+            summary.drift.append(msg)
+            log.warning(msg)
+
+    # --- the sweep ----------------------------------------------------------------------
+    def run(self, configs: list[SubnetConfig], args_record: dict[str, Any] | None = None) -> SweepSummary:
+        t_start = time.perf_counter()
+        spec = self.spec
+        for c in configs:
+            self.ws.space.validate(c)
+        hello = self.target.start()
+        fp = device_fingerprint(hello, spec.backend)
+        summary = SweepSummary(self.target.spec.name, fp)
+        device_id = self.store.upsert_device(self.target.spec.name, fp, {"hello": hello, "host": self.target.spec.describe()})
+        options = board_export_options(hello, spec)
+        sweep_id = self.store.start_sweep(device_id, args_record or {})
+
+        by_hash = {c.config_hash(): c for c in configs}
+        with self.store.tx():
+            for c in configs:
+                self.store.add_subnet(c.config_hash(), c.base_id, c.to_json(), count_params(c, self.ws.space.dims), c.summary())
+        rows = []
+        for c in configs:
+            for phase in spec.phases:
+                shapes = [(s, 0) for s in spec.seq_lens] if phase == "prefill" else [(1, p) for p in spec.past_lens]
+                for seq, past in shapes:
+                    rows.append({"job_key": job_key(fp, c.config_hash(), phase, spec.batch, seq, past, spec.backend, spec.threads),
+                                 "device_id": device_id, "subnet_hash": c.config_hash(), "phase": phase,
+                                 "batch": spec.batch, "seq_len": seq, "past_len": past, "backend": spec.backend,
+                                 "threads": spec.threads})
+        self.store.add_jobs(rows)
+        jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
+        summary.jobs = len(jobs)
+        summary.already_done = sum(j.status == "done" for j in jobs)
+        pending: list[Job] = []
+        for j in jobs:
+            if j.status == "done":
+                continue
+            if j.status == "failed" and not spec.retry_failed:
+                summary.skipped_failed += 1
+                summary.failed.append({"subnet": j.subnet_hash, "phase": j.phase, "seq_len": j.seq_len, "past_len": j.past_len,
+                                       "error_class": j.error_class, "attempts": j.attempts, "message": "failed in an earlier sweep"})
+                continue
+            pending.append(j)
+        pending.sort(key=lambda j: (list(by_hash).index(j.subnet_hash), j.phase, j.seq_len, j.past_len))
+        total = len(pending)
+        self.progress(0, total, "")
+        self._on_board = self.target.models_on_board()
+        since_ref = 0
+        measured_subnets: set[str] = set()
+        try:
+            if spec.reference_every and pending:
+                self._reference(options, device_id, summary)
+            for done, job in enumerate(pending):
+                config = by_hash[job.subnet_hash]
+                self.progress(done, total, f"{config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
+                attempts = job.attempts
+                while True:
+                    attempts += 1
+                    self.store.start_attempt(job.id)
+                    try:
+                        exported = self._export(config, options, summary)
+                        result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary)
+                        self.store.finish_job(job, device_id, result, exported.key)
+                        summary.measured += 1
+                        summary.unstable += int(bool(result.get("unstable")))
+                        summary.throttled += int(bool(result.get("throttled")))
+                        measured_subnets.add(job.subnet_hash)
+                        break
+                    except MeasureError as e:
+                        final = (not e.error_class.retryable) or attempts >= spec.max_attempts
+                        self.store.fail_job(job.id, e.error_class, e.message, final)
+                        log.warning("job %s %s failed (attempt %d, %s): %s", config.summary(), job.phase, attempts,
+                                    e.error_class.value, e.message)
+                        if e.error_class == ErrorClass.LOAD_ERROR:
+                            self._on_board.discard(self._exports[job.subnet_hash].key if job.subnet_hash in self._exports else "")
+                        else:
+                            self._recover(e, summary)
+                        if final:
+                            summary.failed.append({"subnet": job.subnet_hash, "phase": job.phase, "seq_len": job.seq_len,
+                                                   "past_len": job.past_len, "error_class": e.error_class.value,
+                                                   "attempts": attempts, "message": e.message})
+                            break
+                        summary.retries += 1
+                since_ref += 1
+                if spec.reference_every and since_ref >= spec.reference_every:
+                    since_ref = 0
+                    self._reference(options, device_id, summary)
+            self.progress(total, total, "done")
+        except HostError as e:
+            summary.stopped = str(e.problem)
+            raise
+        finally:
+            summary.seconds["total"] = time.perf_counter() - t_start
+            summary.bytes_uploaded = self.target.bytes_uploaded
+            summary.subnets_measured = len(measured_subnets)
+            self.store.finish_sweep(sweep_id, summary.to_dict())
+            try:
+                self.target.stop(graceful=summary.stopped is None)
+            except Exception:
+                pass
+        return summary
+
+
+def summary_json(summary: SweepSummary) -> str:
+    return json.dumps(summary.to_dict(), indent=1)
