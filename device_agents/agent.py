@@ -188,6 +188,8 @@ class Agent(object):
         sess = agent_runtime.OrtSession(self.ort, os.path.join(d, manifest["graphs"][args["phase"]]),
                                         backend=key[2], threads=key[3], spinning=key[4], affinity=list(key[5]) or None)
         load_ms = (time.perf_counter() - t0) * 1000.0
+        vocab = [t["shape"][0] for t in manifest["tensors"] if t["name"] == "embed"]
+        sess.vocab_size = vocab[0] if vocab else 1000
         self.sessions.append((key, sess, load_ms))
         return sess, load_ms, False
 
@@ -200,7 +202,7 @@ class Agent(object):
         peak_reset = agent_runtime.reset_peak_rss()
         rss0 = agent_runtime.rss_mb()
         sess, load_ms, reused = self._session(args)
-        feeds = sess.make_feeds(np, batch, seq_len, past_len, seed=int(args.get("seed", 0)))
+        feeds = sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=int(args.get("seed", 0)))
         sess.prepare(feeds)
         try:
             out = sess.run_once()

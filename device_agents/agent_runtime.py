@@ -101,7 +101,7 @@ class OrtSession(object):
         self.ort = ort
         self._binding = None
 
-    def make_feeds(self, np, batch, seq_len, past_len, seed=0):
+    def make_feeds(self, np, batch, seq_len, past_len, vocab_size, seed=0):
         rng = np.random.RandomState(seed)
         feeds = {}
         for name, shape, typ in self.inputs:
@@ -118,7 +118,7 @@ class OrtSession(object):
                 else:
                     raise AgentError("runtime_error", "input %s has an unknown dynamic axis %r" % (name, d))
             if "int64" in typ:
-                feeds[name] = rng.randint(0, 1000, size=dims).astype(np.int64)
+                feeds[name] = rng.randint(0, vocab_size, size=dims).astype(np.int64)
             else:
                 feeds[name] = rng.standard_normal(dims).astype(np.float32)
         return feeds

@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
     s = sub.add_parser("pipeline", help="the main job: sample, extract, export and evaluate sub-networks")
     _add_model(s)
-    s.add_argument("--n", type=int, default=4, help="sampled sub-networks besides the full model")
+    s.add_argument("--n", type=int, default=12, help="sampled sub-networks to profile besides the full model")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("runs/pipeline"))
+    s.add_argument("--host", default="local", help="device to profile on (default: this machine's CPU)")
+    s.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
     s = sub.add_parser("measurements", help="summarize or export a measurement store")
     s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
@@ -156,40 +158,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    import time
+    from edgenas.pipeline import run_pipeline
 
-    from rich.progress import Progress
-
-    from subnets.extract import build_model
-    from subnets.onnx_export import export_key, export_subnet
-    from subnets.quality import perplexity
-
-    ws = _workspace(args)
-    configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, strategy="stratified",
-                                                   layer_ranking=ws.importance.layer_ranking())]
-    rows = []
-    with Progress(console=out_console, transient=True) as prog:
-        task = prog.add_task("extract, export, evaluate", total=len(configs))
-        for c in configs:
-            w = ws.weights(c)
-            cached = (args.out / "onnx" / export_key(w, ExportOptions()) / "export.json").is_file()
-            t0 = time.perf_counter()
-            exported = export_subnet(w, args.out / "onnx")
-            export_s = None if cached else time.perf_counter() - t0
-            ppl = perplexity(build_model(w), ws.eval_tokens())
-            rows.append((summarize(ws, c, exported, ppl), export_s))
-            prog.advance(task)
-    t = Table(title=f"sub-networks of {ws.base.base_id} (perplexity on {ws.eval_tokens().num_tokens} held-out tokens)")
-    for col in ("config", "hash", "params (M)", "prefill GFLOPs S=128", "decode GFLOPs P=128", "perplexity", "export s"):
-        t.add_column(col, justify="right" if col not in ("config", "hash") else "left")
-    for s, ex in rows:
-        t.add_row(s["summary"], s["config_hash"][:10], f"{s['params'] / 1e6:.1f}", f"{s['prefill_gflops_s128']:.2f}",
-                  f"{s['decode_gflops_p128']:.3f}", _fmt_ppl(s["perplexity"]),
-                  "cached" if ex is None else f"{ex:.2f}")
-    out_console.print(t)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "subnets.json").write_text(json.dumps([s for s, _ in rows], indent=1))
-    out_console.print(f"ONNX files and summary under {args.out}")
+    run_pipeline(args, out_console)
 
 
 def _fmt_ppl(p: float) -> str:

@@ -69,3 +69,26 @@ def smollm2():
 
     with mock.patch.dict(os.environ, {"EDGENAS_CACHE": _user_cache()}):
         return Workspace.open("smollm2", eval_budget=1024)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    from tests.sshd import LoopbackSSHD, ensure_sshd
+
+    if ensure_sshd() is None:
+        pytest.skip("OpenSSH server not available (install Debian's openssh-server; .ci/run does)")
+    server = LoopbackSSHD(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_ws(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    import os
+    from unittest import mock
+
+    from subnets.workspace import Workspace
+
+    with mock.patch.dict(os.environ, {"EDGENAS_CACHE": str(tmp_path_factory.mktemp("wscache"))}):
+        return Workspace.open(tiny_dir, neuron_step=16, eval_budget=256)

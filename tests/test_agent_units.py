@@ -1,0 +1,189 @@
+"""The agent's parts, run on the host: timing protocol, statistics, telemetry parsers (on
+captured text from real boards' tools), the ONNX version probe."""
+
+from __future__ import annotations
+
+import random
+
+import onnx
+
+from device_agents.agent_onnxprobe import identity_model, probe
+from device_agents.agent_telemetry import (
+    classify_board,
+    parse_jetson_clocks_show,
+    parse_nvpmodel,
+    parse_vcgencmd_clock,
+    parse_vcgencmd_temp,
+    parse_vcgencmd_throttled,
+    read_cpus,
+    read_thermal,
+    throttle_reasons,
+)
+from device_agents.agent_timing import TimingPolicy, median_ci, run_protocol, summarize
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_protocol_stops_when_the_median_ci_is_tight() -> None:
+    clock = FakeClock()
+    rng = random.Random(0)
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        clock.t += 0.010 * (1 + 0.005 * rng.random())
+
+    policy = TimingPolicy(warmup_runs=3, warmup_s=0.0, min_runs=10, min_time_s=0.5, max_time_s=10)
+    times, reason = run_protocol(fn, policy, clock)
+    assert reason == "converged"
+    assert len(times) >= 10 and sum(times) >= 0.5
+    assert len(calls) == len(times) + 3  # warm-up runs are not timed
+
+
+def test_protocol_gives_up_at_the_time_cap_on_noise() -> None:
+    clock = FakeClock()
+    rng = random.Random(1)
+
+    def fn() -> None:
+        clock.t += 0.01 * rng.choice([1, 3, 10])
+
+    times, reason = run_protocol(fn, TimingPolicy(warmup_runs=0, warmup_s=0, min_runs=5, min_time_s=0.1,
+                                                  max_time_s=1.0, target_rel_ci=0.001), clock)
+    assert reason == "time_cap"
+    s = summarize(times)
+    assert s["unstable"] and s["cov"] > 0.05
+
+
+def test_summary_statistics() -> None:
+    s = summarize([0.001 * x for x in range(1, 101)])
+    assert s["n"] == 100
+    assert abs(s["median_ms"] - 50.5) < 1e-9
+    assert abs(s["mean_ms"] - 50.5) < 1e-9
+    assert abs(s["p90_ms"] - 90.1) < 1e-9
+    assert s["median_ci_low_ms"] < 50.5 < s["median_ci_high_ms"]
+    lo, hi = median_ci(sorted(range(1, 101)))
+    assert (lo, hi) == (40, 61)  # ranks n/2 -+ 1.96 sqrt(n)/2 for n = 100
+
+
+def test_median_ci_covers_the_true_median_about_95_percent() -> None:
+    rng = random.Random(2)
+    hits = 0
+    for _ in range(400):
+        xs = sorted(rng.expovariate(1.0) for _ in range(50))
+        lo, hi = median_ci(xs)
+        hits += lo <= 0.6931 <= hi
+    assert 0.92 <= hits / 400 <= 0.99
+
+
+def test_timing_policy_rejects_unknown_settings() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown timing settings: bogus"):
+        TimingPolicy.from_dict({"bogus": 1})
+
+
+# --- captured tool output -----------------------------------------------------------------
+JETSON_CLOCKS_SHOW = """SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit
+Online CPUs: 0-11
+cpu0: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=1420800 IdleStates: WFI=1 c7=1
+cpu1: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=729600 IdleStates: WFI=1 c7=1
+cpu2: Online=0 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=729600 IdleStates: WFI=1 c7=1
+GPU MinFreq=306000000 MaxFreq=1300500000 CurrentFreq=306000000
+EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=3199000000 FreqOverride=0
+DLA0_CORE:  Online=1 MinFreq=0 MaxFreq=1600000000 CurrentFreq=1600000000
+PVA0_VPS0: Online=1 MinFreq=0 MaxFreq=1152000000 CurrentFreq=1152000000
+FAN Dynamic Speed control=active hwmon1_pwm=0
+NV Power Mode: MAXN
+"""
+
+JETSON_CLOCKS_LOCKED = """SOC family:tegra210  Machine:NVIDIA Jetson Nano Developer Kit
+Online CPUs: 0-3
+cpu0: Online=1 Governor=schedutil MinFreq=1479000 MaxFreq=1479000 CurrentFreq=1479000 IdleStates: WFI=0 c7=0
+cpu1: Online=1 Governor=schedutil MinFreq=1479000 MaxFreq=1479000 CurrentFreq=1479000 IdleStates: WFI=0 c7=0
+GPU MinFreq=921600000 MaxFreq=921600000 CurrentFreq=921600000
+EMC MinFreq=204000000 MaxFreq=1600000000 CurrentFreq=1600000000 FreqOverride=1
+Fan: PWM=255
+NV Power Mode: MAXN
+"""
+
+
+def test_jetson_clocks_show_parsing() -> None:
+    r = parse_jetson_clocks_show(JETSON_CLOCKS_SHOW)
+    assert r["power_mode"] == "MAXN"
+    assert r["cpus"]["cpu0"] == {"online": True, "governor": "schedutil", "min_hz": 729600, "max_hz": 2201600, "cur_hz": 1420800}
+    assert not r["cpus"]["cpu2"]["online"]
+    assert r["units"]["GPU"]["max_hz"] == 1300500000 and r["units"]["EMC"]["cur_hz"] == 3199000000
+    assert r["units"]["DLA0_CORE"]["cur_hz"] == 1600000000
+    assert r["clocks_locked"] is False
+    locked = parse_jetson_clocks_show(JETSON_CLOCKS_LOCKED)
+    assert locked["units"]["GPU"]["cur_hz"] == 921600000
+    # EMC min stays below max even when jetson_clocks locked it (FreqOverride=1): not locked by our rule
+    assert locked["clocks_locked"] is False
+    assert parse_jetson_clocks_show("") is None
+
+
+def test_nvpmodel_parsing() -> None:
+    assert parse_nvpmodel("NV Power Mode: MAXN\n0\n") == {"mode_name": "MAXN", "mode_id": 0}
+    assert parse_nvpmodel("NVPM WARN: fan mode is not set!\nNV Power Mode: 15W\n2\n") == {"mode_name": "15W", "mode_id": 2}
+    assert parse_nvpmodel("") is None
+
+
+def test_vcgencmd_parsing() -> None:
+    t = parse_vcgencmd_throttled("throttled=0x50005\n")
+    assert t["raw"] == 0x50005 and t["now"]
+    assert t["flags"] == ["under_voltage", "throttled", "under_voltage_occurred", "throttled_occurred"]
+    assert parse_vcgencmd_throttled("throttled=0x0")["flags"] == []
+    assert parse_vcgencmd_temp("temp=47.2'C\n") == 47.2
+    assert parse_vcgencmd_clock("frequency(48)=1500398464\n") == 1500.398464
+    assert parse_vcgencmd_throttled("VCHI initialization failed") is None
+
+
+def test_throttle_reasons() -> None:
+    ok = {"rpi": {"throttled": parse_vcgencmd_throttled("throttled=0x0")}, "cpu": {"cpu0": {"max_mhz": 1500.0}}}
+    assert throttle_reasons(ok, ok) == []
+    hot = {"rpi": {"throttled": parse_vcgencmd_throttled("throttled=0x80008")}, "cpu": {"cpu0": {"max_mhz": 1000.0}}}
+    reasons = throttle_reasons(ok, hot)
+    assert any("soft_temp_limit" in r for r in reasons)
+    assert any("occurred during the cell" in r for r in reasons)
+    assert any("cpu0 frequency cap fell 1500 -> 1000 MHz" in r for r in reasons)
+    assert throttle_reasons({}, {}) == []
+
+
+def test_board_classification() -> None:
+    assert classify_board("Raspberry Pi 4 Model B Rev 1.4\x00", False, "aarch64") == "raspberry-pi"
+    assert classify_board("NVIDIA Jetson Orin Nano Developer Kit\x00", False, "aarch64") == "jetson"
+    assert classify_board(None, True, "aarch64") == "jetson"
+    assert classify_board(None, False, "x86_64") == "x86"
+
+
+def test_sysfs_readers_on_a_fake_tree(tmp_path) -> None:
+    cpu = tmp_path / "cpu" / "cpu0" / "cpufreq"
+    cpu.mkdir(parents=True)
+    for name, v in (("scaling_cur_freq", "1500000"), ("scaling_min_freq", "600000"), ("scaling_max_freq", "1500000"),
+                    ("cpuinfo_max_freq", "1800000"), ("scaling_governor", "ondemand")):
+        (cpu / name).write_text(v + "\n")
+    (tmp_path / "cpu" / "cpu1").mkdir()  # no cpufreq: skipped, not invented
+    assert read_cpus(str(tmp_path / "cpu")) == {"cpu0": {"cur_mhz": 1500.0, "min_mhz": 600.0, "max_mhz": 1500.0,
+                                                        "hw_max_mhz": 1800.0, "governor": "ondemand"}}
+    z = tmp_path / "thermal" / "thermal_zone0"
+    z.mkdir(parents=True)
+    (z / "temp").write_text("48312\n")
+    (z / "type").write_text("cpu-thermal\n")
+    assert read_thermal(str(tmp_path / "thermal")) == {"cpu-thermal": 48.312}
+    assert read_cpus(str(tmp_path / "none")) is None and read_thermal(str(tmp_path / "none")) is None
+
+
+def test_onnx_probe_models_are_valid_onnx() -> None:
+    import onnxruntime as ort
+
+    m = onnx.load_from_string(identity_model(17, 8))
+    onnx.checker.check_model(m)
+    assert m.opset_import[0].version == 17 and m.ir_version == 8
+    max_opset, max_ir = probe(ort)
+    assert max_opset is not None and max_opset >= 17 and max_ir >= 8

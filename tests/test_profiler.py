@@ -1,0 +1,266 @@
+"""Profiling over a real SSH server on loopback, and through the local agent."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from profiler.errors import HostError, StoreError
+from profiler.hosts import resolve_host
+from profiler.store import Store
+from profiler.targets import SSHTarget
+from tests.helpers import FAST_TIMING, sweep
+
+
+@pytest.fixture
+def board(sshd, tmp_path):
+    """An inventory entry 'board' on the loopback sshd, with its own remote folder."""
+    remote = tmp_path / "board-root"
+    inv = sshd.inventory(tmp_path / "inventory.toml", sys.executable, remote)
+    return {"inventory": inv, "ssh_config": sshd.ssh_config, "remote": remote}
+
+
+def configs(ws, n, seed=0):
+    return ws.space.sample(n, seed, layer_ranking=ws.importance.layer_ranking())
+
+
+def test_ssh_sweep_measures_and_stores(tiny_ws, board, tmp_path) -> None:
+    db = tmp_path / "m.db"
+    cs = configs(tiny_ws, 3)
+    s = sweep(tiny_ws, "board", db, cs, board["inventory"], board["ssh_config"], reference_every=4)
+    assert s.measured == 6 and not s.failed and s.jobs == 6
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    assert len(rows) == 6
+    assert {(r["phase"], r["seq_len"], r["past_len"]) for r in rows} == {("prefill", 16, 0), ("decode", 1, 16)}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["n"] >= 5 and r["device"] == "board"
+        assert len(json.loads(r["raw_ms"])) == r["n"]
+        assert json.loads(r["versions"])["onnxruntime"]
+        assert json.loads(r["settings"])["threads"] == 1
+    assert len(store.references(rows[0]["device_id"])) >= 1
+    info = json.loads(store.devices()[0]["info"])
+    assert info["hello"]["board"]["kind"] == "x86" and info["hello"]["onnxruntime"]["max_opset"] >= 17
+    store.close()
+    # the agent wrote only under its folder: a versioned agent dir and verified, graph-only models
+    remote = board["remote"]
+    assert sorted(p.name.split("-")[0] for p in remote.iterdir()) == ["agent", "models"]
+    models = [p for p in (remote / "models").iterdir()]
+    assert models and all((m / ".verified").is_file() and (m / "weights.bin").is_file() for m in models)
+    assert s.bytes_uploaded < 200_000  # graphs only: the board made its own weights
+
+
+def test_resume_never_repeats_a_measurement(tiny_ws, board, tmp_path) -> None:
+    db = tmp_path / "m.db"
+    cs = configs(tiny_ws, 3, seed=1)
+    first = sweep(tiny_ws, "board", db, cs[:2], board["inventory"], board["ssh_config"])
+    assert first.measured == 4
+    second = sweep(tiny_ws, "board", db, cs, board["inventory"], board["ssh_config"])
+    assert second.already_done == 4 and second.measured == 2
+    third = sweep(tiny_ws, "board", db, cs, board["inventory"], board["ssh_config"])
+    assert third.measured == 0 and third.already_done == 6 and third.bytes_uploaded == 0
+    store = Store(db)
+    assert store.count("measurements") == 6
+    store.close()
+
+
+def test_interrupted_sweep_resumes(tiny_dir, tmp_path) -> None:
+    """The host process is SIGKILLed mid-sweep; rerunning finishes the rest, each job once."""
+    db = tmp_path / "m.db"
+    cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
+           "--samples", "6", "--seq-len", "16", "--past-len", "16", "--db", str(db), "--min-time", "0.2",
+           "--max-time", "0.5", "--reference-every", "0"]
+    env = {"EDGENAS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as c:
+                    done = c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+            except sqlite3.Error:
+                continue
+            if done >= 3:
+                proc.kill()
+                break
+    proc.wait(timeout=30)
+    assert 3 <= done < 12, "the sweep should have been killed part-way"
+    with sqlite3.connect(db) as c:
+        before = c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 12
+        assert c.execute("SELECT COUNT(DISTINCT job_id) FROM measurements").fetchone()[0] == 12
+        assert c.execute("SELECT COUNT(*) FROM jobs WHERE status='done'").fetchone()[0] == 12
+    assert before >= 3
+    assert f"{12 - before} measured now, {before} already in the store" in out.stdout.replace("\n", " ")
+
+
+def test_local_host_through_the_cli(tiny_dir, tmp_path, capsys) -> None:
+    from profiler.cli import main
+
+    db = tmp_path / "local.db"
+    code = main(["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--samples", "2", "--phases", "decode",
+                 "--past-len", "8,32", "--db", str(db), "--min-time", "0.03", "--max-time", "0.3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "latency on local" in out and "4 measured now" in out
+    store = Store(db)
+    assert sorted({r["past_len"] for r in store.measurement_rows()}) == [8, 32]
+    store.close()
+    from edgenas.cli import main as edgenas_main
+
+    assert edgenas_main(["measurements", "--db", str(db), "--csv", str(tmp_path / "m.csv")]) == 0
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0].startswith("id,device,fingerprint") and len(lines) >= 5
+
+
+def test_unknown_host_key_is_refused_then_recorded_on_opt_in(tiny_ws, sshd, tmp_path) -> None:
+    kh = tmp_path / "empty_known_hosts"
+    kh.write_text("")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(sshd.ssh_config.read_text().replace(str(sshd.known_hosts), str(kh)))
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "r")
+    with pytest.raises(HostError, match="not in known_hosts") as e:
+        sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, cfg)
+    assert "--accept-new-host-key" in e.value.fix
+    s = sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, cfg, accept_new_host_key=True)
+    assert s.measured == 2
+    assert f"[127.0.0.1]:{sshd.port} ssh-ed25519" in kh.read_text()
+
+
+def test_changed_host_key_is_refused(tiny_ws, sshd, tmp_path) -> None:
+    from tests.sshd import keygen
+
+    other = keygen(tmp_path / "other_key")
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.split()[:2])}\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(sshd.ssh_config.read_text().replace(str(sshd.known_hosts), str(kh)))
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "r")
+    for accept in (False, True):  # opting in to new keys never accepts a changed one
+        with pytest.raises(HostError, match="has CHANGED"):
+            sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, cfg, accept_new_host_key=accept)
+
+
+class TruncatingTarget(SSHTarget):
+    """Cuts the first upload of each graph short, as a dropped link would."""
+
+    cut: set[str] = set()
+
+    def put(self, local: Path, remote: str) -> None:
+        super().put(local, remote)
+        if local.suffix == ".onnx" and remote not in TruncatingTarget.cut:
+            TruncatingTarget.cut.add(remote)
+            with self.sftp.open(remote, "r+") as f:
+                f.truncate(local.stat().st_size // 2)
+
+
+def test_upload_is_hash_verified_and_resent(tiny_ws, board, tmp_path) -> None:
+    s = sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1, seed=3), board["inventory"], board["ssh_config"],
+              target_cls=TruncatingTarget)
+    assert s.measured == 2 and not s.failed and s.retries == 1
+    store = Store(tmp_path / "m.db")
+    attempts = [r[0] for r in store.db.execute("SELECT attempts FROM jobs ORDER BY id")]
+    store.close()
+    assert sorted(attempts) == [1, 2]  # the first job met the cut upload, was retried once
+
+
+def test_board_without_onnxruntime_says_what_to_install(tiny_ws, sshd, tmp_path) -> None:
+    bare = Path("/usr/bin/python3")
+    probe = subprocess.run([str(bare), "-c", "import onnxruntime"], capture_output=True) if bare.exists() else None
+    if probe is None or probe.returncode == 0:
+        pytest.skip("needs a system python3 without onnxruntime")
+    inv = sshd.inventory(tmp_path / "inv.toml", str(bare), tmp_path / "r")
+    with pytest.raises(HostError, match=r"lacks .*onnxruntime") as e:
+        sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, sshd.ssh_config)
+    assert "pip install" in e.value.fix and "onnxruntime" in e.value.fix
+
+
+def test_board_without_python(tiny_ws, sshd, tmp_path) -> None:
+    inv = sshd.inventory(tmp_path / "inv.toml", "/nonexistent/python3", tmp_path / "r")
+    with pytest.raises(HostError, match="has no Python"):
+        sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, sshd.ssh_config)
+
+
+def test_refused_authentication(tiny_ws, sshd, tmp_path) -> None:
+    from tests.sshd import keygen
+
+    keygen(tmp_path / "stranger")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(sshd.ssh_config.read_text().replace(str(sshd.user_key), str(tmp_path / "stranger")))
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "r")
+    with pytest.raises(HostError, match="authentication refused"):
+        sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, cfg)
+
+
+def test_unreachable_host(tiny_ws, sshd, tmp_path) -> None:
+    from tests.sshd import free_port
+
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(sshd.ssh_config.read_text().replace(f"Port {sshd.port}", f"Port {free_port()}"))
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "r")
+    with pytest.raises(HostError, match="cannot reach"):
+        sweep(tiny_ws, "board", tmp_path / "m.db", configs(tiny_ws, 1), inv, cfg)
+
+
+def test_host_resolution(sshd, tmp_path) -> None:
+    spec = resolve_host("board", tmp_path / "none.toml", sshd.ssh_config)
+    assert (spec.kind, spec.hostname, spec.port, spec.user) == ("ssh", "127.0.0.1", sshd.port, sshd.user)
+    assert spec.identity_files == (str(sshd.user_key),)
+    with pytest.raises(HostError, match="unknown host 'jetson'") as e:
+        resolve_host("jetson", tmp_path / "none.toml", sshd.ssh_config)
+    assert "Host jetson" in e.value.fix
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[hosts.pi]\nhostname = "board"\nthreads = 4\nbackend = "ort-cpu"\nremote_dir = "/tmp/x"\n')
+    pi = resolve_host("pi", inv, sshd.ssh_config)
+    assert pi.threads == 4 and pi.port == sshd.port and pi.remote_dir == "/tmp/x"
+    inv.write_text('[hosts.pi]\nhostnme = "typo"\n')
+    with pytest.raises(HostError, match="unknown keys"):
+        resolve_host("pi", inv, sshd.ssh_config)
+    assert resolve_host("local", tmp_path / "none.toml", sshd.ssh_config).kind == "local"
+
+
+def test_incompatible_store_is_refused(tmp_path) -> None:
+    db = tmp_path / "old.db"
+    Store(db).close()
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="incompatible edgenas"):
+        Store(db)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE t(x)")
+    with pytest.raises(StoreError, match="did not write"):
+        Store(other)
+
+
+def test_cli_bad_configs_line_is_named(tiny_dir, tiny_base, tmp_path, capsys) -> None:
+    from profiler.cli import main
+
+    cfg = tmp_path / "c.jsonl"
+    good = tiny_base.space(16).full().to_json()
+    cfg.write_text(good + "\n" + good.replace('"kv_groups":2', '"kv_groups":9') + "\n")
+    code = main(["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--configs", str(cfg),
+                 "--db", str(tmp_path / "m.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "config 2" in err and "kv_groups=9 breaks GQA" in err and "Traceback" not in err
+
+
+def test_timing_settings_reach_the_agent(tiny_ws, tmp_path) -> None:
+    s = sweep(tiny_ws, "local", tmp_path / "m.db", configs(tiny_ws, 1), phases=("decode",),
+              timing=dict(FAST_TIMING, min_runs=17, min_time_s=0.0))
+    assert s.measured == 1
+    store = Store(tmp_path / "m.db")
+    (row,) = list(store.measurement_rows())
+    store.close()
+    assert row["n"] >= 17
