@@ -167,6 +167,16 @@ def compute_base_id(name: str, path: Path, dims: BaseDims) -> str:
     return f"{name}@{h.hexdigest()[:12]}"
 
 
+def load_base_info(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> tuple[str, BaseDims]:
+    """(base_id, dims) of a base model from its config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    _hf_offline()
+    name, path = resolve_model_dir(spec)
+    dims = BaseDims.from_hf_config(AutoConfig.from_pretrained(str(path)))
+    return compute_base_id(name, path, dims), dims
+
+
 def load_base_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> BaseModel:
     """Load a base model in float32, eval mode, eager attention."""
     import torch

@@ -1,0 +1,185 @@
+"""``train-predictor``, ``evaluate-predictor``, ``predict-latency``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from subnets.clikit import make_parser, run
+
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+DEFAULT_DB = Path("runs/measurements.db")
+
+
+def metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
+    t = Table(title=title)
+    for c in ("model", "within ±5%", "within ±10%", "MAPE", "RMSE ms", "Kendall τ", "bound coverage"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for name, m in results.items():
+        cov = m.get("upper_coverage")
+        t.add_row(name, f"{m['within_5pct']:.1%}", f"{m['within_10pct']:.1%}", f"{m['mape']:.2%}", f"{m['rmse_ms']:.3f}",
+                  f"{m['kendall_tau']:.3f}", "-" if cov is None else f"{cov:.1%}")
+    return t
+
+
+def _phases(text: str) -> list[str]:
+    vals = [p.strip() for p in text.split(",") if p.strip()]
+    if not vals or any(p not in ("prefill", "decode") for p in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: use prefill, decode or prefill,decode")
+    return vals
+
+
+def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
+          plot: bool = True, prior: Path | None = None, console: Console = out_console) -> dict[str, Any]:
+    """Train, cross-validate against the baselines, save; returns the metrics per phase."""
+    from predictor.data import load_measurements
+    from predictor.evaluate import compare, cross_val_predict, plot_predicted_vs_measured
+    from predictor.model import LatencyPredictor
+    from predictor.persist import load_predictor, save_predictor
+    from profiler.errors import StoreError
+    from profiler.store import Store
+    from subnets.basemodel import load_base_info
+
+    if not Path(db).is_file():
+        raise StoreError(f"measurement store {db} does not exist", "run profile-device first, or pass --db PATH")
+    base_id, dims = load_base_info(model)
+    store = Store(db)
+    results: dict[str, Any] = {}
+    try:
+        for phase in phases:
+            m = load_measurements(store, device, phase, dims, base_id)
+            prior_p = None
+            if prior is not None:
+                prior_p, _ = load_predictor(prior / phase if (prior / phase).is_dir() else prior, base_id=base_id, phase=phase)
+            kw = {"prior": prior_p} if prior_p is not None else {}
+            k = min(folds, len(set(m.subnet_hashes.tolist())))
+            comparison = compare(m, k=k, predictor_kw=kw)
+            p = LatencyPredictor(dims, phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+            folder = out / phase
+            save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
+                           {"cv": comparison, "excluded_unstable": m.excluded_unstable,
+                            "excluded_throttled": m.excluded_throttled, "n": len(m)})
+            shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
+            console.print(metrics_table(
+                f"{phase}: {len(m)} measurements of {len(set(m.subnet_hashes.tolist()))} sub-networks on {m.device_name}, "
+                f"{k}-fold by sub-network, shapes {', '.join(f'S={int(s)}' if phase == 'prefill' else f'P={int(q)}' for s, q in shapes)}"
+                f"{' (transfer from ' + str(prior) + ')' if prior else ''}", comparison))
+            excluded = m.excluded_unstable + m.excluded_throttled
+            console.print(f"excluded: {m.excluded_unstable} unstable, {m.excluded_throttled} throttled measurement(s)"
+                          if excluded else "excluded: none (no unstable or throttled measurements)")
+            if plot:
+                pred, _ = cross_val_predict(lambda kw=kw, phase=phase: LatencyPredictor(dims, phase, **kw), m, k)
+                png = plot_predicted_vs_measured(m.y_ms, pred, folder / "predicted_vs_measured.png",
+                                                 f"{m.device_name} {phase}: held-out predictions")
+                console.print(f"saved {folder} (plot: {png})")
+            results[phase] = comparison
+    finally:
+        store.close()
+    return results
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("train-predictor", "Train per-phase latency predictors for a device from the measurement store.")
+    p.add_argument("--device", required=True, help="device name (the --host it was profiled as) or fingerprint")
+    p.add_argument("--db", type=Path, default=DEFAULT_DB)
+    p.add_argument("--phase", type=_phases, default=["prefill", "decode"], help="prefill, decode or prefill,decode")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/predictors/DEVICE)")
+    p.add_argument("--model", default="smollm2", help="the base model the sub-networks were cut from")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--transfer-from", type=Path, default=None,
+                   help="a predictor folder of another device: adapt it with this device's (few) measurements")
+    p.add_argument("--no-plot", action="store_true")
+
+    def handle(a: argparse.Namespace) -> int:
+        train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
+              not a.no_plot, a.transfer_from)
+        return 0
+
+    return run(p, argv, handle)
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("evaluate-predictor", "Score a saved predictor on another store's measurements.")
+    p.add_argument("--predictor", type=Path, required=True, help="a predictor folder (one phase)")
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--device", default=None, help="device name in that store (default: the predictor's device name)")
+
+    def handle(a: argparse.Namespace) -> int:
+        from predictor.data import load_measurements
+        from predictor.persist import load_predictor
+        from profiler.errors import StoreError
+        from profiler.store import Store
+
+        pred, meta = load_predictor(a.predictor)
+        if not a.db.is_file():
+            raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
+        store = Store(a.db)
+        try:
+            m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1)
+        finally:
+            store.close()
+        res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)
+        out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {a.db}",
+                                        {"saved predictor": res}))
+        if m.fingerprint != meta["device_fingerprint"]:
+            out_console.print(f"[yellow]note:[/] the device fingerprint changed ({meta['device_fingerprint']} -> {m.fingerprint}):"
+                              " hardware or runtime differ from training")
+        return 0
+
+    return run(p, argv, handle)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("predict-latency", "Predict latencies of sub-networks with a saved predictor.")
+    p.add_argument("--predictor", type=Path, required=True)
+    p.add_argument("--configs", type=Path, required=True, help="JSON-lines configs")
+    p.add_argument("--seq-len", type=int, default=128, help="prefill length")
+    p.add_argument("--past-len", type=int, default=128, help="decode past length")
+    p.add_argument("--json", action="store_true", help="JSON lines output")
+    p.add_argument("--override", action="store_true", help="use a predictor made for another base model")
+
+    def handle(a: argparse.Namespace) -> int:
+        from predictor.features import ConfigBatch
+        from predictor.persist import load_predictor
+        from subnets.configio import read_configs
+        from subnets.errors import ConfigError
+        from subnets.space import SearchSpace
+
+        pred, meta = load_predictor(a.predictor)
+        configs = read_configs(a.configs)
+        space = SearchSpace(meta["base_id"], pred.dims, neuron_step=1)
+        for i, c in enumerate(configs, 1):
+            if c.base_id != meta["base_id"] and not a.override:
+                raise ConfigError(f"{a.configs}, config {i} is for base model {c.base_id!r}; the predictor is for "
+                                  f"{meta['base_id']!r}", "use configs of that base model, or --override")
+            try:
+                space.validate(c if c.base_id == meta["base_id"] else type(c)(meta["base_id"], c.layers))
+            except ConfigError as e:
+                raise ConfigError(f"{a.configs}, config {i}: {e.problem}", e.fix) from None
+        batch = ConfigBatch.from_configs(configs, pred.dims.num_layers)
+        y = pred.predict(batch, a.seq_len, a.past_len)
+        up = pred.predict_upper(batch, a.seq_len, a.past_len)
+        if a.json:
+            for c, v, u in zip(configs, y, up):
+                print(json.dumps({"config_hash": c.config_hash(), "phase": meta["phase"], "latency_ms": float(v),
+                                  "upper_ms": float(u)}))
+        else:
+            t = Table(title=f"{meta['phase']} latency on {meta['device_name']} "
+                            f"({'S=' + str(a.seq_len) if meta['phase'] == 'prefill' else 'P=' + str(a.past_len)})")
+            for col in ("config", "hash", "predicted ms", f"upper ms ({1 - pred.alpha:.0%})"):
+                t.add_column(col)
+            for c, v, u in zip(configs, y, up):
+                t.add_row(c.summary(), c.config_hash()[:10], f"{v:.2f}", f"{u:.2f}")
+            out_console.print(t)
+        return 0
+
+    return run(p, argv, handle)
+
+

@@ -1,0 +1,102 @@
+"""Training data for the predictor, read from the measurement store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from predictor.features import ConfigBatch
+from predictor.model import MIN_TRAIN
+from profiler.store import Store
+from subnets.config import SubnetConfig
+from subnets.errors import EdgenasError
+from subnets.space import BaseDims
+
+log = logging.getLogger(__name__)
+
+
+class DataError(EdgenasError):
+    """Training or evaluation data that cannot be used."""
+
+
+@dataclass
+class Measurements:
+    dims: BaseDims
+    device_name: str
+    fingerprint: str
+    base_id: str
+    phase: str
+    configs: list[SubnetConfig]
+    subnet_hashes: np.ndarray
+    batch: ConfigBatch
+    seq_len: np.ndarray
+    past_len: np.ndarray
+    y_ms: np.ndarray
+    excluded_unstable: int
+    excluded_throttled: int
+
+    def __len__(self) -> int:
+        return len(self.y_ms)
+
+    @property
+    def data_hash(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.subnet_hashes.astype(str), self.seq_len, self.past_len, self.y_ms):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def subset(self, mask: np.ndarray) -> Measurements:
+        idx = np.flatnonzero(mask)
+        return Measurements(self.dims, self.device_name, self.fingerprint, self.base_id, self.phase,
+                            [self.configs[i] for i in idx], self.subnet_hashes[idx],
+                            ConfigBatch(self.batch.kept[idx], self.batch.kv_groups[idx], self.batch.heads_per_group[idx],
+                                        self.batch.neurons[idx]),
+                            self.seq_len[idx], self.past_len[idx], self.y_ms[idx], 0, 0)
+
+
+def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, base_id: str | None = None,
+                      include_unstable: bool = False, minimum: int = MIN_TRAIN) -> Measurements:
+    devices = store.find_devices(device)
+    if not devices:
+        known = sorted({d["name"] for d in store.devices()})
+        raise DataError(f"no device {device!r} in {store.path} (it has: {', '.join(known) or 'none'})",
+                        "pass --device with a name from that list, or profile it first with profile-device")
+    dev = devices[0]
+    if len({d["fingerprint"] for d in devices}) > 1:
+        log.warning("device %s has %d fingerprints (hardware or runtime changed); using the latest, %s",
+                    device, len(devices), dev["fingerprint"])
+    rows = list(store.measurement_rows(device=dev["fingerprint"], phase=phase))
+    if base_id is not None:
+        other = {r["base_id"] for r in rows} - {base_id}
+        if other and not any(r["base_id"] == base_id for r in rows):
+            raise DataError(f"the {phase} measurements of {device} are of base model(s) {sorted(other)}, not {base_id}",
+                            "pass the --model those sub-networks were cut from")
+        rows = [r for r in rows if r["base_id"] == base_id]
+    unstable = sum(1 for r in rows if r["unstable"])
+    throttled = sum(1 for r in rows if r["throttled"])
+    if not include_unstable:
+        rows = [r for r in rows if not r["unstable"] and not r["throttled"]]
+    if len(rows) < minimum:
+        raise DataError(
+            f"{len(rows)} usable {phase} measurements of {device} in {store.path} ({unstable} unstable and "
+            f"{throttled} throttled excluded); at least {minimum} are needed",
+            f"profile more sub-networks: profile-device --host {device} --samples {max(minimum, 20)} --db {store.path}",
+        )
+    configs = [SubnetConfig.from_json(r["config"]) for r in rows]
+    return Measurements(
+        dims, dev["name"], dev["fingerprint"], rows[0]["base_id"], phase, configs,
+        np.array([r["subnet_hash"] for r in rows]), ConfigBatch.from_configs(configs, dims.num_layers),
+        np.array([r["seq_len"] for r in rows], dtype=np.float64), np.array([r["past_len"] for r in rows], dtype=np.float64),
+        np.array([r["median_ms"] for r in rows], dtype=np.float64), unstable, throttled,
+    )
+
+
+def device_info(store: Store, fingerprint: str) -> dict:
+    for d in store.devices():
+        if d["fingerprint"] == fingerprint:
+            return json.loads(d["info"])
+    return {}

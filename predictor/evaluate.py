@@ -1,0 +1,117 @@
+"""Evaluating predictors on held-out sub-networks, beside the baselines; learning curves;
+predicted-vs-measured plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from predictor.baselines import BASELINES
+from predictor.data import Measurements
+from predictor.metrics import accuracy
+from predictor.model import LatencyPredictor
+
+Factory = Callable[[], Any]
+
+
+def group_folds(m: Measurements, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index per measurement; all shapes of one sub-network share a fold (held-out
+    sub-networks, not held-out rows)."""
+    groups = sorted(set(m.subnet_hashes.tolist()))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    fold_of = {groups[i]: int(j % k) for j, i in enumerate(order)}
+    return np.array([fold_of[h] for h in m.subnet_hashes.tolist()])
+
+
+def cross_val_predict(make: Factory, m: Measurements, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    folds = group_folds(m, k, seed)
+    pred = np.zeros(len(m))
+    upper = np.zeros(len(m))
+    has_upper = True
+    for f in range(k):
+        tr, te = folds != f, folds == f
+        if not te.any():
+            continue
+        a, b = m.subset(tr), m.subset(te)
+        model = make().fit(a.batch, a.seq_len, a.past_len, a.y_ms)
+        pred[te] = model.predict(b.batch, b.seq_len, b.past_len)
+        if hasattr(model, "predict_upper"):
+            upper[te] = model.predict_upper(b.batch, b.seq_len, b.past_len)
+        else:
+            has_upper = False
+    return pred, (upper if has_upper else None)
+
+
+def compare(m: Measurements, k: int = 5, seed: int = 0, predictor_kw: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """k-fold (by sub-network) accuracy of the predictor and every baseline."""
+    out: dict[str, dict[str, float]] = {}
+
+    def make_pred() -> LatencyPredictor:
+        return LatencyPredictor(m.dims, m.phase, seed=seed, **(predictor_kw or {}))
+
+    pred, upper = cross_val_predict(make_pred, m, k, seed)
+    out["edgenas predictor"] = accuracy(m.y_ms, pred, upper)
+    for cls in BASELINES:
+        p, _ = cross_val_predict(lambda cls=cls: cls(m.dims, m.phase), m, k, seed)
+        out[cls.name] = accuracy(m.y_ms, p)
+    return out
+
+
+def learning_curve(m: Measurements, sizes: tuple[int, ...] = (20, 50, 100, 200), test_share: float = 0.2,
+                   repeats: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Accuracy on held-out sub-networks when trained on n measurements, for each n the data
+    allows; the predictor beside the linear-in-FLOPs baseline."""
+    from predictor.baselines import LinearInFlops, LinearThreeTerms
+
+    rows = []
+    for n in sizes:
+        res: dict[str, list[dict[str, float]]] = {}
+        for r in range(repeats):
+            folds = group_folds(m, round(1 / test_share), seed + r)
+            test = folds == 0
+            pool = np.flatnonzero(~test)
+            if len(pool) < n:
+                break
+            pick = np.zeros(len(m), dtype=bool)
+            pick[np.random.default_rng(seed + r).choice(pool, n, replace=False)] = True
+            a, b = m.subset(pick), m.subset(test)
+            for name, make in (("edgenas predictor", lambda: LatencyPredictor(m.dims, m.phase, seed=seed)),
+                               ("linear in FLOPs", lambda: LinearInFlops(m.dims, m.phase)),
+                               ("linear 3 terms", lambda: LinearThreeTerms(m.dims, m.phase))):
+                model = make().fit(a.batch, a.seq_len, a.past_len, a.y_ms)
+                res.setdefault(name, []).append(accuracy(b.y_ms, model.predict(b.batch, b.seq_len, b.past_len)))
+        if not res:
+            continue
+        row: dict[str, Any] = {"n_train": n}
+        for name, accs in res.items():
+            row[name] = {k: float(np.mean([a[k] for a in accs])) for k in ("within_5pct", "within_10pct", "mape")}
+        rows.append(row)
+    return rows
+
+
+def plot_predicted_vs_measured(y: np.ndarray, pred: np.ndarray, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    lo, hi = float(min(y.min(), pred.min())) * 0.9, float(max(y.max(), pred.max())) * 1.1
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1)
+    ax.fill_between([lo, hi], [lo * 0.95, hi * 0.95], [lo * 1.05, hi * 1.05], color="green", alpha=0.12, label="±5%")
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="orange", alpha=0.08, label="±10%")
+    ax.scatter(y, pred, s=10)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

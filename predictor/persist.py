@@ -1,0 +1,124 @@
+"""Saving and loading predictors as folders of JSON: never a pickle.
+
+    meta.json     what the predictor is for (device fingerprint, base model, phase, feature
+                  schema), its fitted base, its bound, training data hash, metrics, versions,
+                  and the sha256 of every other file (an edited file is refused)
+    booster.json  the XGBoost model (its own JSON format), when boosted
+    prior/        the source device's predictor, when this one was transferred"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from predictor.features import FEATURE_SCHEMA_VERSION, FEATURES
+from predictor.model import LatencyPredictor
+from subnets.errors import EdgenasError
+from subnets.space import BaseDims
+
+FORMAT = "edgenas-latency-predictor"
+FORMAT_VERSION = 1
+
+
+class PredictorFileError(EdgenasError):
+    """A predictor folder that is missing, edited, or for something else."""
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import xgboost
+
+    return {"xgboost": xgboost.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerprint: str, base_id: str,
+                   data_hash: str, metrics: dict[str, Any] | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    if p.booster is not None:
+        p.booster.save_model(str(folder / "booster.json"))
+        files["booster.json"] = _sha(folder / "booster.json")
+    if p.prior is not None:
+        save_predictor(p.prior, folder / "prior", p.prior.fit_info.get("device_name", "prior"),
+                       p.prior.fit_info.get("fingerprint", ""), base_id, p.prior.fit_info.get("data_hash", ""),
+                       p.prior.fit_info.get("metrics"))
+        files["prior/meta.json"] = _sha(folder / "prior" / "meta.json")
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": FEATURE_SCHEMA_VERSION,
+        "features": list(FEATURES), "device_name": device_name, "device_fingerprint": fingerprint,
+        "base_id": base_id, "phase": p.phase, "dims": p.dims.to_dict(), "alpha": p.alpha, "log_q": p.log_q,
+        "base_coef": None if p.base_coef is None else p.base_coef.tolist(),
+        "base_scale": None if p.base_scale is None else p.base_scale.tolist(),
+        "transfer_coef": None if p.transfer_coef is None else list(p.transfer_coef),
+        "boosted": p.booster is not None, "data_hash": data_hash, "fit_info": p.fit_info, "metrics": metrics or {},
+        "versions": _versions(), "files": files,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
+    return folder
+
+
+def load_predictor(folder: Path, device: str | None = None, base_id: str | None = None, phase: str | None = None,
+                   override: bool = False) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Load and check a predictor; refuse one for another device, base model, phase or
+    feature schema unless ``override``."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise PredictorFileError(f"{folder} is not a predictor folder (no meta.json)",
+                                 "pass the folder train-predictor wrote (--out)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredictorFileError(f"{meta_path} is not valid JSON ({e})", "retrain the predictor") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PredictorFileError(f"{meta_path} is not an edgenas predictor", "retrain with train-predictor")
+    if meta.get("feature_schema") != FEATURE_SCHEMA_VERSION or meta.get("features") != list(FEATURES):
+        if not override:
+            raise PredictorFileError(
+                f"{folder} uses feature schema {meta.get('feature_schema')}, this edgenas computes {FEATURE_SCHEMA_VERSION}",
+                "retrain the predictor with this version (train-predictor)")
+    for name, digest in (meta.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise PredictorFileError(f"{folder} is missing {name}", "copy the whole folder, or retrain")
+        if _sha(f) != digest:
+            raise PredictorFileError(f"{f} was modified after training (sha256 differs)", "retrain, or restore the original file")
+    for what, want, have in (("device", device, (meta.get("device_name"), meta.get("device_fingerprint"))),
+                             ("base model", base_id, (meta.get("base_id"),)), ("phase", phase, (meta.get("phase"),))):
+        if want is not None and want not in have and not override:
+            raise PredictorFileError(
+                f"{folder} predicts {what} {have[0]!r}, not {want!r}",
+                f"train a predictor for {want!r} (train-predictor), or pass --override to use it anyway")
+    try:
+        dims = BaseDims.from_dict(meta["dims"])
+        p = LatencyPredictor(dims, meta["phase"], alpha=float(meta["alpha"]))
+        p.log_q = float(meta["log_q"])
+        p.fit_info = dict(meta.get("fit_info") or {})
+        if meta.get("transfer_coef") is not None:
+            p.transfer_coef = tuple(float(x) for x in meta["transfer_coef"])  # type: ignore[assignment]
+            p.prior, _ = load_predictor(folder / "prior", base_id=base_id, phase=phase, override=override)
+        else:
+            p.base_coef = np.asarray(meta["base_coef"], dtype=np.float64)
+            p.base_scale = np.asarray(meta["base_scale"], dtype=np.float64)
+            if p.base_coef.shape != p.base_scale.shape or not np.all(np.isfinite(p.base_coef)):
+                raise ValueError("base coefficients malformed")
+        if meta.get("boosted"):
+            import xgboost as xgb
+
+            booster = xgb.XGBRegressor()
+            booster.load_model(str(folder / "booster.json"))
+            p.booster = booster
+    except (KeyError, TypeError, ValueError) as e:
+        raise PredictorFileError(f"{meta_path} is malformed ({type(e).__name__}: {e})", "retrain the predictor") from None
+    return p, meta

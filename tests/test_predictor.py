@@ -1,0 +1,148 @@
+"""The latency predictor on synthetic measurements with known structure, and on a store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from predictor.baselines import BASELINES, LinearInFlops
+from predictor.features import FEATURES, ConfigBatch, feature_matrix
+from predictor.model import LatencyPredictor
+from predictor.persist import PredictorFileError, load_predictor, save_predictor
+from subnets.config import SubnetConfig
+from subnets.cost import cost
+from subnets.space import BaseDims, SearchSpace
+
+DIMS = BaseDims("llama", 30, 576, 9, 3, 64, 1536, 49152, True)
+SPACE = SearchSpace("base@x", DIMS)
+
+
+def synthetic_latency(batch: ConfigBatch, phase: str, seq, past, noise: float, seed: int) -> np.ndarray:
+    """A device whose time is per-MAC compute plus per-layer overhead plus KV traffic, with a
+    mild non-linearity in MLP width (cache effects) the boosted part may learn."""
+    X = feature_matrix(batch, DIMS, phase, seq, past)
+    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
+    t = 0.8 + 6e-9 * f["linear_macs"] + 2e-8 * f["attention_macs"] + 4e-9 * f["lm_head_macs"] + 0.05 * f["layers"]
+    t += 2e-8 * f["kv_bytes"] + 0.2 * (f["neurons_per_layer_mean"] > 1000)
+    return t * np.exp(np.random.default_rng(seed).normal(0, noise, len(t)))
+
+
+def dataset(n: int, phase: str = "prefill", seed: int = 0, noise: float = 0.005):
+    configs = SPACE.sample(n, seed, strategy="stratified")
+    batch = ConfigBatch.from_configs(configs, DIMS.num_layers)
+    rng = np.random.default_rng(seed)
+    seq = rng.choice([64, 128, 256], n).astype(float) if phase == "prefill" else np.ones(n)
+    past = np.zeros(n) if phase == "prefill" else rng.choice([64, 256, 1024], n).astype(float)
+    return configs, batch, seq, past, synthetic_latency(batch, phase, seq, past, noise, seed + 1)
+
+
+def test_features_agree_with_the_cost_model() -> None:
+    configs = SPACE.sample(20, 3)
+    batch = ConfigBatch.from_configs(configs, DIMS.num_layers)
+    for phase, seq, past in (("prefill", 96, 0), ("decode", 1, 300)):
+        X = feature_matrix(batch, DIMS, phase, seq, past)
+        for i, c in enumerate(configs):
+            ref = cost(c, DIMS, phase, seq_len=seq, past_len=past)
+            row = dict(zip(FEATURES, X[i]))
+            assert row["params"] == ref.params
+            assert row["linear_macs"] == ref.linear_macs and row["attention_macs"] == ref.attention_macs
+            assert row["weight_bytes"] == ref.weight_bytes and row["kv_bytes"] == ref.kv_cache_bytes
+            assert row["activation_bytes"] == ref.activation_bytes and row["layers"] == len(c.layers)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_predictor_learns_a_device_and_beats_linear_in_flops(phase: str) -> None:
+    _, b, s, p, y = dataset(160, phase, seed=1)
+    _, tb, ts, tp, ty = dataset(60, phase, seed=2)
+    model = LatencyPredictor(DIMS, phase).fit(b, s, p, y)
+    acc = model.score(tb, ts, tp, ty)
+    assert acc["within_5pct"] >= 0.95 and acc["within_10pct"] == 1.0
+    base = LinearInFlops(DIMS, phase).fit(b, s, p, y)
+    base_err = np.mean(np.abs(base.predict(tb, ts, tp) / ty - 1))
+    assert acc["mape"] < base_err
+    assert 0.8 <= acc["upper_coverage"] <= 1.0  # alpha = 0.1
+
+
+def test_prediction_is_monotone_in_size() -> None:
+    _, b, s, p, y = dataset(120, "prefill", seed=4)
+    model = LatencyPredictor(DIMS, "prefill", boost="on").fit(b, s, p, y)
+    small = SubnetConfig.uniform("base@x", range(10), 1, 1, 256)
+    grown = [small,
+             SubnetConfig.uniform("base@x", range(10), 1, 1, 512),
+             SubnetConfig.uniform("base@x", range(10), 2, 1, 512),
+             SubnetConfig.uniform("base@x", range(10), 2, 3, 512),
+             SubnetConfig.uniform("base@x", range(20), 2, 3, 512),
+             SubnetConfig.uniform("base@x", range(30), 3, 3, 1536)]
+    pred = model.predict(ConfigBatch.from_configs(grown, 30), 128, 0)
+    assert np.all(np.diff(pred) >= 0)
+    assert np.all(np.diff(model.predict(ConfigBatch.from_configs([small] * 3, 30), [64, 128, 256], 0)) > 0)
+
+
+def test_small_training_sets_are_refused() -> None:
+    _, b, s, p, y = dataset(9)
+    with pytest.raises(ValueError, match="at least 10"):
+        LatencyPredictor(DIMS, "prefill").fit(b, s, p, y)
+
+
+def test_transfer_from_another_device_with_few_measurements() -> None:
+    _, b, s, p, y = dataset(150, "prefill", seed=5)
+    source = LatencyPredictor(DIMS, "prefill").fit(b, s, p, y)
+    # device B: 2.3x slower, a little more per-layer overhead
+    _, b2, s2, p2, y2 = dataset(20, "prefill", seed=6)
+    X2 = feature_matrix(b2, DIMS, "prefill", s2, p2)
+    y2 = 2.3 * y2 + 0.02 * X2[:, FEATURES.index("layers")]
+    _, tb, ts, tp, ty = dataset(80, "prefill", seed=7)
+    ty = 2.3 * ty + 0.02 * feature_matrix(tb, DIMS, "prefill", ts, tp)[:, FEATURES.index("layers")]
+    transferred = LatencyPredictor(DIMS, "prefill", prior=source).fit(b2, s2, p2, y2)
+    scratch = LatencyPredictor(DIMS, "prefill").fit(b2, s2, p2, y2)
+    t_acc, s_acc = transferred.score(tb, ts, tp, ty), scratch.score(tb, ts, tp, ty)
+    assert t_acc["within_5pct"] >= 0.9
+    assert t_acc["mape"] <= s_acc["mape"] * 1.5
+
+
+def test_baselines_fit_and_predict() -> None:
+    _, b, s, p, y = dataset(80, "prefill", seed=8)
+    for cls in BASELINES:
+        pred = cls(DIMS, "prefill").fit(b, s, p, y).predict(b, s, p)
+        assert pred.shape == y.shape and np.all(pred > 0)
+
+
+def test_batch_prediction_is_vectorized() -> None:
+    _, b, s, p, y = dataset(60, "decode", seed=9)
+    model = LatencyPredictor(DIMS, "decode").fit(b, s, p, y)
+    big = ConfigBatch(np.repeat(b.kept, 500, 0), np.repeat(b.kv_groups, 500, 0), np.repeat(b.heads_per_group, 500, 0),
+                      np.repeat(b.neurons, 500, 0))
+    out = model.predict(big, 1, 512)
+    assert out.shape == (30_000,) and np.all(np.isfinite(out))
+
+
+def test_save_load_roundtrip_and_refusals(tmp_path) -> None:
+    _, b, s, p, y = dataset(80, "prefill", seed=10)
+    model = LatencyPredictor(DIMS, "prefill", boost="on").fit(b, s, p, y)
+    folder = save_predictor(model, tmp_path / "pred", "jetson", "fp123", "base@x", "datahash")
+    back, meta = load_predictor(folder, device="jetson", base_id="base@x", phase="prefill")
+    np.testing.assert_allclose(back.predict(b, s, p), model.predict(b, s, p), rtol=1e-6)
+    assert meta["device_fingerprint"] == "fp123" and meta["boosted"]
+    assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.pickle"))
+    with pytest.raises(PredictorFileError, match="predicts device 'jetson', not 'rpi'"):
+        load_predictor(folder, device="rpi")
+    with pytest.raises(PredictorFileError, match="predicts base model"):
+        load_predictor(folder, base_id="other@y")
+    load_predictor(folder, device="rpi", override=True)
+    booster = folder / "booster.json"
+    booster.write_text(booster.read_text() + " ")
+    with pytest.raises(PredictorFileError, match="modified after training"):
+        load_predictor(folder)
+    booster.unlink()
+    with pytest.raises(PredictorFileError, match=r"missing booster\.json"):
+        load_predictor(folder)
+    meta_path = folder / "meta.json"
+    d = json.loads(meta_path.read_text())
+    d["feature_schema"] = 999
+    meta_path.write_text(json.dumps(d))
+    with pytest.raises(PredictorFileError, match="feature schema 999"):
+        load_predictor(folder)
+    with pytest.raises(PredictorFileError, match="not a predictor folder"):
+        load_predictor(tmp_path)
