@@ -1,6 +1,7 @@
 """The main job, end to end on one base model: sample sub-networks, profile them on a device
-(this machine's CPU by default), evaluate their quality, and show the table. Later stages
-(predictor, search) extend it."""
+(this machine's CPU by default), evaluate their quality, train the device's latency
+predictors, search for the Pareto front under a latency budget, and verify the chosen points
+on the device."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _fmt_ppl(p: float) -> str:
 def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rich.progress import Progress
 
-    ws = Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text)
+    ws = Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
     configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, strategy="stratified",
                                                    layer_ranking=ws.importance.layer_ranking())]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,4 +77,29 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                   f"{len(summary.failed)} failed; {sec['total']:.0f} s, {summary.subnets_per_hour:.0f} sub-networks/hour")
     (args.out / "subnets.json").write_text(json.dumps(rows, indent=1))
     console.print(f"results: {args.out / 'subnets.json'}, measurements: {db}")
-    return {"rows": rows, "summary": summary.to_dict()}
+
+    # 3. per-phase latency predictors for this device, cross-validated against the baselines
+    from predictor.cli import train
+
+    pred_dir = args.out / "predictors" / args.host
+    metrics = train(db, args.host, ["prefill", "decode"], pred_dir, args.model, console=console)
+
+    # 4. search under a budget (a share of the full model's predicted workload latency),
+    #    then verify the chosen points on the device
+    from predictor.features import ConfigBatch
+    from search.cli import search
+    from search.workload import LatencyObjective, Workload
+
+    objective = LatencyObjective.load(pred_dir, Workload.parse(args.workload), args.host, ws.base.base_id)
+    full_ms = float(objective.predict(ConfigBatch.from_configs([ws.space.full()], ws.space.dims.num_layers))[0])
+    budget = round(args.budget_share * full_ms, 1)
+    console.print(f"search: full model predicted {full_ms:.0f} ms for workload {args.workload}; budget "
+                  f"{args.budget_share:.0%} of it = {budget} ms")
+    search_args = argparse.Namespace(
+        device=args.host, predictor=pred_dir, latency_budget_ms=budget, workload=args.workload, algorithm="nsga2",
+        evals=args.evals, granularity="per-layer", max_params=None, verify=args.verify, host=args.host, db=db,
+        out=args.out / "search", model=args.model, neuron_step=args.neuron_step, seed=args.seed,
+        quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False)
+    found = search(search_args, console, ws=ws)
+    return {"rows": rows, "summary": summary.to_dict(), "predictor": str(pred_dir), "predictor_metrics": metrics,
+            "search": {k: found[k] for k in ("hypervolume", "front") if k in found}}

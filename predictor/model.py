@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 BASE_TERMS = ("const", "linear_macs", "attention_macs", "lm_head_macs", "layers", "kv_bytes")
 MIN_TRAIN = 10
 MIN_BOOST = 30
+SMALL_BATCH = 256
 
 
 @dataclass
@@ -69,6 +70,7 @@ class LatencyPredictor:
     booster: Any = None
     log_q: float = 0.0
     fit_info: dict[str, Any] = field(default_factory=dict)
+    _flat: Any = field(default=None, repr=False)
 
     # --- base model ---------------------------------------------------------------------
     def _fit_base(self, X: np.ndarray, y: np.ndarray, batch: ConfigBatch, shapes: Shapes) -> None:
@@ -138,6 +140,7 @@ class LatencyPredictor:
         self.log_q = float(max(r[k], 0.0))
         self._fit_base(X, y, batch, shapes)
         self.booster = self._fit_boost(X, y, self._base_predict(X, batch, shapes)) if use_boost else None
+        self._flat = None
         self.fit_info.update({"n_train": n, "boosted": use_boost, "conformal_log_q": self.log_q,
                               "cv": accuracy(y, oof)})
         return self
@@ -169,6 +172,12 @@ class LatencyPredictor:
         base = self._base_predict(X, batch, shapes)
         if self.booster is None:
             return base
+        if n <= SMALL_BATCH:  # a search's one-at-a-time call: skip XGBoost's per-call set-up
+            if self._flat is None:
+                from predictor.trees import FlatTrees
+
+                self._flat = FlatTrees(self.booster.get_booster())
+            return np.exp(np.log(base) + self._flat.margin(X))
         return np.exp(self.booster.predict(X, base_margin=np.log(base)))
 
     def predict_upper(self, batch: ConfigBatch, seq_len: Any, past_len: Any) -> np.ndarray:

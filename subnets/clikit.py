@@ -35,7 +35,10 @@ def subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int | None]) -> int:
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (exit status 2): return it, as main() does
+        return int(e.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -196,7 +196,12 @@ def build_model(w: SubnetWeights) -> Any:
     cfg = _hf_config_for(w)
     cfg._attn_implementation = "eager"
     cls = EdgenasLlamaForCausalLM if cfg.model_type == "edgenas_llama" else LlamaForCausalLM
-    model = cls(cfg)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():  # every weight is overwritten below; random init cost ~1 s
+        model = cls(cfg)
     missing, unexpected = model.load_state_dict(state_dict_of(w), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:  # a bug in slicing, not a user error

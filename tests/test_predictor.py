@@ -146,3 +146,12 @@ def test_save_load_roundtrip_and_refusals(tmp_path) -> None:
         load_predictor(folder)
     with pytest.raises(PredictorFileError, match="not a predictor folder"):
         load_predictor(tmp_path)
+
+
+def test_small_batch_tree_walk_equals_xgboost() -> None:
+    _, b, s, p, y = dataset(100, "prefill", seed=11)
+    model = LatencyPredictor(DIMS, "prefill", boost="on").fit(b, s, p, y)
+    configs = SPACE.sample(300, 12)
+    big = ConfigBatch.from_configs(configs, DIMS.num_layers)  # > SMALL_BATCH: XGBoost itself
+    small = ConfigBatch.from_configs(configs[:40], DIMS.num_layers)  # the numpy tree walk
+    np.testing.assert_allclose(model.predict(small, 128, 0), model.predict(big, 128, 0)[:40], rtol=1e-5)

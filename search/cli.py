@@ -1,0 +1,158 @@
+"""``search-subnets``: the latency-constrained multi-objective search."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from subnets.clikit import make_parser, run
+
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    from search.study import ALGORITHMS
+
+    p.add_argument("--device", required=True, help="the device the predictor is for (and --verify measures on)")
+    p.add_argument("--predictor", type=Path, required=True, help="folder with prefill/ and decode/ predictors")
+    p.add_argument("--latency-budget-ms", type=float, required=True, help="hard limit on the predicted upper bound")
+    p.add_argument("--workload", default="128,64", help="S,N: a prompt of S tokens then N generated (default 128,64)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="nsga2")
+    p.add_argument("--evals", type=int, default=100, help="trials (sub-networks proposed)")
+    p.add_argument("--granularity", choices=["per-layer", "uniform"], default="per-layer")
+    p.add_argument("--max-params", type=float, default=None, help="hard limit on parameters")
+    p.add_argument("--verify", type=int, default=0, help="measure K front points on the device")
+    p.add_argument("--host", default=None, help="where --verify measures (default: --device)")
+    p.add_argument("--db", type=Path, default=Path("runs/measurements.db"), help="store --verify adds to")
+    p.add_argument("--out", type=Path, default=Path("runs/search"))
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--neuron-step", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity (default 1024)")
+    p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
+
+
+def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from search.baselines import compare_at_matched_quality, evaluate_baselines
+    from search.pareto import plot_front
+    from search.study import QualityCache, SearchError, run_search
+    from search.verify import pick_spread, verify
+    from search.workload import LatencyObjective, Workload
+    from subnets.basemodel import load_base_info
+    from subnets.workspace import Workspace
+
+    wl = Workload.parse(args.workload)
+    if args.evals < 1:
+        raise SearchError(f"--evals {args.evals} is not positive", "ask for at least 1 trial")
+    if not args.latency_budget_ms > 0:
+        raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
+    base_id, _ = load_base_info(args.model)
+    objective = LatencyObjective.load(args.predictor, wl, args.device, base_id, args.override)
+    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    max_params = args.max_params if args.max_params else math.inf
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(f"{args.algorithm} search", total=args.evals)
+
+        def progress(done: int, total: int, best: dict[str, Any] | None) -> None:
+            desc = f"{args.algorithm}: best feasible " + (
+                f"ppl {best['perplexity']:.1f} at {best['latency_ms']:.1f} ms" if best else "none yet")
+            prog.update(task, completed=done, description=desc)
+
+        res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / "study.db",
+                         max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress)
+        baselines: dict[str, list[dict[str, Any]]] = {}
+        if not args.no_baselines:
+            prog.update(task, description="baselines")
+            baselines = evaluate_baselines(ws, objective, QualityCache(out / "study.perplexity.jsonl", ws.perplexity))
+
+    (out / "front.json").write_text(json.dumps(res.front, indent=1))
+    with (out / "front.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config_hash", "summary", "perplexity", "latency_ms", "upper_ms", "params"])
+        for p in res.front:
+            w.writerow([p["config_hash"], p["summary"], p["perplexity"], p["latency_ms"], p["upper_ms"], p["params"]])
+    with (out / "front.jsonl").open("w") as f:
+        for p in res.front:
+            f.write(json.dumps(p["config"], sort_keys=True, separators=(",", ":")) + "\n")
+    png = plot_front(res.points, res.front, baselines, args.latency_budget_ms, out / "front.png",
+                     f"{base_id} on {objective.device_name}, workload S={wl.prompt_len} N={wl.gen_tokens}, {args.algorithm}")
+
+    t = Table(title=f"Pareto front: {len(res.front)} of {len(res.points)} trials "
+                    f"({sum(p['feasible'] for p in res.points)} feasible), budget {args.latency_budget_ms:g} ms on "
+                    f"{objective.device_name}, workload {wl.prompt_len}+{wl.gen_tokens}")
+    for c in ("sub-network", "hash", "params (M)", "perplexity", "predicted ms", "upper ms"):
+        t.add_column(c, justify="left" if c in ("sub-network", "hash") else "right")
+    for p in res.front:
+        t.add_row(p["summary"], p["config_hash"][:10], f"{p['params'] / 1e6:.1f}", f"{p['perplexity']:.1f}",
+                  f"{p['latency_ms']:.1f}", f"{p['upper_ms']:.1f}")
+    console.print(t)
+    sec = res.seconds
+    console.print(f"hypervolume {res.hypervolume:.1f} (log-perplexity x ms, reference ppl 1e5 and the budget); "
+                  f"{res.ppl_evaluations} perplexity evaluations now; predictor {sec['predictor']:.2f} s = "
+                  f"{sec['predictor'] / max(sec['total'], 1e-9):.2%} of {sec['total']:.0f} s search time")
+    result: dict[str, Any] = {"front": res.front, "hypervolume": res.hypervolume, "seconds": sec, "plot": str(png)}
+    if baselines:
+        cmp_rows = compare_at_matched_quality(res.front, baselines, args.latency_budget_ms)
+        bt = Table(title="baselines under the budget: the fastest searched sub-network at least as good")
+        for c in ("baseline", "sub-network", "perplexity", "predicted ms", "searched ms", "searched ppl", "latency cut"):
+            bt.add_column(c)
+        for r in cmp_rows:
+            bt.add_row(r["baseline"], r["summary"], f"{r['baseline_ppl']:.1f}", f"{r['baseline_ms']:.1f}",
+                       "-" if r["searched_ms"] is None else f"{r['searched_ms']:.1f}",
+                       "-" if r["searched_ms"] is None else f"{r['searched_ppl']:.1f}",
+                       "-" if r["reduction"] is None else f"{r['reduction']:.0%}")
+        console.print(bt)
+        result["baselines"] = baselines
+        result["matched"] = cmp_rows
+    if args.verify > 0 and res.front:
+        chosen = pick_spread(res.front, args.verify)
+        rows = verify(ws, objective, chosen, args.host or args.device, args.db, args.latency_budget_ms)
+        vt = Table(title=f"verified on {args.host or args.device} (measured workload = prefill + Simpson sum of decode steps)")
+        for c in ("sub-network", "perplexity", "predicted ms", "measured ms", "error", "meets budget"):
+            vt.add_column(c)
+        for r in rows:
+            vt.add_row(r["summary"], f"{r['perplexity']:.1f}", f"{r['latency_ms']:.1f}",
+                       "-" if r.get("measured_ms") is None else f"{r['measured_ms']:.1f}",
+                       "-" if r.get("measured_ms") is None else f"{r['error_pct']:+.1%}",
+                       "-" if r.get("measured_ms") is None else ("yes" if r["meets_budget"] else "NO"))
+        console.print(vt)
+        ok = [r for r in rows if r.get("measured_ms") is not None]
+        console.print(f"{sum(r['meets_budget'] for r in ok)}/{len(ok)} verified points meet the budget on the device; "
+                      f"measurements added to {args.db}")
+        result["verified"] = rows
+    (out / "search.json").write_text(json.dumps(result, indent=1, default=str))
+    console.print(f"front: {out / 'front.json'}, {out / 'front.csv'}, configs {out / 'front.jsonl'}, plot {png}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("search-subnets", "Search sub-networks for quality and predicted latency under a budget.")
+    add_search_args(p)
+    return run(p, argv, lambda a: (search(a), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

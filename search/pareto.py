@@ -1,0 +1,70 @@
+"""Pareto fronts, hypervolume and the quality-latency plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def pareto_mask(ppl: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """True for points no other point beats in both perplexity and latency."""
+    order = np.lexsort((ppl, lat))
+    keep = np.zeros(len(ppl), dtype=bool)
+    best = math.inf
+    for i in order:
+        if ppl[i] < best:
+            keep[i] = True
+            best = ppl[i]
+    return keep
+
+
+def hypervolume(ppl: np.ndarray, lat: np.ndarray, ref_ppl: float, ref_lat: float) -> float:
+    """Area dominated by the points in (log perplexity, latency ms), up to the reference."""
+    pts = [(float(lt), math.log(p)) for p, lt in zip(ppl, lat) if p < ref_ppl and lt < ref_lat]
+    if not pts:
+        return 0.0
+    pts.sort()
+    area, best_q = 0.0, math.log(ref_ppl)
+    for i, (lt, q) in enumerate(pts):
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref_lat
+        best_q = min(best_q, q)
+        area += (nxt - lt) * (math.log(ref_ppl) - best_q)
+    return area
+
+
+def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], baselines: dict[str, list[dict[str, Any]]],
+               budget_ms: float | None, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    feas = [p for p in points if p["feasible"]]
+    if feas:
+        ax.scatter([p["latency_ms"] for p in feas], [p["perplexity"] for p in feas], s=8, color="lightsteelblue",
+                   label="evaluated sub-networks")
+    if front:
+        f = sorted(front, key=lambda p: p["latency_ms"])
+        ax.plot([p["latency_ms"] for p in f], [p["perplexity"] for p in f], "o-", color="C0", ms=4, label="Pareto front")
+    markers = {"full model": ("*", "k"), "uniform width": ("s", "C1"), "layer dropping": ("^", "C2")}
+    for name, pts in baselines.items():
+        if pts:
+            mk, col = markers.get(name, ("x", "C3"))
+            ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], mk + "--", color=col, ms=6, lw=0.8, label=name)
+    if budget_ms:
+        ax.axvline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted latency of the workload (ms)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

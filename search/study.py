@@ -1,0 +1,178 @@
+"""The multi-objective search: Optuna's ask/tell loop over sub-networks, minimizing
+perplexity and predicted workload latency under a hard budget on the predicted upper bound.
+
+Algorithms: ``nsga2`` (Optuna's NSGA-II with constraints), ``random`` (the baseline), and
+``local`` (random start, then one-step mutations of points on the current front, fed through
+the same ask/tell loop with ``enqueue_trial``). The study lives in SQLite, so a crashed
+search resumes and several workers can share one. Perplexity is cached by config hash next to
+the study; infeasible candidates are never evaluated for quality."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.encoding import Encoding
+from search.pareto import hypervolume, pareto_mask
+from search.workload import LatencyObjective
+from subnets.config import SubnetConfig
+from subnets.cost import count_params
+from subnets.errors import EdgenasError
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("nsga2", "random", "local")
+INFEASIBLE_PPL = 1e12
+
+
+class SearchError(EdgenasError):
+    """A search that cannot run as asked."""
+
+
+class QualityCache:
+    """Perplexity by config hash, appended to a JSON-lines file (shared by workers)."""
+
+    def __init__(self, path: Path, fn: Callable[[SubnetConfig], float]) -> None:
+        self.path, self.fn = path, fn
+        self.values: dict[str, float] = {}
+        self.evaluations = 0
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                    self.values[d["hash"]] = float(d["perplexity"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a torn last line after a crash
+
+    def __call__(self, config: SubnetConfig) -> float:
+        h = config.config_hash()
+        if h not in self.values:
+            v = self.fn(config)
+            self.values[h] = v
+            self.evaluations += 1
+            with self.path.open("a") as f:
+                f.write(json.dumps({"hash": h, "perplexity": v}) + "\n")
+        return self.values[h]
+
+
+@dataclass
+class SearchResult:
+    points: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    hypervolume: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    ppl_evaluations: int = 0
+
+
+def make_sampler(algorithm: str, seed: int, population: int) -> Any:
+    import optuna
+
+    if algorithm == "nsga2":
+        # constraints come from trial.set_constraint (optuna >= 5)
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    if algorithm in ("random", "local"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SearchError(f"unknown algorithm {algorithm!r}", f"use one of {', '.join(ALGORITHMS)}")
+
+
+def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float, SubnetConfig]:
+    d = enc.space.dims
+    params = {"layers": enc.space.min_layers}
+    for i in ([0] if enc.granularity == "uniform" else range(d.num_layers)):
+        params.update({f"g{i}": 1, f"h{i}": 1, f"n{i}": 0})
+    c = enc.decode(params)
+    return float(objective.predict_upper(enc.batch([c]))[0]), c
+
+
+def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
+               storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
+               study_name: str | None = None, ref_ppl: float = 1e5,
+               progress: Callable[[int, int, dict[str, Any] | None], None] | None = None) -> SearchResult:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if algorithm not in ALGORITHMS:
+        raise SearchError(f"unknown algorithm {algorithm!r}", f"use one of {', '.join(ALGORITHMS)}")
+    enc = Encoding(ws.space, ws.importance.layer_ranking(), granularity)
+    floor, smallest = smallest_latency(objective, enc)
+    if budget_ms < floor:
+        raise SearchError(
+            f"latency budget {budget_ms:g} ms is below the smallest sub-network's predicted bound, {floor:.2f} ms "
+            f"({smallest.summary()}) for workload S={objective.workload.prompt_len}, N={objective.workload.gen_tokens}",
+            f"raise --latency-budget-ms above {floor:.2f}, or shorten --workload",
+        )
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    name = study_name or f"{algorithm}-{granularity}-s{seed}-b{budget_ms:g}"
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{storage}", directions=["minimize", "minimize"],
+                                sampler=make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))),
+                                load_if_exists=True)
+    quality = QualityCache(storage.with_suffix(".perplexity.jsonl"), ws.perplexity)
+    rng = np.random.default_rng(seed)
+    t_pred = t_quality = 0.0
+    t0 = time.perf_counter()
+    best: dict[str, Any] | None = None
+
+    def done_trials() -> list[Any]:
+        return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+    n_done = len(done_trials())
+    init = max(8, evals // 5)
+    while n_done < evals:
+        if algorithm == "local" and n_done >= init:
+            trials = [t for t in done_trials() if t.user_attrs.get("feasible")]
+            if trials:
+                vals = np.array([t.values for t in trials])
+                front = [t for t, k in zip(trials, pareto_mask(vals[:, 0], vals[:, 1])) if k]
+                parent = front[int(rng.integers(len(front)))]
+                study.enqueue_trial(enc.mutate(dict(parent.params), rng), skip_if_exists=True)
+        trial = study.ask()
+        config = enc.decode(enc.suggest(trial))
+        a = time.perf_counter()
+        b = enc.batch([config])
+        lat_a, up_a = objective.predict_both(b)
+        lat, up = float(lat_a[0]), float(up_a[0])
+        t_pred += time.perf_counter() - a
+        n_params = count_params(config, ws.space.dims)
+        feasible = up <= budget_ms and n_params <= max_params
+        trial.set_constraint("latency_upper_ms", up - budget_ms)
+        trial.set_constraint("params", (n_params - max_params) if math.isfinite(max_params) else -1.0)
+        trial.set_user_attr("config", config.to_json())
+        trial.set_user_attr("upper_ms", up)
+        trial.set_user_attr("params", n_params)
+        trial.set_user_attr("feasible", feasible)
+        a = time.perf_counter()
+        ppl = quality(config) if feasible else INFEASIBLE_PPL
+        t_quality += time.perf_counter() - a
+        study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
+        n_done += 1
+        if feasible and (best is None or ppl < best["perplexity"]):
+            best = {"perplexity": ppl, "latency_ms": lat, "summary": config.summary()}
+        if progress:
+            progress(n_done, evals, best)
+
+    points = []
+    for t in done_trials():
+        c = SubnetConfig.from_json(t.user_attrs["config"])
+        points.append({"trial": t.number, "config_hash": c.config_hash(), "summary": c.summary(), "config": c.to_dict(),
+                       "perplexity": float(t.values[0]), "latency_ms": float(t.values[1]),
+                       "upper_ms": float(t.user_attrs["upper_ms"]), "params": int(t.user_attrs["params"]),
+                       "feasible": bool(t.user_attrs["feasible"])})
+    feas = [p for p in points if p["feasible"]]
+    front: list[dict[str, Any]] = []
+    hv = 0.0
+    if feas:
+        ppl_arr = np.array([p["perplexity"] for p in feas])
+        lat_arr = np.array([p["latency_ms"] for p in feas])
+        front = sorted((p for p, k in zip(feas, pareto_mask(ppl_arr, lat_arr)) if k), key=lambda p: p["latency_ms"])
+        hv = hypervolume(ppl_arr, lat_arr, ref_ppl, budget_ms)
+    total = time.perf_counter() - t0
+    return SearchResult(points, front, hv, {"total": total, "predictor": t_pred, "perplexity": t_quality},
+                        quality.evaluations)

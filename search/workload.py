@@ -1,0 +1,85 @@
+"""The latency objective: a user's workload (a prompt of S tokens, then N generated tokens)
+through a device's prefill and decode predictors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from predictor.features import ConfigBatch
+from predictor.model import LatencyPredictor
+from predictor.persist import load_predictor
+from subnets.errors import EdgenasError
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_len: int = 128
+    gen_tokens: int = 64
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        try:
+            s, n = (int(x) for x in text.split(","))
+        except ValueError:
+            raise EdgenasError(f"workload {text!r} is not 'S,N'", "give the prompt length and generated tokens, e.g. 128,64") from None
+        if s < 1 or n < 0:
+            raise EdgenasError(f"workload {text!r}: S must be >= 1 and N >= 0", "e.g. --workload 128,64")
+        return cls(s, n)
+
+    def decode_points(self) -> np.ndarray:
+        """Past lengths at which the decode cost is sampled: start, middle, end (Simpson)."""
+        if self.gen_tokens == 0:
+            return np.zeros(0)
+        first, last = self.prompt_len, self.prompt_len + self.gen_tokens - 1
+        # integer past lengths, so the verified cells are exactly the predicted ones
+        return np.array([first, (first + last) // 2, last], dtype=np.float64)
+
+    def total(self, prefill_ms: np.ndarray, decode_at_points: list[np.ndarray]) -> np.ndarray:
+        """prefill + sum of N decode steps; the sum by Simpson's rule over the sampled points
+        (decode time is close to affine in the past length, for which Simpson is exact)."""
+        if self.gen_tokens == 0:
+            return prefill_ms
+        d0, d1, d2 = decode_at_points
+        return prefill_ms + self.gen_tokens * (d0 + 4 * d1 + d2) / 6.0
+
+
+@dataclass
+class LatencyObjective:
+    prefill: LatencyPredictor
+    decode: LatencyPredictor
+    workload: Workload
+    device_name: str
+    base_id: str
+
+    @classmethod
+    def load(cls, folder: Path, workload: Workload, device: str | None, base_id: str | None,
+             override: bool = False) -> LatencyObjective:
+        folder = Path(folder)
+        if not (folder / "prefill").is_dir() or not (folder / "decode").is_dir():
+            from predictor.persist import PredictorFileError
+
+            raise PredictorFileError(f"{folder} does not hold prefill/ and decode/ predictors",
+                                     "pass the --out folder of train-predictor --phase prefill,decode")
+        pre, meta = load_predictor(folder / "prefill", device=device, base_id=base_id, phase="prefill", override=override)
+        dec, _ = load_predictor(folder / "decode", device=device, base_id=base_id, phase="decode", override=override)
+        return cls(pre, dec, workload, meta["device_name"], meta["base_id"])
+
+    def predict_both(self, batch: ConfigBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted, upper bound) workload latency in ms: each phase's bound is its
+        prediction times its conformal factor, so one predictor call per phase and point."""
+        import math
+
+        pre = self.prefill.predict(batch, self.workload.prompt_len, 0)
+        dec = [self.decode.predict(batch, 1, p) for p in self.workload.decode_points()]
+        mean = self.workload.total(pre, dec)
+        upper = self.workload.total(pre * math.exp(self.prefill.log_q), [d * math.exp(self.decode.log_q) for d in dec])
+        return mean, upper
+
+    def predict(self, batch: ConfigBatch) -> np.ndarray:
+        return self.predict_both(batch)[0]
+
+    def predict_upper(self, batch: ConfigBatch) -> np.ndarray:
+        return self.predict_both(batch)[1]

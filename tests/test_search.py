@@ -1,0 +1,148 @@
+"""The search on a tiny model, with predictors fitted to a synthetic device."""
+
+from __future__ import annotations
+
+import json
+import math
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from predictor.features import FEATURES, ConfigBatch, feature_matrix
+from predictor.model import LatencyPredictor
+from predictor.persist import PredictorFileError, save_predictor
+from search.pareto import hypervolume, pareto_mask
+from search.study import SearchError, run_search
+from search.workload import LatencyObjective, Workload
+
+
+def synthetic(ws, phase: str, batch: ConfigBatch, seq, past) -> np.ndarray:
+    X = feature_matrix(batch, ws.space.dims, phase, seq, past)
+    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
+    return 0.2 + 1e-6 * f["linear_macs"] + 3e-6 * f["attention_macs"] + 0.03 * f["layers"] + 1e-6 * f["lm_head_macs"]
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_ws, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pred")
+    configs = tiny_ws.space.sample(40, 0)
+    batch = ConfigBatch.from_configs(configs, tiny_ws.space.dims.num_layers)
+    rng = np.random.default_rng(0)
+    for phase in ("prefill", "decode"):
+        seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
+        past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
+        y = synthetic(tiny_ws, phase, batch, seq, past) * np.exp(rng.normal(0, 0.01, 40))
+        p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
+        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic")
+    return folder
+
+
+WL = Workload(32, 16)
+
+
+def objective(tiny_ws, tiny_predictor, wl: Workload = WL) -> LatencyObjective:
+    return LatencyObjective.load(tiny_predictor, wl, "local", tiny_ws.base.base_id)
+
+
+def test_pareto_and_hypervolume() -> None:
+    ppl = np.array([10.0, 20.0, 15.0, 30.0])
+    lat = np.array([5.0, 3.0, 4.0, 3.5])
+    assert list(pareto_mask(ppl, lat)) == [True, True, True, False]
+    hv = hypervolume(ppl, lat, ref_ppl=100, ref_lat=10)
+    manual = (4 - 3) * math.log(100 / 20) + (5 - 4) * math.log(100 / 15) + (10 - 5) * math.log(100 / 10)
+    assert abs(hv - manual) < 1e-9
+    assert hypervolume(ppl * 100, lat, ref_ppl=100, ref_lat=10) == 0.0
+
+
+def test_workload_sum_is_exact_for_affine_decode() -> None:
+    wl = Workload(100, 51)
+    pts = wl.decode_points()
+    assert list(pts) == [100, 125, 150]
+    dec = [np.array([1.0 + 0.01 * p]) for p in pts]
+    exact = sum(1.0 + 0.01 * p for p in range(100, 151))
+    assert abs(wl.total(np.array([0.0]), dec)[0] - exact) < 1e-9
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "random", "local"])
+def test_search_returns_a_feasible_front(tiny_ws, tiny_predictor, tmp_path, algorithm) -> None:
+    obj = objective(tiny_ws, tiny_predictor)
+    full = float(obj.predict_upper(ConfigBatch.from_configs([tiny_ws.space.full()], 4))[0])
+    budget = 0.7 * full
+    res = run_search(tiny_ws, obj, algorithm, 24, budget, tmp_path / "study.db", seed=1)
+    assert len(res.points) == 24
+    assert res.front and all(p["feasible"] and p["upper_ms"] <= budget for p in res.front)
+    # the front is non-dominated and sorted by latency
+    assert all(a["latency_ms"] <= b["latency_ms"] and a["perplexity"] >= b["perplexity"]
+               for a, b in zip(res.front, res.front[1:]))
+    infeasible = [p for p in res.points if not p["feasible"]]
+    assert res.ppl_evaluations <= 24 - len(infeasible)  # infeasible candidates are never evaluated
+    assert res.hypervolume > 0
+
+
+def test_search_resumes_from_its_study(tiny_ws, tiny_predictor, tmp_path) -> None:
+    obj = objective(tiny_ws, tiny_predictor)
+    budget = 1e9
+    first = run_search(tiny_ws, obj, "nsga2", 10, budget, tmp_path / "s.db", seed=2)
+    second = run_search(tiny_ws, obj, "nsga2", 16, budget, tmp_path / "s.db", seed=2)
+    assert len(first.points) == 10 and len(second.points) == 16
+    assert {p["trial"] for p in first.points} <= {p["trial"] for p in second.points}
+    cached = (tmp_path / "s.perplexity.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["hash"] for line in cached}) == len(cached)
+
+
+def test_budget_below_the_smallest_subnetwork(tiny_ws, tiny_predictor, tmp_path) -> None:
+    with pytest.raises(SearchError, match="below the smallest sub-network's predicted bound") as e:
+        run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "nsga2", 5, 0.001, tmp_path / "s.db")
+    assert "raise --latency-budget-ms above" in e.value.fix
+
+
+def test_predictor_for_another_device_or_model_is_refused(tiny_ws, tiny_predictor) -> None:
+    with pytest.raises(PredictorFileError, match="predicts device 'local', not 'jetson'"):
+        LatencyObjective.load(tiny_predictor, Workload(), "jetson", tiny_ws.base.base_id)
+    with pytest.raises(PredictorFileError, match="predicts base model"):
+        LatencyObjective.load(tiny_predictor, Workload(), "local", "smollm2-135m-instruct@000000000000")
+
+
+def search_args(tiny_dir, tiny_predictor, tmp_path, **kw) -> Namespace:
+    d = dict(device="local", predictor=tiny_predictor, latency_budget_ms=1e6, workload="16,8", algorithm="nsga2",
+             evals=12, granularity="per-layer", max_params=None, verify=0, host=None, db=tmp_path / "m.db",
+             out=tmp_path / "search", model=str(tiny_dir), neuron_step=16, seed=0, quality_tokens=256, text=None,
+             no_baselines=False, override=False)
+    d.update(kw)
+    return Namespace(**d)
+
+
+def test_cli_search_writes_front_plot_and_verifies_on_the_device(tiny_dir, tiny_ws, tiny_predictor, tmp_path) -> None:
+    from rich.console import Console
+
+    from profiler.store import Store
+    from search.cli import search
+
+    res = search(search_args(tiny_dir, tiny_predictor, tmp_path, verify=2), Console(file=open(tmp_path / "log", "w")), ws=tiny_ws)
+    out = tmp_path / "search"
+    for f in ("front.json", "front.csv", "front.jsonl", "front.png", "search.json", "study.db"):
+        assert (out / f).is_file(), f
+    assert set(res["baselines"]) == {"full model", "uniform width", "layer dropping"}
+    assert len(res["verified"]) == 2 and all(r["measured_ms"] > 0 for r in res["verified"])
+    store = Store(tmp_path / "m.db")
+    phases = sorted({(r["phase"], r["seq_len"], r["past_len"]) for r in store.measurement_rows()})
+    store.close()
+    assert phases == [("decode", 1, 16), ("decode", 1, 19), ("decode", 1, 23), ("prefill", 16, 0)]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--algorithm", "annealing"], "invalid choice: 'annealing'"),
+    (["--workload", "12"], "is not 'S,N'"),
+    (["--latency-budget-ms", "0.0001"], "below the smallest sub-network"),
+    (["--device", "jetson"], "predicts device 'local', not 'jetson'"),
+])
+def test_cli_bad_input(argv, needle, tiny_dir, tiny_predictor, tmp_path, capsys) -> None:
+    from search.cli import main
+
+    base = ["--device", "local", "--predictor", str(tiny_predictor), "--latency-budget-ms", "1000", "--model", str(tiny_dir),
+            "--neuron-step", "16", "--evals", "3", "--out", str(tmp_path / "o"), "--quality-tokens", "256"]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
