@@ -217,6 +217,8 @@ class Agent(object):
         after = agent_telemetry.snapshot()
         stats = agent_timing.summarize(times, policy.unstable_cov)
         reasons = agent_telemetry.throttle_reasons(before, after)
+        # Unstable: widely spread runs, or a median whose interval never narrowed to the target.
+        stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
         stats.update({
             "stop_reason": reason,
             "throttled": bool(reasons),

@@ -12,7 +12,7 @@ import time
 
 class TimingPolicy(object):
     def __init__(self, warmup_runs=3, warmup_s=0.2, min_runs=10, min_time_s=1.0, max_time_s=20.0,
-                 max_runs=100000, target_rel_ci=0.02, unstable_cov=0.05):
+                 max_runs=100000, target_rel_ci=0.02, unstable_cov=0.10):
         self.warmup_runs = int(warmup_runs)
         self.warmup_s = float(warmup_s)
         self.min_runs = max(3, int(min_runs))
@@ -58,7 +58,7 @@ def median_ci(sorted_x, z=1.96):
     return sorted_x[lo], sorted_x[hi]
 
 
-def summarize(times_s, unstable_cov=0.05):
+def summarize(times_s, unstable_cov=0.10):
     """Statistics in milliseconds of a list of run times in seconds."""
     ms = sorted(t * 1000.0 for t in times_s)
     n = len(ms)

@@ -33,8 +33,13 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     db = args.out / "measurements.db"
 
-    # 1. profile: prefill S=128 and one decode step at past 128, 1 thread by default
-    spec = SweepSpec(phases=("prefill", "decode"), seq_lens=(128,), past_lens=(128,), threads=args.threads,
+    # 1. profile: prefill at the workload's prompt length and decode steps at the past lengths
+    #    the search's latency objective samples, 1 thread by default
+    from search.workload import Workload
+
+    wl = Workload.parse(args.workload)
+    past = tuple(int(p) for p in wl.decode_points()) or (wl.prompt_len,)
+    spec = SweepSpec(phases=("prefill", "decode"), seq_lens=(wl.prompt_len,), past_lens=past, threads=args.threads,
                      reference_every=10)
     host = resolve_host(args.host)
     store = Store(db)
@@ -43,7 +48,8 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         summary = Profiler(ws, make_target(host), store, spec,
                            lambda d, t, text: prog.update(task, completed=d, total=t,
                                                           description=f"profile {text[:50]}")).run(configs)
-        latency = {(r["subnet_hash"], r["phase"]): r for r in store.measurement_rows(device=summary.fingerprint)}
+        latency = {(r["subnet_hash"], r["phase"], r["seq_len"], r["past_len"]): r
+                   for r in store.measurement_rows(device=summary.fingerprint)}
         store.close()
         # 2. quality
         task = prog.add_task("perplexity", total=len(configs))
@@ -54,15 +60,16 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     t = Table(title=f"{ws.base.base_id} on {args.host} ({args.threads} thread{'s' if args.threads > 1 else ''}), "
                     f"perplexity on {ws.eval_tokens().num_tokens} held-out tokens")
-    for col in ("sub-network", "params (M)", "GFLOPs S=128", "perplexity", "prefill ms S=128", "decode ms P=128", "flags"):
+    for col in ("sub-network", "params (M)", f"GFLOPs S={wl.prompt_len}", "perplexity", f"prefill ms S={wl.prompt_len}",
+                f"decode ms P={past[0]}", "flags"):
         t.add_column(col, justify="left" if col in ("sub-network", "flags") else "right")
     rows = []
     for c in configs:
         h = c.config_hash()
-        pre, dec = latency.get((h, "prefill")), latency.get((h, "decode"))
+        pre, dec = latency.get((h, "prefill", wl.prompt_len, 0)), latency.get((h, "decode", 1, past[0]))
         flags = sorted({f for r in (pre, dec) if r for f, on in (("unstable", r["unstable"]), ("throttled", r["throttled"])) if on})
         row = {"config_hash": h, "summary": c.summary(), "params": cost(c, ws.space.dims, "prefill").params,
-               "prefill_gflops": cost(c, ws.space.dims, "prefill", 128).flops / 1e9, "perplexity": ppl[h],
+               "prefill_gflops": cost(c, ws.space.dims, "prefill", wl.prompt_len).flops / 1e9, "perplexity": ppl[h],
                "prefill_ms": pre["median_ms"] if pre else None, "decode_ms": dec["median_ms"] if dec else None,
                "flags": flags, "config": c.to_dict()}
         rows.append(row)

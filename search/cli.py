@@ -81,8 +81,12 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
                 f"ppl {best['perplexity']:.1f} at {best['latency_ms']:.1f} ms" if best else "none yet")
             prog.update(task, completed=done, description=desc)
 
+        from search.baselines import baseline_configs
+
+        warm = [] if args.algorithm == "random" else [c for cs in baseline_configs(ws).values() for c in cs]
         res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / "study.db",
-                         max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress)
+                         max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress,
+                         warm_start=warm)
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,7 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
 
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
                storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
-               study_name: str | None = None, ref_ppl: float = 1e5,
+               study_name: str | None = None, ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (),
                progress: Callable[[int, int, dict[str, Any] | None], None] | None = None) -> SearchResult:
     import optuna
 
@@ -124,6 +124,11 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
     n_done = len(done_trials())
+    if n_done == 0:
+        # Known-good structured points (the baselines) as the first generation: the search
+        # starts from them and improves on them rather than rediscovering them.
+        for c in warm_start[:evals]:
+            study.enqueue_trial(enc.encode(c), skip_if_exists=True)
     init = max(8, evals // 5)
     while n_done < evals:
         if algorithm == "local" and n_done >= init:
