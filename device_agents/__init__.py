@@ -8,4 +8,5 @@ the same modules as ``device_agents.agent_timing`` etc.; nothing here runs on th
 from pathlib import Path
 
 AGENT_DIR = Path(__file__).parent
-AGENT_FILES = ("agent.py", "agent_timing.py", "agent_telemetry.py", "agent_runtime.py", "agent_onnxprobe.py")
+AGENT_FILES = ("agent.py", "agent_timing.py", "agent_telemetry.py", "agent_runtime.py", "agent_onnxprobe.py",
+               "agent_tensorrt.py")

@@ -88,6 +88,14 @@ class Agent(object):
                 self.probe = agent_onnxprobe.probe(self.ort)
             ort_info = {"version": self.ort.__version__, "providers": self.ort.get_available_providers(),
                         "max_opset": self.probe[0], "max_ir_version": self.probe[1]}
+        trt_info = {"trtexec": shutil.which("trtexec") or (
+            "/usr/src/tensorrt/bin/trtexec" if os.path.isfile("/usr/src/tensorrt/bin/trtexec") else None)}
+        try:
+            import tensorrt
+
+            trt_info["python"] = tensorrt.__version__
+        except Exception:
+            trt_info["python"] = None
         return {
             "agent_version": AGENT_VERSION,
             "protocol": PROTOCOL,
@@ -95,6 +103,7 @@ class Agent(object):
             "python_executable": sys.executable,
             "numpy": getattr(self.np, "__version__", None),
             "onnxruntime": ort_info,
+            "tensorrt": trt_info,
             "missing": self.import_errors,
             "board": agent_telemetry.board_info(),
             "root": self.root,
@@ -193,6 +202,46 @@ class Agent(object):
         self.sessions.append((key, sess, load_ms))
         return sess, load_ms, False
 
+    def _tensorrt(self, args, policy):
+        """Native TensorRT cells: build the engine for the sweep's profile (cached), then time."""
+        import agent_tensorrt
+
+        d = self.model_dir(args["key"])
+        with open(os.path.join(d, "export.json")) as f:
+            manifest = json.load(f)
+        self.materialize({"key": args["key"]})
+        onnx_path = os.path.join(d, manifest["graphs"][args["phase"]])
+        sess_inputs = agent_runtime.graph_inputs(self.ort, onnx_path)
+        batch = int(args.get("batch", 1))
+        profile = agent_tensorrt.profile_shapes(sess_inputs, batch, args.get("profile_seq_lens") or [args.get("seq_len", 1)],
+                                                args.get("profile_past_lens") or [args.get("past_len", 0)])
+        shapes = agent_tensorrt.run_shapes(sess_inputs, batch, int(args.get("seq_len", 1)), int(args.get("past_len", 0)))
+        precision = args.get("precision", "fp16")
+        cache = os.path.join(self.root, "engines")
+        sha = manifest["graph_sha256"][args["phase"]]
+        try:
+            if args["backend"] == "trtexec":
+                be = agent_tensorrt.TrtexecBackend(cache)
+                engine, meta = be.build(onnx_path, sha, profile, precision, manifest.get("weights_bytes"))
+                times_ms, summary, graph = be.time(engine, shapes, policy.min_time_s, int(policy.warmup_s * 1000))
+                times, reason = [t / 1000.0 for t in times_ms], "trtexec"
+                extra = {"trtexec_summary": summary, "cuda_graph": graph}
+            else:
+                be = agent_tensorrt.TensorRTBackend(cache)
+                engine, meta = be.build(onnx_path, sha, profile, precision, manifest.get("weights_bytes"))
+                run, timed, _ = be.timer(engine, shapes)
+                times, reason = agent_timing.run_protocol(run, policy, timed=timed)
+                extra = {}
+        except ImportError as e:
+            raise AgentError("compile_error", "TensorRT Python bindings missing (%s); install TensorRT or use backend trtexec" % e)
+        except RuntimeError as e:
+            raise AgentError(agent_runtime.classify_exception(e, "compile_error"), str(e)[:1500])
+        stats = agent_timing.summarize(times, policy.unstable_cov)
+        stats.update(extra)
+        stats.update({"stop_reason": reason, "load_ms": meta["build_s"] * 1000.0, "engine": meta,
+                      "session_reused": bool(meta.get("cached")), "timing_s": sum(times)})
+        return stats
+
     def measure(self, args):
         self.require_runtime()
         np = self.np
@@ -201,6 +250,15 @@ class Agent(object):
         before = agent_telemetry.snapshot()
         peak_reset = agent_runtime.reset_peak_rss()
         rss0 = agent_runtime.rss_mb()
+        if args.get("backend") in ("trt", "trtexec"):
+            stats = self._tensorrt(args, policy)
+            after = agent_telemetry.snapshot()
+            reasons = agent_telemetry.throttle_reasons(before, after)
+            stats.update({"throttled": bool(reasons), "throttle_reasons": reasons, "telemetry_before": before,
+                          "telemetry_after": after, "raw_ms": [], "settings": {"backend": args["backend"]},
+                          "policy": policy.to_dict(), "peak_rss_mb": agent_runtime.current_peak_rss_mb(),
+                          "versions": {"agent": AGENT_VERSION, "python": platform.python_version()}})
+            return stats
         sess, load_ms, reused = self._session(args)
         feeds = sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=int(args.get("seed", 0)))
         sess.prepare(feeds)

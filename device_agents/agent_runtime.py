@@ -62,6 +62,14 @@ def rss_mb():
         return None
 
 
+def graph_inputs(ort, path):
+    """[(name, shape)] of a graph's inputs, read through onnxruntime (no onnx package)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return [(i.name, list(i.shape)) for i in sess.get_inputs()]
+
+
 class OrtSession(object):
     """One onnxruntime session with threads, spinning and affinity set explicitly."""
 

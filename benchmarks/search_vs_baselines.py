@@ -1,0 +1,105 @@
+"""Search against random search and the hand-made baselines, SmolLM2 on this CPU.
+
+1. Hypervolume of NSGA-II (warm-started from the baselines) and of random search at equal
+   trial budgets, over several seeds.
+2. At the perplexity of the best uniform-width baseline under the budget, the fastest
+   searched sub-network at least as good: predicted and *measured* latency of both.
+3. Share of verified front points that meet the budget on the device.
+
+    python benchmarks/search_vs_baselines.py --predictor runs/predictors/local --db runs/bench.db \\
+        --budget-share 0.7 --evals 40 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from predictor.features import ConfigBatch
+from search.baselines import baseline_configs, evaluate_baselines
+from search.study import QualityCache, run_search
+from search.verify import pick_spread, verify
+from search.workload import LatencyObjective, Workload
+from subnets.workspace import Workspace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--predictor", type=Path, required=True)
+    ap.add_argument("--db", type=Path, required=True, help="store the verification measurements go to")
+    ap.add_argument("--device", default="local")
+    ap.add_argument("--workload", default="128,64")
+    ap.add_argument("--budget-share", type=float, default=0.7)
+    ap.add_argument("--evals", type=int, default=40)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--verify", type=int, default=4)
+    ap.add_argument("--quality-tokens", type=int, default=1024)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ws = Workspace.open("smollm2", eval_budget=args.quality_tokens)
+    wl = Workload.parse(args.workload)
+    obj = LatencyObjective.load(args.predictor, wl, args.device, ws.base.base_id)
+    full = float(obj.predict(ConfigBatch.from_configs([ws.space.full()], 30))[0])
+    budget = args.budget_share * full
+    print(f"workload {args.workload}: full model predicted {full:.0f} ms; budget {budget:.0f} ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache_file = tmp / "shared.perplexity.jsonl"
+        warm = [c for cs in baseline_configs(ws).values() for c in cs]
+        hv: dict[str, list[float]] = {"nsga2": [], "random": []}
+        fronts = []
+        for seed in range(args.seeds):
+            for algo in ("nsga2", "random"):
+                study = tmp / f"{algo}{seed}.db"
+                # one perplexity cache for every run: equal configs cost once, results identical
+                study.with_suffix(".perplexity.jsonl").write_text(cache_file.read_text() if cache_file.exists() else "")
+                res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed,
+                                 warm_start=warm if algo == "nsga2" else ())
+                cache_file.write_text(study.with_suffix(".perplexity.jsonl").read_text())
+                hv[algo].append(res.hypervolume)
+                print(f"seed {seed} {algo:6s}: hypervolume {res.hypervolume:8.1f}, front {len(res.front)}, "
+                      f"feasible {sum(p['feasible'] for p in res.points)}/{len(res.points)}, "
+                      f"predictor share {res.seconds['predictor'] / res.seconds['total']:.2%}")
+                if algo == "nsga2":
+                    fronts.extend(res.front)
+        for algo, vals in hv.items():
+            print(f"{algo}: hypervolume mean {statistics.mean(vals):.1f} (min {min(vals):.1f}, max {max(vals):.1f})")
+        quality = QualityCache(cache_file, ws.perplexity)
+        base = evaluate_baselines(ws, obj, quality)
+        uni = [b for b in base["uniform width"] if b["latency_ms"] <= budget]
+        if not uni or not fronts:
+            print("no uniform baseline under the budget; raise --budget-share")
+            return
+        best_uni = min(uni, key=lambda b: b["perplexity"])
+        better = [p for p in fronts if p["perplexity"] <= best_uni["perplexity"]]
+        print(f"best uniform-width baseline under the budget: {best_uni['summary']}, ppl {best_uni['perplexity']:.1f}, "
+              f"predicted {best_uni['latency_ms']:.0f} ms")
+        chosen = []
+        if better:
+            pick = min(better, key=lambda p: p["latency_ms"])
+            print(f"fastest searched point at least as good: {pick['summary']}, ppl {pick['perplexity']:.1f}, "
+                  f"predicted {pick['latency_ms']:.0f} ms ({1 - pick['latency_ms'] / best_uni['latency_ms']:.0%} lower)")
+            chosen = [pick]
+        else:
+            print("no searched point reaches the uniform baseline's perplexity")
+        front = sorted({p["config_hash"]: p for p in fronts}.values(), key=lambda p: p["latency_ms"])
+        pts = [*chosen, dict(best_uni, upper_ms=None), *pick_spread(front, args.verify)]
+        rows = verify(ws, obj, pts, args.device, args.db, budget)
+        for r in rows:
+            print(f"  {r['summary']:42s} ppl {r['perplexity']:10.1f} predicted {r['latency_ms']:7.1f} ms, measured "
+                  f"{r.get('measured_ms') or float('nan'):7.1f} ms ({r.get('error_pct', float('nan')):+.1%})"
+                  f"{'' if r.get('meets_budget', True) else '  OVER BUDGET'}")
+        if chosen and rows[0].get("measured_ms") and rows[1].get("measured_ms"):
+            print(f"measured latency cut at equal-or-better perplexity: {1 - rows[0]['measured_ms'] / rows[1]['measured_ms']:.1%}")
+        ver = [r for r in rows[len(chosen) + 1:] if r.get("measured_ms")]
+        print(f"verified front points meeting the budget on the device: {sum(r['meets_budget'] for r in ver)}/{len(ver)}; "
+              f"median |error| {np.median([abs(r['error_pct']) for r in ver]):.1%}")
+
+
+if __name__ == "__main__":
+    main()
