@@ -110,7 +110,12 @@ class Agent(object):
             "pid": os.getpid(),
         }
 
+    def _ensure_models_dir(self):
+        if not os.path.isdir(self.models_dir):  # deleted under us: start an empty cache again
+            os.makedirs(self.models_dir)
+
     def models(self, args):
+        self._ensure_models_dir()
         out = []
         for name in sorted(os.listdir(self.models_dir)):
             d = os.path.join(self.models_dir, name)

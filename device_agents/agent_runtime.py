@@ -103,7 +103,10 @@ class OrtSession(object):
         try:
             self.sess = ort.InferenceSession(path, so, providers=providers)
         except Exception as e:
-            raise AgentError(classify_exception(e, "compile_error"), "onnxruntime could not load %s: %s" % (os.path.basename(path), str(e)[:500]))
+            cls = classify_exception(e, "compile_error")
+            if cls == "compile_error" and re.search(r"does not exist|No such file|NO_SUCHFILE", str(e)):
+                cls = "load_error"  # the files went missing (a wiped cache): send them again
+            raise AgentError(cls, "onnxruntime could not load %s: %s" % (os.path.basename(path), str(e)[:500]))
         self.inputs = [(i.name, i.shape, i.type) for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.ort = ort

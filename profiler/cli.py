@@ -169,6 +169,8 @@ def print_summary(summary: Any, db: Path) -> None:
     out_console.print(
         f"jobs {s.jobs}: {s.measured} measured now, {s.already_done} already in the store, {len(s.failed)} failed"
         f" | retries {s.retries}, reconnects {s.reconnects} | {s.unstable} unstable, {s.throttled} throttled")
+    if s.faults:
+        out_console.print(f"faults met (each retried within --max-attempts): {json.dumps(s.fault_counts())}")
     tot = sec["total"] or 1.0
     out_console.print(
         f"time {sec['total']:.1f} s: export {sec['export']:.1f} s ({sec['export'] / tot:.0%}), upload {sec['upload']:.1f} s "

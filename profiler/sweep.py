@@ -54,6 +54,7 @@ class SweepSummary:
     already_done: int = 0
     measured: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[dict[str, Any]] = field(default_factory=list)  # every failed attempt, recovered or not
     skipped_failed: int = 0
     retries: int = 0
     reconnects: int = 0
@@ -74,6 +75,9 @@ class SweepSummary:
 
     def failure_counts(self) -> dict[str, int]:
         return dict(Counter(f["error_class"] for f in self.failed))
+
+    def fault_counts(self) -> dict[str, int]:
+        return dict(Counter(f["error_class"] for f in self.faults))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,11 +146,10 @@ class Profiler:
 
     def _recover(self, err: MeasureError, summary: SweepSummary) -> None:
         """Bring the agent back after a fault that may have taken it (or the link) down."""
-        if err.error_class in (ErrorClass.LOAD_ERROR,):
+        if err.error_class == ErrorClass.LOAD_ERROR:
             return  # the agent is fine; the model will be re-sent
-        if err.error_class in (ErrorClass.OUT_OF_MEMORY, ErrorClass.WRONG_ANSWER, ErrorClass.COMPILE_ERROR):
-            # The agent answered, but it may hold a half-built session: start clean.
-            pass
+        # Anything else may have taken the agent or the link down, or left a half-built
+        # session behind: start clean.
         delay = 1.0
         for attempt in range(1, self.spec.reconnect_attempts + 1):
             try:
@@ -260,6 +263,8 @@ class Profiler:
                     except MeasureError as e:
                         final = (not e.error_class.retryable) or attempts >= spec.max_attempts
                         self.store.fail_job(job.id, e.error_class, e.message, final)
+                        summary.faults.append({"job": job.id, "attempt": attempts, "error_class": e.error_class.value,
+                                               "message": e.message[:300]})
                         log.warning("job %s %s failed (attempt %d, %s): %s", config.summary(), job.phase, attempts,
                                     e.error_class.value, e.message)
                         if e.error_class == ErrorClass.LOAD_ERROR:

@@ -221,6 +221,31 @@ class LocalTarget(Target):
             os.kill(pid, signal.SIGKILL)
 
 
+def _link_faults(fn: Any) -> Any:
+    """SFTP/SSH failures inside a sweep are a lost connection (retried after reconnecting),
+    not a crash of the host process."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: SSHTarget, *args: Any, **kwargs: Any) -> Any:
+        import paramiko
+
+        if self.sftp is None:
+            raise MeasureError(ErrorClass.CONNECTION_LOST, f"no connection to {self.spec.name}")
+        try:
+            return fn(self, *args, **kwargs)
+        except MeasureError:
+            raise
+        except (FileNotFoundError, PermissionError) as e:
+            # The link works but the board's folder is not what we left there (a cache
+            # wiped, a full or read-only disk): the file must be sent again.
+            raise MeasureError(ErrorClass.LOAD_ERROR, f"{fn.__name__} on {self.spec.name} failed: {e}") from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise MeasureError(ErrorClass.CONNECTION_LOST, f"{fn.__name__} on {self.spec.name} failed: {e}") from None
+
+    return wrapper
+
+
 class SSHTarget(Target):
     """A board over SSH: SFTP for files, an exec channel for the agent."""
 
@@ -263,6 +288,7 @@ class SSHTarget(Target):
             jump.close()
         self.sftp = self.ssh = None
 
+    @_link_faults
     def mkdirs(self, path: str) -> None:
         parts = PurePosixPath(path).parts
         cur = PurePosixPath(parts[0])
@@ -273,6 +299,7 @@ class SSHTarget(Target):
             except FileNotFoundError:
                 self.sftp.mkdir(str(cur), mode=0o700)
 
+    @_link_faults
     def exists(self, path: str) -> bool:
         try:
             self.sftp.stat(path)
@@ -280,18 +307,25 @@ class SSHTarget(Target):
         except FileNotFoundError:
             return False
 
+    @_link_faults
     def put(self, local: Path, remote: str) -> None:
-        try:
-            self.sftp.put(str(local), remote, confirm=True)
-        except OSError as e:  # includes socket.timeout: a stalled or cut upload
-            raise MeasureError(ErrorClass.CONNECTION_LOST, f"upload of {local.name} to {self.spec.name} failed: {e}") from None
+        self.sftp.put(str(local), remote, confirm=True)  # a stall past upload_stall raises socket.timeout
 
+    @_link_faults
     def write_text(self, remote: str, text: str) -> None:
         with self.sftp.open(remote, "w") as f:
             f.write(text)
 
     def _exec(self, command: str) -> Any:
-        chan = self.ssh.get_transport().open_session(timeout=self.timeouts.connect)
+        import paramiko
+
+        transport = self.ssh.get_transport() if self.ssh is not None else None
+        if transport is None or not transport.is_active():
+            raise MeasureError(ErrorClass.CONNECTION_LOST, f"no connection to {self.spec.name}")
+        try:
+            chan = transport.open_session(timeout=self.timeouts.connect)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise MeasureError(ErrorClass.CONNECTION_LOST, f"cannot open a channel to {self.spec.name}: {e}") from None
         chan.exec_command(command)
         return chan
 
