@@ -54,7 +54,7 @@ def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerpr
                        p.prior.fit_info.get("fingerprint", ""), base_id, p.prior.fit_info.get("data_hash", ""),
                        p.prior.fit_info.get("metrics"))
         files["prior/meta.json"] = _sha(folder / "prior" / "meta.json")
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": FEATURE_SCHEMA_VERSION,
         "features": list(FEATURES), "device_name": device_name, "device_fingerprint": fingerprint,
         "base_id": base_id, "phase": p.phase, "dims": p.dims.to_dict(), "alpha": p.alpha, "log_q": p.log_q,
@@ -64,8 +64,15 @@ def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerpr
         "boosted": p.booster is not None, "data_hash": data_hash, "fit_info": p.fit_info, "metrics": metrics or {},
         "versions": _versions(), "files": files,
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
+    meta = json.loads(json.dumps(meta, default=float))  # plain JSON types, so the digest round-trips
+    meta["sha256"] = _meta_digest(meta)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return folder
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def load_predictor(folder: Path, device: str | None = None, base_id: str | None = None, phase: str | None = None,
@@ -83,6 +90,9 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
         raise PredictorFileError(f"{meta_path} is not valid JSON ({e})", "retrain the predictor") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PredictorFileError(f"{meta_path} is not an edgenas predictor", "retrain with train-predictor")
+    if meta.get("sha256") != _meta_digest(meta):
+        raise PredictorFileError(f"{meta_path} was modified after training (its digest differs)",
+                                 "retrain, or restore the original file")
     if meta.get("feature_schema") != FEATURE_SCHEMA_VERSION or meta.get("features") != list(FEATURES):
         if not override:
             raise PredictorFileError(

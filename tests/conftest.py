@@ -92,3 +92,33 @@ def tiny_ws(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
     with mock.patch.dict(os.environ, {"EDGENAS_CACHE": str(tmp_path_factory.mktemp("wscache"))}):
         return Workspace.open(tiny_dir, neuron_step=16, eval_budget=256)
+
+
+def _synthetic_latency(ws, phase: str, batch, seq, past):
+    from predictor.features import FEATURES, feature_matrix
+
+    X = feature_matrix(batch, ws.space.dims, phase, seq, past)
+    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
+    return 0.2 + 1e-6 * f["linear_macs"] + 3e-6 * f["attention_macs"] + 0.03 * f["layers"] + 1e-6 * f["lm_head_macs"]
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_ws, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prefill and decode predictors for the tiny model on a synthetic device named 'local'."""
+    import numpy as np
+
+    from predictor.features import ConfigBatch
+    from predictor.model import LatencyPredictor
+    from predictor.persist import save_predictor
+
+    folder = tmp_path_factory.mktemp("pred")
+    configs = tiny_ws.space.sample(40, 0)
+    batch = ConfigBatch.from_configs(configs, tiny_ws.space.dims.num_layers)
+    rng = np.random.default_rng(0)
+    for phase in ("prefill", "decode"):
+        seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
+        past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
+        y = _synthetic_latency(tiny_ws, phase, batch, seq, past) * np.exp(rng.normal(0, 0.01, 40))
+        p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
+        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic")
+    return folder

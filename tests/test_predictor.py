@@ -142,6 +142,12 @@ def test_save_load_roundtrip_and_refusals(tmp_path) -> None:
     d = json.loads(meta_path.read_text())
     d["feature_schema"] = 999
     meta_path.write_text(json.dumps(d))
+    with pytest.raises(PredictorFileError, match=r"meta\.json was modified after training"):
+        load_predictor(folder)
+    from predictor.persist import _meta_digest
+
+    d["sha256"] = _meta_digest(d)  # as an older edgenas would have written it
+    meta_path.write_text(json.dumps(d))
     with pytest.raises(PredictorFileError, match="feature schema 999"):
         load_predictor(folder)
     with pytest.raises(PredictorFileError, match="not a predictor folder"):

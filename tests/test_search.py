@@ -5,39 +5,15 @@ from __future__ import annotations
 import json
 import math
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from predictor.features import FEATURES, ConfigBatch, feature_matrix
-from predictor.model import LatencyPredictor
-from predictor.persist import PredictorFileError, save_predictor
+from predictor.features import ConfigBatch
+from predictor.persist import PredictorFileError
 from search.pareto import hypervolume, pareto_mask
 from search.study import SearchError, run_search
 from search.workload import LatencyObjective, Workload
-
-
-def synthetic(ws, phase: str, batch: ConfigBatch, seq, past) -> np.ndarray:
-    X = feature_matrix(batch, ws.space.dims, phase, seq, past)
-    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
-    return 0.2 + 1e-6 * f["linear_macs"] + 3e-6 * f["attention_macs"] + 0.03 * f["layers"] + 1e-6 * f["lm_head_macs"]
-
-
-@pytest.fixture(scope="module")
-def tiny_predictor(tiny_ws, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pred")
-    configs = tiny_ws.space.sample(40, 0)
-    batch = ConfigBatch.from_configs(configs, tiny_ws.space.dims.num_layers)
-    rng = np.random.default_rng(0)
-    for phase in ("prefill", "decode"):
-        seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
-        past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
-        y = synthetic(tiny_ws, phase, batch, seq, past) * np.exp(rng.normal(0, 0.01, 40))
-        p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
-        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic")
-    return folder
-
 
 WL = Workload(32, 16)
 

@@ -1,0 +1,173 @@
+"""Every bad input in the README's table, through the real command lines: one clear message
+naming the problem, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgenas.cli import main as edgenas
+from predictor.cli import evaluate_main, predict_main, train_main
+from profiler.cli import main as profile_device
+from search.cli import main as search_subnets
+
+Case = Callable[[dict], tuple[Callable[[list[str]], int], list[str]]]
+
+
+@pytest.fixture
+def env(tiny_dir, tiny_base, tiny_predictor, sshd, tmp_path) -> dict:
+    good = tiny_base.space(16).full().to_json()
+    cfg = tmp_path / "c.jsonl"
+    cfg.write_text(good + "\n")
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "remote")
+    return {"model": str(tiny_dir), "good": good, "cfg": cfg, "tmp": tmp_path, "inv": inv, "sshd": sshd,
+            "pred": tiny_predictor, "base_id": tiny_base.base_id}
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def export(e: dict, *extra: str) -> list[str]:
+    return ["export", "--model", e["model"], "--neuron-step", "16", "--config", str(e["cfg"]), "--out", str(e["tmp"] / "o"),
+            *extra]
+
+
+def profile(e: dict, *extra: str, ssh_config: Path | None = None, inventory: Path | None = None) -> list[str]:
+    return ["--host", "board", "--inventory", str(inventory or e["inv"]), "--ssh-config", str(ssh_config or e["sshd"].ssh_config),
+            "--model", e["model"], "--neuron-step", "16", "--samples", "1", "--db", str(e["tmp"] / "m.db"),
+            "--min-time", "0.02", "--max-time", "0.2", *extra]
+
+
+def ssh_variant(e: dict, old: str, new: str) -> Path:
+    return write(e["tmp"] / "ssh_config2", e["sshd"].ssh_config.read_text().replace(old, new))
+
+
+def search(e: dict, *extra: str) -> list[str]:
+    return ["--device", "local", "--predictor", str(e["pred"]), "--latency-budget-ms", "1000", "--model", e["model"],
+            "--neuron-step", "16", "--evals", "2", "--out", str(e["tmp"] / "s"), "--quality-tokens", "256", *extra]
+
+
+def edited_predictor(e: dict) -> Path:
+    import shutil
+
+    dst = e["tmp"] / "pred"
+    shutil.copytree(e["pred"], dst)
+    meta = dst / "prefill" / "meta.json"
+    d = json.loads(meta.read_text())
+    d["log_q"] = 0.0  # someone "tightening" the bound by hand
+    meta.write_text(json.dumps(d))
+    return dst / "prefill"
+
+
+def small_store(e: dict) -> Path:
+    """A store with 3 measurements of device 'local': too few to train on."""
+    from subnets.workspace import Workspace
+    from tests.helpers import sweep
+
+    ws = Workspace.open(e["model"], neuron_step=16, eval_budget=256)
+    db = e["tmp"] / "small.db"
+    sweep(ws, "local", db, ws.space.sample(3, 1), phases=("prefill",))
+    return db
+
+
+def bad_store(e: dict) -> Path:
+    from profiler.store import Store
+
+    db = e["tmp"] / "old.db"
+    Store(db).close()
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    return db
+
+
+# (id, needle, build(env) -> (cli, argv))
+CASES: list[tuple[str, str, Case]] = [
+    ("model folder missing", "not found: no such file or folder",
+     lambda e: (edgenas, [*export(e)[:2], str(e["tmp"] / "nowhere"), *export(e)[3:]])),
+    ("model is not Llama-family", "Llama-family decoders only",
+     lambda e: (edgenas, ["space", "--model", str(write(e["tmp"] / "config.json", '{"model_type": "bert"}').parent)])),
+    ("layer index out of range", "out of range 0..3",
+     lambda e: (edgenas, export(e, "--config", str(write(e["tmp"] / "b.jsonl", e["good"].replace('"layer":3', '"layer":7')))))),
+    ("heads break GQA", "breaks GQA",
+     lambda e: (edgenas, export(e, "--config", str(write(e["tmp"] / "b.jsonl", e["good"].replace('"kv_groups":2', '"kv_groups":5')))))),
+    ("neurons off the step", "off the step",
+     lambda e: (edgenas, export(e, "--config", str(write(e["tmp"] / "b.jsonl", e["good"].replace('"neurons":128', '"neurons":100')))))),
+    ("config for another base model", "is for base model",
+     lambda e: (edgenas, export(e, "--config", str(write(e["tmp"] / "b.jsonl", e["good"].replace(e["base_id"], "x@1")))))),
+    ("configs file: invalid line", "line 2: not valid JSON",
+     lambda e: (edgenas, export(e, "--config", str(write(e["tmp"] / "b.jsonl", e["good"] + "\n{oops\n"))))),
+    ("text file not UTF-8", "not UTF-8",
+     lambda e: (edgenas, export(e, "--text", str(write(e["tmp"] / "t.txt", b"\xff\xfe\xfa"))))),
+    ("unsupported opset", "opset 5 is not supported", lambda e: (edgenas, export(e, "--opset", "5"))),
+    ("unknown host alias", "unknown host 'jetson'",
+     lambda e: (profile_device, [a if a != "board" else "jetson" for a in profile(e)])),
+    ("inventory not TOML", "is not valid TOML",
+     lambda e: (profile_device, profile(e, inventory=write(e["tmp"] / "bad.toml", "[hosts.board\n")))),
+    ("unreachable host", "cannot reach",
+     lambda e: (profile_device, profile(e, ssh_config=ssh_variant(e, f"Port {e['sshd'].port}", "Port 1")))),
+    ("unknown host key", "not in known_hosts",
+     lambda e: (profile_device, profile(e, ssh_config=ssh_variant(e, str(e["sshd"].known_hosts),
+                                                                  str(write(e["tmp"] / "kh", "")))))),
+    ("refused authentication", "authentication refused",
+     lambda e: (profile_device, profile(e, ssh_config=ssh_variant(e, str(e["sshd"].user_key), str(e["sshd"].host_key))))),
+    ("board without onnxruntime", "pip install",
+     lambda e: (profile_device, profile(e, inventory=e["sshd"].inventory(e["tmp"] / "i2.toml", "/usr/bin/python3", e["tmp"] / "r2")))),
+    ("board without Python", "has no Python",
+     lambda e: (profile_device, profile(e, inventory=e["sshd"].inventory(e["tmp"] / "i3.toml", "/nonexistent/python3", e["tmp"] / "r3")))),
+    ("store of an incompatible version", "incompatible edgenas",
+     lambda e: (profile_device, [*profile(e), "--db", str(bad_store(e))])),
+    ("bad shape list", "not a comma-separated list", lambda e: (profile_device, profile(e, "--seq-len", "abc"))),
+    ("measurement store missing", "does not exist",
+     lambda e: (train_main, ["--device", "local", "--db", str(e["tmp"] / "none.db"), "--model", e["model"]])),
+    ("too few measurements to train", "at least 10 are needed",
+     lambda e: (train_main, ["--device", "local", "--db", str(small_store(e)), "--model", e["model"], "--phase", "prefill"])),
+    ("device not in the store", "no device 'rpi'",
+     lambda e: (train_main, ["--device", "rpi", "--db", str(small_store(e)), "--model", e["model"]])),
+    ("predictor file edited", "modified after training",
+     lambda e: (predict_main, ["--predictor", str(edited_predictor(e)), "--configs", str(e["cfg"])])),
+    ("not a predictor folder", "not a predictor folder",
+     lambda e: (evaluate_main, ["--predictor", str(e["tmp"]), "--db", str(e["tmp"] / "m.db")])),
+    ("configs for another base model (predictor)", "the predictor is for",
+     lambda e: (predict_main, ["--predictor", str(e["pred"] / "prefill"), "--configs",
+                               str(write(e["tmp"] / "o.jsonl", e["good"].replace(e["base_id"], "x@1") + "\n"))])),
+    ("budget below the smallest sub-network", "below the smallest sub-network",
+     lambda e: (search_subnets, search(e, "--latency-budget-ms", "0.0001"))),
+    ("predictor for another device", "predicts device 'local', not 'jetson'",
+     lambda e: (search_subnets, [*search(e), "--device", "jetson"])),
+    ("unknown search algorithm", "invalid choice: 'annealing'", lambda e: (search_subnets, search(e, "--algorithm", "annealing"))),
+    ("malformed workload", "is not 'S,N'", lambda e: (search_subnets, search(e, "--workload", "128"))),
+]
+
+
+@pytest.mark.parametrize(("case", "needle", "build"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case: str, needle: str, build: Case, env: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    if case == "board without onnxruntime":
+        import subprocess
+
+        if not Path("/usr/bin/python3").exists() or subprocess.run(["/usr/bin/python3", "-c", "import onnxruntime"],
+                                                                   capture_output=True).returncode == 0:
+            pytest.skip("needs a system python3 without onnxruntime")
+    cli, argv = build(env)
+    capsys.readouterr()
+    code = cli(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err, err
+    assert "Traceback" not in err
+
+
+def test_the_readme_lists_every_case() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [c[0] for c in CASES if f"| {c[0]} |" not in readme]
+    assert not missing, f"README's bad-input table lacks: {missing}"
+    assert len(CASES) >= 20
