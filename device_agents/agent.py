@@ -106,6 +106,7 @@ class Agent(object):
             "tensorrt": trt_info,
             "missing": self.import_errors,
             "board": agent_telemetry.board_info(),
+            "telemetry": agent_telemetry.snapshot(),
             "root": self.root,
             "pid": os.getpid(),
         }

@@ -59,7 +59,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_ints, default=(128,), help="prefill lengths, e.g. 64,128")
     p.add_argument("--past-len", type=_ints, default=(128,), help="decode past lengths, e.g. 128,512")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: inventory, else 1)")
-    p.add_argument("--backend", default=None, help="ort-cpu (default), ort-cuda, ort-trt")
+    p.add_argument("--backend", default=None,
+                   help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, or auto (best the board offers)")
     p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"measurement store (default {DEFAULT_DB})")
     p.add_argument("--inventory", type=Path, default=None, help="inventory TOML (default ~/.config/edgenas/inventory.toml)")
     p.add_argument("--ssh-config", type=Path, default=None, help="ssh config (default ~/.ssh/config)")
@@ -169,6 +170,8 @@ def print_summary(summary: Any, db: Path) -> None:
     out_console.print(
         f"jobs {s.jobs}: {s.measured} measured now, {s.already_done} already in the store, {len(s.failed)} failed"
         f" | retries {s.retries}, reconnects {s.reconnects} | {s.unstable} unstable, {s.throttled} throttled")
+    for w in s.warnings:
+        out_console.print(f"[yellow]warning:[/] {w}")
     if s.faults:
         out_console.print(f"faults met (each retried within --max-attempts): {json.dumps(s.fault_counts())}")
     tot = sec["total"] or 1.0

@@ -67,6 +67,7 @@ class SweepSummary:
     bytes_uploaded: int = 0
     subnets_measured: int = 0
     stopped: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def subnets_per_hour(self) -> float:
@@ -89,6 +90,32 @@ def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len:
             backend: str, threads: int) -> str:
     ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def choose_backend(hello: dict[str, Any]) -> str:
+    """``--backend auto``: the fastest runtime the handshake offers, TensorRT EP over CUDA EP
+    over CPU."""
+    providers = set((hello.get("onnxruntime") or {}).get("providers") or [])
+    for provider, backend in (("TensorrtExecutionProvider", "ort-trt"), ("CUDAExecutionProvider", "ort-cuda")):
+        if provider in providers:
+            return backend
+    return "ort-cpu"
+
+
+def board_warnings(hello: dict[str, Any]) -> list[str]:
+    """What makes a board's numbers untrustworthy before a single cell runs."""
+    out = []
+    jetson = ((hello.get("telemetry") or {}).get("jetson") or {})
+    clocks = jetson.get("clocks") or {}
+    if jetson and not clocks.get("clocks_locked"):
+        mode = (jetson.get("nvpmodel") or {}).get("mode_name")
+        out.append(f"Jetson clocks are not locked (power mode {mode}): latencies will wander with DVFS; "
+                   "run `sudo jetson_clocks` (and keep the nvpmodel mode fixed) before profiling")
+    for name, cpu in ((hello.get("telemetry") or {}).get("cpu") or {}).items():
+        if cpu.get("governor") in ("powersave", "ondemand", "conservative", "schedutil"):
+            out.append(f"CPU governor is {cpu['governor']} ({name}): set 'performance' for steadier latencies")
+            break
+    return out
 
 
 def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOptions:
@@ -202,8 +229,14 @@ class Profiler:
         for c in configs:
             self.ws.space.validate(c)
         hello = self.target.start()
+        if spec.backend == "auto":
+            spec.backend = choose_backend(hello)
+            log.info("back-end for %s: %s", self.target.spec.name, spec.backend)
         fp = device_fingerprint(hello, spec.backend)
         summary = SweepSummary(self.target.spec.name, fp)
+        summary.warnings.extend(board_warnings(hello))
+        for w in summary.warnings:
+            log.warning("%s: %s", self.target.spec.name, w)
         device_id = self.store.upsert_device(self.target.spec.name, fp, {"hello": hello, "host": self.target.spec.describe()})
         options = board_export_options(hello, spec)
         sweep_id = self.store.start_sweep(device_id, args_record or {})

@@ -187,3 +187,17 @@ def test_onnx_probe_models_are_valid_onnx() -> None:
     assert m.opset_import[0].version == 17 and m.ir_version == 8
     max_opset, max_ir = probe(ort)
     assert max_opset is not None and max_opset >= 17 and max_ir >= 8
+
+
+def test_backend_choice_and_board_warnings() -> None:
+    from profiler.sweep import board_warnings, choose_backend
+
+    assert choose_backend({"onnxruntime": {"providers": ["CPUExecutionProvider"]}}) == "ort-cpu"
+    assert choose_backend({"onnxruntime": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}}) == "ort-cuda"
+    assert choose_backend({"onnxruntime": {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}}) == "ort-trt"
+    unlocked = {"telemetry": {"jetson": {"nvpmodel": parse_nvpmodel("NV Power Mode: 15W\n2\n"),
+                                         "clocks": parse_jetson_clocks_show(JETSON_CLOCKS_SHOW)}}}
+    (w,) = board_warnings(unlocked)
+    assert "Jetson clocks are not locked (power mode 15W)" in w and "jetson_clocks" in w
+    assert board_warnings({"telemetry": {"cpu": {"cpu0": {"governor": "performance"}}}}) == []
+    assert "powersave" in board_warnings({"telemetry": {"cpu": {"cpu0": {"governor": "powersave"}}}})[0]

@@ -52,6 +52,22 @@ def agent_pids(remote: Path) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def agent_idle_vmpeak_mb(root: Path) -> int:
+    agent = Path(__file__).parent.parent / "device_agents" / "agent.py"
+    p = subprocess.Popen([sys.executable, str(agent), "--root", str(root)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdin and p.stdout
+    p.stdin.write('{"id": 1, "verb": "hello"}\n')
+    p.stdin.flush()
+    p.stdout.readline()
+    with open(f"/proc/{p.pid}/status") as f:
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmPeak:"))
+    p.stdin.write('{"id": 2, "verb": "shutdown"}\n')
+    p.stdin.flush()
+    p.wait(timeout=30)
+    return peak_kb // 1024
+
+
 def check_store(db: Path, jobs: int = 2 * N_CONFIGS) -> list[tuple[int, str | None]]:
     with sqlite3.connect(db) as c:
         n = c.execute("SELECT COUNT(*) FROM measurements WHERE is_reference=0").fetchone()[0]
@@ -196,3 +212,30 @@ def test_host_killed_and_rerun_over_ssh(tiny_dir, board, sshd, tmp_path) -> None
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     check_store(db)
+
+
+def test_out_of_memory_under_an_agent_memory_limit(sshd, tmp_path, tmp_path_factory) -> None:
+    """A board with little memory (the agent's address space capped by ``ulimit -v``): the
+    sub-network that does not fit fails as out_of_memory, once, and the others are measured."""
+    import os
+    from unittest import mock
+
+    from subnets.config import SubnetConfig
+    from subnets.workspace import Workspace
+    from tests.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "mid", hidden=512, heads=8, kv_heads=2, head_dim=64, intermediate=8192, layers=6)
+    with mock.patch.dict(os.environ, {"EDGENAS_CACHE": str(tmp_path / "cache")}):
+        ws = Workspace.open(model, neuron_step=64, eval_budget=256)
+        bid = ws.base.base_id
+        configs = [SubnetConfig.uniform(bid, [0], 1, 1, 64), ws.space.full(), SubnetConfig.uniform(bid, [0, 1], 1, 2, 128)]
+        # The cap: what the idle agent (Python, numpy, onnxruntime) needs plus 40 MB, room for
+        # the small sub-networks but not for the full model's 320 MB of weights.
+        limit = agent_idle_vmpeak_mb(tmp_path / "probe") + 40
+        inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "r", agent_memory_mb=limit)
+        s = sweep(ws, "board", tmp_path / "m.db", configs, inv, sshd.ssh_config, phases=("prefill",))
+    assert s.measured == 2, s.faults
+    assert [f["error_class"] for f in s.failed] == ["out_of_memory"]
+    assert s.failed[0]["attempts"] == 1  # deterministic: not retried
+    assert s.failed[0]["subnet"] == configs[1].config_hash()
+    check_store(tmp_path / "m.db", jobs=2)
