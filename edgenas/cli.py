@@ -181,6 +181,58 @@ def cmd_measurements(args: argparse.Namespace) -> int:
 COMMANDS = {"measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
 
 
+def active_configs(args: argparse.Namespace, ws) -> list:
+    """``--active N``: the N candidates the device's measurements so far know least about."""
+    from predictor.active import select
+    from predictor.data import load_measurements
+    from profiler.errors import StoreError
+    from profiler.store import Store
+
+    if args.configs is not None:
+        raise ConfigError("--active chooses the sub-networks itself; it cannot be combined with --configs",
+                          "drop --configs, or drop --active")
+    if not args.db.is_file():
+        raise StoreError(f"--active needs earlier measurements of {args.host}, but {args.db} does not exist",
+                         f"run a first sweep: profile-device --host {args.host} --samples 20 --db {args.db}")
+    phase = args.phases[0]
+    store = Store(args.db)
+    try:
+        # unstable cells still say roughly where a sub-network lies: enough to choose by
+        m = load_measurements(store, args.host, phase, ws.space.dims, ws.base.base_id, include_unstable=True)
+    finally:
+        store.close()
+    pool = ws.space.sample(2000, args.seed + 1, granularity=args.granularity, strategy="uniform",
+                           layer_ranking=ws.importance.layer_ranking())
+    shape = (max(args.seq_len), 0) if phase == "prefill" else (1, max(args.past_len))
+    return select(m, pool, args.active, shape[0], shape[1], seed=args.seed)
+
+
+def profile_device_main(argv: Sequence[str] | None = None) -> int:
+    """``profile-device``: the profiler's command, plus ``--active`` (which needs the predictor,
+    a layer above the profiler, so it is wired here)."""
+    from profiler.cli import add_profile_args, print_summary, sweep
+
+    p = make_parser("profile-device", "Measure sub-networks' latency on a device into the measurement store.")
+    add_profile_args(p)
+    p.add_argument("--active", type=int, default=None, metavar="N",
+                   help="measure the N sub-networks the device's measurements so far predict least certainly")
+
+    def handle(args: argparse.Namespace) -> int:
+        ws = configs = None
+        if args.active is not None:
+            if args.active < 1:
+                raise ConfigError(f"--active {args.active} is not positive", "ask for at least 1 sub-network")
+            from subnets.workspace import Workspace
+
+            ws = Workspace.open(args.model, neuron_step=args.neuron_step)
+            configs = active_configs(args, ws)
+        summary, db = sweep(args, ws=ws, configs=configs)
+        print_summary(summary, db)
+        return 0
+
+    return run(p, argv, handle)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     return run(parser, argv, lambda a: COMMANDS[a.command](a))

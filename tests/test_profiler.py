@@ -264,3 +264,23 @@ def test_timing_settings_reach_the_agent(tiny_ws, tmp_path) -> None:
     (row,) = list(store.measurement_rows())
     store.close()
     assert row["n"] >= 17
+
+
+def test_active_profiling_picks_unmeasured_uncertain_subnetworks(tiny_dir, tmp_path, capsys) -> None:
+    from edgenas.cli import profile_device_main
+
+    db = tmp_path / "a.db"
+    common = ["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--phases", "prefill", "--seq-len",
+              "16", "--db", str(db), "--min-time", "0.03", "--max-time", "0.3", "--reference-every", "0"]
+    assert profile_device_main([*common, "--samples", "14"]) == 0
+    store = Store(db)
+    before = {r["subnet_hash"] for r in store.measurement_rows()}
+    store.close()
+    assert profile_device_main([*common, "--active", "3"]) == 0
+    store = Store(db)
+    after = {r["subnet_hash"] for r in store.measurement_rows()}
+    store.close()
+    assert len(after - before) == 3 and before < after
+    capsys.readouterr()
+    assert profile_device_main([*common, "--active", "2", "--db", str(tmp_path / "none.db")]) == 2
+    assert "needs earlier measurements" in capsys.readouterr().err
