@@ -7,7 +7,7 @@
 3. Share of verified front points that meet the budget on the device.
 
     python benchmarks/search_vs_baselines.py --predictor runs/predictors/local --db runs/bench.db \\
-        --budget-share 0.7 --evals 40 --seeds 3
+        --budget-share 0.7 --evals 40 --seeds 3 [--granularity uniform]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--verify", type=int, default=4)
     ap.add_argument("--quality-tokens", type=int, default=1024)
+    ap.add_argument("--granularity", choices=["per-layer", "uniform"], default="per-layer")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ws = Workspace.open("smollm2", eval_budget=args.quality_tokens)
@@ -58,7 +59,7 @@ def main() -> None:
                 study = tmp / f"{algo}{seed}.db"
                 # one perplexity cache for every run: equal configs cost once, results identical
                 study.with_suffix(".perplexity.jsonl").write_text(cache_file.read_text() if cache_file.exists() else "")
-                res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed,
+                res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed, granularity=args.granularity,
                                  warm_start=warm if algo == "nsga2" else ())
                 cache_file.write_text(study.with_suffix(".perplexity.jsonl").read_text())
                 hv[algo].append(res.hypervolume)

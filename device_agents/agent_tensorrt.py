@@ -173,6 +173,38 @@ def fp32_fallback(precision, counts, engine_bytes=None, weights_bytes=None):
     return False
 
 
+class EngineCache(object):
+    """Engines and their build records under the agent's folder, by ``engine_key``."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = cache_dir
+        if not os.path.isdir(cache_dir):
+            os.makedirs(cache_dir)
+
+    def paths(self, key):
+        base = os.path.join(self.cache_dir, key)
+        return base + ".engine", base + ".json"
+
+    def lookup(self, key):
+        engine, meta_path = self.paths(key)
+        if os.path.isfile(engine) and os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            meta["cached"] = True
+            return engine, meta
+        return None
+
+    def record(self, key, precision, profile, trt_version, build_s, counts, weights_bytes):
+        engine, meta_path = self.paths(key)
+        size = os.path.getsize(engine)
+        meta = {"build_s": build_s, "engine_bytes": size, "precision": precision, "layer_precisions": counts,
+                "fp32_fallback": fp32_fallback(precision, counts, size, weights_bytes), "profile": profile,
+                "trt": trt_version, "cached": False}
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        return engine, meta
+
+
 class TrtexecBackend(object):
     """Builds (once, cached) and times engines with the board's trtexec."""
 
@@ -180,20 +212,15 @@ class TrtexecBackend(object):
         self.trtexec = trtexec or shutil.which("trtexec") or _jetpack_trtexec()
         if not self.trtexec:
             raise RuntimeError("trtexec not found (JetPack puts it in /usr/src/tensorrt/bin); install TensorRT")
-        self.cache_dir = cache_dir
-        if not os.path.isdir(cache_dir):
-            os.makedirs(cache_dir)
+        self.cache = EngineCache(cache_dir)
 
     def build(self, onnx_path, model_sha256, profile, precision, weights_bytes=None, timeout=3600):
         key = engine_key(model_sha256, self.version(), precision, profile)
-        engine = os.path.join(self.cache_dir, key + ".engine")
-        info_path = os.path.join(self.cache_dir, key + ".layers.json")
-        meta_path = os.path.join(self.cache_dir, key + ".json")
-        if os.path.isfile(engine) and os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-            meta["cached"] = True
-            return engine, meta
+        hit = self.cache.lookup(key)
+        if hit:
+            return hit
+        engine, _ = self.cache.paths(key)
+        info_path = os.path.join(self.cache.cache_dir, key + ".layers.json")
         t0 = time.time()
         cmd = trtexec_build_command(self.trtexec, onnx_path, engine + ".tmp", profile, precision == "fp16", info_path)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
@@ -204,13 +231,7 @@ class TrtexecBackend(object):
         if os.path.isfile(info_path):
             with open(info_path) as f:
                 counts = layer_precisions(f.read())
-        size = os.path.getsize(engine)
-        meta = {"build_s": time.time() - t0, "engine_bytes": size, "precision": precision, "layer_precisions": counts,
-                "fp32_fallback": fp32_fallback(precision, counts, size, weights_bytes), "profile": profile,
-                "trt": self.version(), "cached": False}
-        with open(meta_path, "w") as f:
-            json.dump(meta, f)
-        return engine, meta
+        return self.cache.record(key, precision, profile, self.version(), time.time() - t0, counts, weights_bytes)
 
     def time(self, engine, shapes, duration_s, warmup_ms=500, timeout=600):
         times_path = engine + ".times.json"
@@ -253,20 +274,15 @@ class TensorRTBackend(object):
 
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.cache_dir = cache_dir
-        if not os.path.isdir(cache_dir):
-            os.makedirs(cache_dir)
+        self.cache = EngineCache(cache_dir)
 
     def build(self, onnx_path, model_sha256, profile, precision, weights_bytes=None):
         trt = self.trt
         key = engine_key(model_sha256, trt.__version__, precision, profile)
-        engine_path = os.path.join(self.cache_dir, key + ".engine")
-        meta_path = os.path.join(self.cache_dir, key + ".json")
-        if os.path.isfile(engine_path) and os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-            meta["cached"] = True
-            return engine_path, meta
+        hit = self.cache.lookup(key)
+        if hit:
+            return hit
+        engine_path, _ = self.cache.paths(key)
         t0 = time.time()
         builder = trt.Builder(self.logger)
         flags = 0
@@ -298,14 +314,8 @@ class TensorRTBackend(object):
             info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
             counts = layer_precisions(info)
         except Exception:
-            pass
-        size = os.path.getsize(engine_path)
-        meta = {"build_s": time.time() - t0, "engine_bytes": size, "precision": precision, "layer_precisions": counts,
-                "fp32_fallback": fp32_fallback(precision, counts, size, weights_bytes), "profile": profile,
-                "trt": trt.__version__, "cached": False}
-        with open(meta_path, "w") as f:
-            json.dump(meta, f)
-        return engine_path, meta
+            pass  # older TensorRT without the inspector: fall back on the engine size
+        return self.cache.record(key, precision, profile, trt.__version__, time.time() - t0, counts, weights_bytes)
 
     def timer(self, engine_path, shapes):
         """A zero-argument function running one inference, and a CUDA-event clock for the

@@ -9,18 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from profiler.errors import StoreError
-from subnets.clikit import make_parser, run
+from subnets.clikit import make_parser, progress_bar, run
 from subnets.errors import ConfigError
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -130,8 +122,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
                         measure=args.measure_timeout or 3 * args.max_time + 120)
     target = make_target(spec_host, timeouts, args.accept_new_host_key, args.inventory, args.ssh_config)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
+    with progress_bar() as prog:
         task = prog.add_task(f"profiling on {args.host}", total=None)
 
         def progress(done: int, total: int, text: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from subnets.clikit import make_parser, run
+from subnets.clikit import make_parser, progress_bar, run
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -44,14 +44,6 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from search.baselines import compare_at_matched_quality, evaluate_baselines
     from search.pareto import plot_front
@@ -72,8 +64,7 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     max_params = args.max_params if args.max_params else math.inf
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
+    with progress_bar() as prog:
         task = prog.add_task(f"{args.algorithm} search", total=args.evals)
 
         def progress(done: int, total: int, best: dict[str, Any] | None) -> None:

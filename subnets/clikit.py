@@ -11,6 +11,14 @@ from collections.abc import Callable, Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from subnets.errors import EdgenasError
 
@@ -22,6 +30,12 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
         raise SystemExit(2)
+
+
+def progress_bar() -> Progress:
+    """The progress bar every long command shows on stderr: count, elapsed time and ETA."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
