@@ -60,6 +60,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="trust and record a host key seen for the first time (changed keys are always refused)")
     p.add_argument("--weights", choices=["none", "real"], default="none",
                    help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="engine precision (trt, trtexec)")
     p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per cell at least")
     p.add_argument("--max-time", type=float, default=20.0, help="timed seconds per cell at most")
     p.add_argument("--target-ci", type=float, default=0.02, help="stop when the median's 95%% CI half-width is within this fraction")
@@ -116,7 +117,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     spec = SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len, threads=threads,
                      backend=backend, timing=timing, weights=args.weights, max_attempts=args.max_attempts,
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
-                     retry_failed=args.retry_failed)
+                     retry_failed=args.retry_failed, precision=args.precision)
     timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
                         upload_stall=args.upload_timeout,
                         measure=args.measure_timeout or 3 * args.max_time + 120)

@@ -38,6 +38,12 @@ class SweepSpec:
     backend: str = "ort-cpu"
     timing: dict[str, Any] = field(default_factory=dict)
     weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
+    precision: str = "fp16"  # TensorRT back-ends only
+
+    @property
+    def backend_tag(self) -> str:
+        """The back-end as stored: TensorRT engines differ by precision, so it is part of it."""
+        return f"{self.backend}:{self.precision}" if self.backend in ("trt", "trtexec") else self.backend
     opset: int = 17
     max_attempts: int = 3
     reconnect_attempts: int = 4
@@ -164,7 +170,9 @@ class Profiler:
             summary.seconds["upload"] += time.perf_counter() - t0
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
-                "timing": self.spec.timing}
+                "timing": self.spec.timing, "precision": self.spec.precision,
+                # one TensorRT engine per model and phase covers the sweep's whole shape grid
+                "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
         result = self.target.call("measure", args, timeout=self.target.timeouts.measure)
         if not result.get("session_reused"):
             summary.seconds["session_load"] += result.get("load_ms", 0.0) / 1000.0
@@ -207,12 +215,12 @@ class Profiler:
         self.store.add_subnet(self.reference.config_hash(), self.reference.base_id, self.reference.to_json(),
                               count_params(self.reference, self.ws.space.dims), self.reference.summary())
         self.store.add_reference(device_id, self.reference.config_hash(), phase, self.spec.batch, seq, past,
-                                 self.spec.backend, self.spec.threads, r, exported.key)
+                                 self.spec.backend_tag, self.spec.threads, r, exported.key)
         summary.references.append(r["median_ms"])
         base = summary.references[0]
         prior = [row["median_ms"] for row in self.store.references(device_id)
                  if row["phase"] == phase and row["seq_len"] == seq and row["past_len"] == past
-                 and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend]
+                 and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend_tag]
         if prior:
             base = prior[0]
         change = r["median_ms"] / base - 1.0
@@ -250,9 +258,9 @@ class Profiler:
             for phase in spec.phases:
                 shapes = [(s, 0) for s in spec.seq_lens] if phase == "prefill" else [(1, p) for p in spec.past_lens]
                 for seq, past in shapes:
-                    rows.append({"job_key": job_key(fp, c.config_hash(), phase, spec.batch, seq, past, spec.backend, spec.threads),
+                    rows.append({"job_key": job_key(fp, c.config_hash(), phase, spec.batch, seq, past, spec.backend_tag, spec.threads),
                                  "device_id": device_id, "subnet_hash": c.config_hash(), "phase": phase,
-                                 "batch": spec.batch, "seq_len": seq, "past_len": past, "backend": spec.backend,
+                                 "batch": spec.batch, "seq_len": seq, "past_len": past, "backend": spec.backend_tag,
                                  "threads": spec.threads})
         self.store.add_jobs(rows)
         jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
