@@ -38,7 +38,7 @@ def main() -> None:
         print(f"\n== {phase}: {len(m)} measurements, {len(set(m.subnet_hashes.tolist()))} sub-networks, shapes {shapes}, "
               f"{m.excluded_unstable} unstable and {m.excluded_throttled} throttled excluded; {args.folds}-fold by sub-network")
         print(f"{'model':50s} {'±5%':>7s} {'±10%':>7s} {'MAPE':>7s} {'tau':>6s} {'bound cov.':>10s}")
-        for name, r in compare(m, k=args.folds).items():
+        for name, r in compare(m, k=args.folds)[0].items():
             cov = r.get("upper_coverage")
             print(f"{name:50s} {r['within_5pct']:7.1%} {r['within_10pct']:7.1%} {r['mape']:7.2%} {r['kendall_tau']:6.3f} "
                   f"{'-' if cov is None else f'{cov:.1%}':>10s}")

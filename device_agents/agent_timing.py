@@ -67,6 +67,10 @@ def summarize(times_s, unstable_cov=0.10):
     med = percentile(ms, 50)
     lo, hi = median_ci(ms)
     cov = std / mean if mean > 0 else 0.0
+    # Dispersion that a few scheduler hiccups cannot inflate: 1.4826 * MAD / median equals the
+    # CoV for normal noise, but ignores the rare 10x outliers of a shared or busy board.
+    mad = percentile(sorted(abs(x - med) for x in ms), 50)
+    robust_cov = 1.4826 * mad / med if med > 0 else 0.0
     return {
         "n": n,
         "median_ms": med,
@@ -80,7 +84,8 @@ def summarize(times_s, unstable_cov=0.10):
         "median_ci_low_ms": lo,
         "median_ci_high_ms": hi,
         "median_rel_ci": (hi - lo) / 2.0 / med if med > 0 else 0.0,
-        "unstable": cov > unstable_cov,
+        "robust_cov": robust_cov,
+        "unstable": robust_cov > unstable_cov,
     }
 
 

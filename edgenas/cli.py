@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--evals", type=int, default=40, help="search trials")
     s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
+    s.add_argument("--min-time", type=float, default=1.0, help="timed seconds per profiling cell at least")
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
     s = sub.add_parser("measurements", help="summarize or export a measurement store")
     s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))

@@ -40,7 +40,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
           plot: bool = True, prior: Path | None = None, console: Console = out_console) -> dict[str, Any]:
     """Train, cross-validate against the baselines, save; returns the metrics per phase."""
     from predictor.data import load_measurements
-    from predictor.evaluate import compare, cross_val_predict, plot_predicted_vs_measured
+    from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
     from predictor.model import LatencyPredictor
     from predictor.persist import load_predictor, save_predictor
     from profiler.errors import StoreError
@@ -59,8 +59,8 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             if prior is not None:
                 prior_p, _ = load_predictor(prior / phase if (prior / phase).is_dir() else prior, base_id=base_id, phase=phase)
             kw = {"prior": prior_p} if prior_p is not None else {}
-            k = min(folds, len(set(m.subnet_hashes.tolist())))
-            comparison = compare(m, k=k, predictor_kw=kw)
+            k = choose_folds(m, folds)
+            comparison, oof = compare(m, k=k, predictor_kw=kw)
             p = LatencyPredictor(dims, phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
             folder = out / phase
             save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
@@ -75,8 +75,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             console.print(f"excluded: {m.excluded_unstable} unstable, {m.excluded_throttled} throttled measurement(s)"
                           if excluded else "excluded: none (no unstable or throttled measurements)")
             if plot:
-                pred, _ = cross_val_predict(lambda kw=kw, phase=phase: LatencyPredictor(dims, phase, **kw), m, k)
-                png = plot_predicted_vs_measured(m.y_ms, pred, folder / "predicted_vs_measured.png",
+                png = plot_predicted_vs_measured(m.y_ms, oof, folder / "predicted_vs_measured.png",
                                                  f"{m.device_name} {phase}: held-out predictions")
                 console.print(f"saved {folder} (plot: {png})")
             results[phase] = comparison

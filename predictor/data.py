@@ -9,18 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from predictor.errors import DataError
 from predictor.features import ConfigBatch
 from predictor.model import MIN_TRAIN
 from profiler.store import Store
 from subnets.config import SubnetConfig
-from subnets.errors import EdgenasError
 from subnets.space import BaseDims
 
 log = logging.getLogger(__name__)
-
-
-class DataError(EdgenasError):
-    """Training or evaluation data that cannot be used."""
 
 
 @dataclass

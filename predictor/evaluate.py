@@ -26,6 +26,24 @@ def group_folds(m: Measurements, k: int, seed: int = 0) -> np.ndarray:
     return np.array([fold_of[h] for h in m.subnet_hashes.tolist()])
 
 
+def choose_folds(m: Measurements, k_max: int) -> int:
+    """The most folds (at most ``k_max``) that still leave every training split at least
+    ``MIN_TRAIN`` measurements."""
+    import math
+
+    from predictor.errors import DataError
+    from predictor.model import MIN_TRAIN
+
+    groups = len(set(m.subnet_hashes.tolist()))
+    per_group = len(m) / max(groups, 1)
+    for k in range(min(k_max, groups), 1, -1):
+        if (groups - math.ceil(groups / k)) * per_group >= MIN_TRAIN:
+            return k
+    raise DataError(f"{len(m)} measurements of {groups} sub-networks are too few to train and cross-validate a "
+                    f"{m.phase} predictor (each split needs {MIN_TRAIN} to train on)",
+                    "profile more sub-networks: profile-device --samples 20")
+
+
 def cross_val_predict(make: Factory, m: Measurements, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     folds = group_folds(m, k, seed)
     pred = np.zeros(len(m))
@@ -45,8 +63,10 @@ def cross_val_predict(make: Factory, m: Measurements, k: int = 5, seed: int = 0)
     return pred, (upper if has_upper else None)
 
 
-def compare(m: Measurements, k: int = 5, seed: int = 0, predictor_kw: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """k-fold (by sub-network) accuracy of the predictor and every baseline."""
+def compare(m: Measurements, k: int = 5, seed: int = 0,
+            predictor_kw: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, float]], np.ndarray]:
+    """k-fold (by sub-network) accuracy of the predictor and every baseline, and the
+    predictor's out-of-fold predictions (for the plot)."""
     out: dict[str, dict[str, float]] = {}
 
     def make_pred() -> LatencyPredictor:
@@ -57,7 +77,7 @@ def compare(m: Measurements, k: int = 5, seed: int = 0, predictor_kw: dict[str, 
     for cls in BASELINES:
         p, _ = cross_val_predict(lambda cls=cls: cls(m.dims, m.phase), m, k, seed)
         out[cls.name] = accuracy(m.y_ms, p)
-    return out
+    return out, pred
 
 
 def learning_curve(m: Measurements, sizes: tuple[int, ...] = (20, 50, 100, 200), test_share: float = 0.2,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from predictor.errors import DataError
 from predictor.features import FEATURES, MONOTONE, ConfigBatch, feature_matrix
 from predictor.metrics import accuracy
 from subnets.space import BaseDims
@@ -123,7 +124,8 @@ class LatencyPredictor:
         y = np.asarray(y_ms, dtype=np.float64)
         n = len(y)
         if n < MIN_TRAIN:
-            raise ValueError(f"{n} measurements; the predictor needs at least {MIN_TRAIN}")
+            raise DataError(f"{n} measurements; the predictor needs at least {MIN_TRAIN}",
+                            "profile more sub-networks (profile-device --samples 20)")
         shapes = Shapes.of(n, seq_len, past_len)
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)
         use_boost = self.boost == "on" or (self.boost == "auto" and n >= MIN_BOOST)

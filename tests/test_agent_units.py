@@ -201,3 +201,13 @@ def test_backend_choice_and_board_warnings() -> None:
     assert "Jetson clocks are not locked (power mode 15W)" in w and "jetson_clocks" in w
     assert board_warnings({"telemetry": {"cpu": {"cpu0": {"governor": "performance"}}}}) == []
     assert "powersave" in board_warnings({"telemetry": {"cpu": {"cpu0": {"governor": "powersave"}}}})[0]
+
+
+def test_a_few_outliers_do_not_make_a_cell_unstable() -> None:
+    steady = [0.010 * (1 + 0.002 * (i % 5)) for i in range(200)]
+    spiky = [*steady[:196], 0.1, 0.12, 0.09, 0.11]  # four scheduler hiccups
+    s = summarize(spiky)
+    assert s["cov"] > 0.10 and not s["unstable"]
+    assert s["robust_cov"] < 0.01
+    noisy = [0.010 * (1 + 0.6 * ((i * 7919) % 13) / 13) for i in range(200)]  # spread through and through
+    assert summarize(noisy)["unstable"]

@@ -82,7 +82,9 @@ def test_prediction_is_monotone_in_size() -> None:
 
 def test_small_training_sets_are_refused() -> None:
     _, b, s, p, y = dataset(9)
-    with pytest.raises(ValueError, match="at least 10"):
+    from predictor.errors import DataError
+
+    with pytest.raises(DataError, match="at least 10"):
         LatencyPredictor(DIMS, "prefill").fit(b, s, p, y)
 
 
