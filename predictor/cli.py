@@ -37,7 +37,8 @@ def _phases(text: str) -> list[str]:
 
 
 def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
-          plot: bool = True, prior: Path | None = None, console: Console = out_console) -> dict[str, Any]:
+          plot: bool = True, prior: Path | None = None, console: Console = out_console,
+          threads: int | None = None) -> dict[str, Any]:
     """Train, cross-validate against the baselines, save; returns the metrics per phase."""
     from predictor.data import load_measurements
     from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
@@ -54,7 +55,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
     results: dict[str, Any] = {}
     try:
         for phase in phases:
-            m = load_measurements(store, device, phase, dims, base_id)
+            m = load_measurements(store, device, phase, dims, base_id, threads=threads)
             prior_p = None
             if prior is not None:
                 prior_p, _ = load_predictor(prior / phase if (prior / phase).is_dir() else prior, base_id=base_id, phase=phase)
@@ -64,11 +65,13 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             p = LatencyPredictor(dims, phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
             folder = out / phase
             save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
-                           {"cv": comparison, "excluded_unstable": m.excluded_unstable,
+                           {"cv": comparison, "threads": m.threads, "backend": m.backend,
+                            "excluded_unstable": m.excluded_unstable,
                             "excluded_throttled": m.excluded_throttled, "n": len(m)})
             shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
             console.print(metrics_table(
-                f"{phase}: {len(m)} measurements of {len(set(m.subnet_hashes.tolist()))} sub-networks on {m.device_name}, "
+                f"{phase}: {len(m)} measurements of {len(set(m.subnet_hashes.tolist()))} sub-networks on {m.device_name} "
+                f"({m.threads} thread{'s' if m.threads > 1 else ''}, {m.backend}), "
                 f"{k}-fold by sub-network, shapes {', '.join(f'S={int(s)}' if phase == 'prefill' else f'P={int(q)}' for s, q in shapes)}"
                 f"{' (transfer from ' + str(prior) + ')' if prior else ''}", comparison))
             excluded = m.excluded_unstable + m.excluded_throttled
@@ -94,11 +97,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--transfer-from", type=Path, default=None,
                    help="a predictor folder of another device: adapt it with this device's (few) measurements")
+    p.add_argument("--threads", type=int, default=None, help="use the measurements at this thread count (default: the most measured)")
     p.add_argument("--no-plot", action="store_true")
 
     def handle(a: argparse.Namespace) -> int:
         train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
-              not a.no_plot, a.transfer_from)
+              not a.no_plot, a.transfer_from, threads=a.threads)
         return 0
 
     return run(p, argv, handle)
@@ -121,7 +125,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
         store = Store(a.db)
         try:
-            m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1)
+            m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1,
+                                  threads=(meta.get("metrics") or {}).get("threads"))
         finally:
             store.close()
         res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)

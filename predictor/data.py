@@ -34,6 +34,8 @@ class Measurements:
     y_ms: np.ndarray
     excluded_unstable: int
     excluded_throttled: int
+    threads: int = 1
+    backend: str = "ort-cpu"
 
     def __len__(self) -> int:
         return len(self.y_ms)
@@ -51,11 +53,15 @@ class Measurements:
                             [self.configs[i] for i in idx], self.subnet_hashes[idx],
                             ConfigBatch(self.batch.kept[idx], self.batch.kv_groups[idx], self.batch.heads_per_group[idx],
                                         self.batch.neurons[idx]),
-                            self.seq_len[idx], self.past_len[idx], self.y_ms[idx], 0, 0)
+                            self.seq_len[idx], self.past_len[idx], self.y_ms[idx], 0, 0, self.threads, self.backend)
 
 
 def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, base_id: str | None = None,
-                      include_unstable: bool = False, minimum: int = MIN_TRAIN) -> Measurements:
+                      include_unstable: bool = False, minimum: int = MIN_TRAIN, threads: int | None = None,
+                      backend: str | None = None) -> Measurements:
+    """The usable measurements of one device, phase, thread count and back-end (by default
+    the thread count and back-end most measured): latency at 1 and 4 threads are different
+    devices for a predictor."""
     devices = store.find_devices(device)
     if not devices:
         known = sorted({d["name"] for d in store.devices()})
@@ -72,13 +78,25 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
             raise DataError(f"the {phase} measurements of {device} are of base model(s) {sorted(other)}, not {base_id}",
                             "pass the --model those sub-networks were cut from")
         rows = [r for r in rows if r["base_id"] == base_id]
+    if rows:
+        from collections import Counter
+
+        counts = Counter((r["threads"], r["backend"]) for r in rows)
+        want_t, want_b = counts.most_common(1)[0][0]
+        want_t = threads if threads is not None else want_t
+        want_b = backend if backend is not None else want_b
+        if len(counts) > 1:
+            log.info("%s %s: using the %d-thread %s measurements (the store also has %s)", device, phase, want_t, want_b,
+                     ", ".join(f"{t}-thread {b}" for t, b in counts if (t, b) != (want_t, want_b)))
+        rows = [r for r in rows if r["threads"] == want_t and r["backend"] == want_b]
     unstable = sum(1 for r in rows if r["unstable"])
     throttled = sum(1 for r in rows if r["throttled"])
     if not include_unstable:
         rows = [r for r in rows if not r["unstable"] and not r["throttled"]]
     if len(rows) < minimum:
         raise DataError(
-            f"{len(rows)} usable {phase} measurements of {device} in {store.path} ({unstable} unstable and "
+            f"{len(rows)} usable {phase} measurements of {device}{'' if threads is None else f' at {threads} threads'} in "
+            f"{store.path} ({unstable} unstable and "
             f"{throttled} throttled excluded); at least {minimum} are needed",
             f"profile more sub-networks: profile-device --host {device} --samples {max(minimum, 20)} --db {store.path}",
         )
@@ -88,6 +106,7 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
         np.array([r["subnet_hash"] for r in rows]), ConfigBatch.from_configs(configs, dims.num_layers),
         np.array([r["seq_len"] for r in rows], dtype=np.float64), np.array([r["past_len"] for r in rows], dtype=np.float64),
         np.array([r["median_ms"] for r in rows], dtype=np.float64), unstable, throttled,
+        threads=int(rows[0]["threads"]), backend=str(rows[0]["backend"]),
     )
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BASE_TERMS = ("const", "linear_macs", "attention_macs", "lm_head_macs", "layers", "kv_bytes")
 MIN_TRAIN = 10
+MIN_TRAIN_TRANSFER = 3  # the transferred base has two parameters
 MIN_BOOST = 30
 SMALL_BATCH = 256
 
@@ -123,8 +124,9 @@ class LatencyPredictor:
     def fit(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> LatencyPredictor:
         y = np.asarray(y_ms, dtype=np.float64)
         n = len(y)
-        if n < MIN_TRAIN:
-            raise DataError(f"{n} measurements; the predictor needs at least {MIN_TRAIN}",
+        minimum = MIN_TRAIN_TRANSFER if self.prior is not None else MIN_TRAIN
+        if n < minimum:
+            raise DataError(f"{n} measurements; the predictor needs at least {minimum}",
                             "profile more sub-networks (profile-device --samples 20)")
         shapes = Shapes.of(n, seq_len, past_len)
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)

@@ -102,6 +102,10 @@ def test_transfer_from_another_device_with_few_measurements() -> None:
     t_acc, s_acc = transferred.score(tb, ts, tp, ty), scratch.score(tb, ts, tp, ty)
     assert t_acc["within_5pct"] >= 0.9
     assert t_acc["mape"] <= s_acc["mape"] * 1.5
+    few = LatencyPredictor(DIMS, "prefill", prior=source).fit(ConfigBatch(*(x[:5] for x in (b2.kept, b2.kv_groups,
+                                                                                          b2.heads_per_group, b2.neurons))),
+                                                               s2[:5], p2[:5], y2[:5])
+    assert few.score(tb, ts, tp, ty)["within_10pct"] >= 0.9  # five measurements of the new device
 
 
 def test_baselines_fit_and_predict() -> None:
