@@ -276,7 +276,8 @@ class Profiler:
                                        "error_class": j.error_class, "attempts": j.attempts, "message": "failed in an earlier sweep"})
                 continue
             pending.append(j)
-        pending.sort(key=lambda j: (list(by_hash).index(j.subnet_hash), j.phase, j.seq_len, j.past_len))
+        order = {h: i for i, h in enumerate(by_hash)}
+        pending.sort(key=lambda j: (order[j.subnet_hash], j.phase, j.seq_len, j.past_len))
         total = len(pending)
         self.progress(0, total, "")
         self._on_board = self.target.models_on_board()

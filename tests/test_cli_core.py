@@ -36,7 +36,7 @@ def test_space_sample_export(tiny_dir, tmp_path, capsys) -> None:
     assert summary["perplexity"] > 1 and summary["params"] > 0
     assert (tmp_path / "x" / "hf" / "config.json").is_file()
     for phase in ("prefill", "decode"):
-        assert (tmp_path / "x" / "onnx").glob(f"*/{phase}.onnx")
+        assert any((tmp_path / "x" / "onnx").glob(f"*/{phase}.onnx"))
 
 
 BAD_CONFIG = '{"base_id":"%s","layers":[{"layer":99,"kv_groups":1,"heads_per_group":1,"neurons":64}]}'
