@@ -28,15 +28,17 @@ def main() -> None:
     ap.add_argument("--device", default="local")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--raw", action="store_true", help="score on the cells' own medians even where they are paired")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base_id, dims = load_base_info(args.model)
     store = Store(args.db)
     for phase in ("prefill", "decode"):
-        m = load_measurements(store, args.device, phase, dims, base_id)
+        m = load_measurements(store, args.device, phase, dims, base_id, use_paired=not args.raw)
         shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
         print(f"\n== {phase}: {len(m)} measurements, {len(set(m.subnet_hashes.tolist()))} sub-networks, shapes {shapes}, "
-              f"{m.excluded_unstable} unstable and {m.excluded_throttled} throttled excluded; {args.folds}-fold by sub-network")
+              f"{m.excluded_unstable} unstable and {m.excluded_throttled} throttled excluded; {args.folds}-fold by sub-network; "
+              f"{m.paired} paired (companion-normalized)")
         print(f"{'model':50s} {'±5%':>7s} {'±10%':>7s} {'MAPE':>7s} {'tau':>6s} {'bound cov.':>10s}")
         for name, r in compare(m, k=args.folds)[0].items():
             cov = r.get("upper_coverage")

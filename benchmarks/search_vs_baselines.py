@@ -1,7 +1,8 @@
 """Search against random search and the hand-made baselines, SmolLM2 on this CPU.
 
-1. Hypervolume of NSGA-II (warm-started from the baselines) and of random search at equal
-   trial budgets, over several seeds.
+1. Hypervolume of NSGA-II and of random search at equal trial budgets (both start from the
+   same baseline configs), over several seeds, at two reference perplexities: 1e5 (any
+   point counts) and --ref-ppl (only sub-networks worth shipping count).
 2. At the perplexity of the best uniform-width baseline under the budget, the fastest
    searched sub-network at least as good: predicted and *measured* latency of both.
 3. Share of verified front points that meet the budget on the device.
@@ -22,6 +23,7 @@ import numpy as np
 
 from predictor.features import ConfigBatch
 from search.baselines import baseline_configs, evaluate_baselines
+from search.pareto import hypervolume
 from search.study import QualityCache, run_search
 from search.verify import pick_spread, verify
 from search.workload import LatencyObjective, Workload
@@ -40,6 +42,9 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=4)
     ap.add_argument("--quality-tokens", type=int, default=1024)
     ap.add_argument("--granularity", choices=["per-layer", "uniform"], default="per-layer")
+    ap.add_argument("--ref-ppl", type=float, default=None,
+                    help="reference perplexity of the second hypervolume (default 10 x the full model's)")
+    ap.add_argument("--algorithms", default="nsga2,random")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ws = Workspace.open("smollm2", eval_budget=args.quality_tokens)
@@ -52,24 +57,36 @@ def main() -> None:
         tmp = Path(tmp)
         cache_file = tmp / "shared.perplexity.jsonl"
         warm = [c for cs in baseline_configs(ws).values() for c in cs]
-        hv: dict[str, list[float]] = {"nsga2": [], "random": []}
+        algos = args.algorithms.split(",")
+        quality0 = QualityCache(cache_file, ws.perplexity)
+        full_ppl = quality0(ws.space.full())
+        ref2 = args.ref_ppl or 10 * full_ppl
+        print(f"full model perplexity {full_ppl:.1f}; hypervolume references: perplexity 1e5 and {ref2:.0f}")
+        hv: dict[str, list[float]] = {a: [] for a in algos}
+        hv2: dict[str, list[float]] = {a: [] for a in algos}
         fronts = []
         for seed in range(args.seeds):
-            for algo in ("nsga2", "random"):
+            for algo in algos:
                 study = tmp / f"{algo}{seed}.db"
                 # one perplexity cache for every run: equal configs cost once, results identical
                 study.with_suffix(".perplexity.jsonl").write_text(cache_file.read_text() if cache_file.exists() else "")
                 res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed, granularity=args.granularity,
-                                 warm_start=warm if algo == "nsga2" else ())
+                                 warm_start=warm)
                 cache_file.write_text(study.with_suffix(".perplexity.jsonl").read_text())
                 hv[algo].append(res.hypervolume)
-                print(f"seed {seed} {algo:6s}: hypervolume {res.hypervolume:8.1f}, front {len(res.front)}, "
+                feas = [p for p in res.points if p["feasible"]]
+                hv2[algo].append(hypervolume(np.array([p["perplexity"] for p in feas]),
+                                             np.array([p["latency_ms"] for p in feas]), ref2, budget))
+                print(f"seed {seed} {algo:6s}: hypervolume {res.hypervolume:8.1f} / {hv2[algo][-1]:7.1f}, "
+                      f"front {len(res.front)}, best ppl {min((p['perplexity'] for p in feas), default=float('nan')):.1f}, "
                       f"feasible {sum(p['feasible'] for p in res.points)}/{len(res.points)}, "
                       f"predictor share {res.seconds['predictor'] / res.seconds['total']:.2%}")
-                if algo == "nsga2":
+                if algo == algos[0]:
                     fronts.extend(res.front)
-        for algo, vals in hv.items():
-            print(f"{algo}: hypervolume mean {statistics.mean(vals):.1f} (min {min(vals):.1f}, max {max(vals):.1f})")
+        for algo in algos:
+            for ref, vals in (("1e5", hv[algo]), (f"{ref2:.0f}", hv2[algo])):
+                print(f"{algo}: hypervolume (ref ppl {ref}) mean {statistics.mean(vals):.1f} "
+                      f"(min {min(vals):.1f}, max {max(vals):.1f})")
         quality = QualityCache(cache_file, ws.perplexity)
         base = evaluate_baselines(ws, obj, quality)
         uni = [b for b in base["uniform width"] if b["latency_ms"] <= budget]

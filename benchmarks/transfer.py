@@ -1,12 +1,19 @@
 """Few-shot transfer of a latency predictor to a new device: learning curves on device B,
 trained from scratch against adapted from device A's predictor.
 
-Here device A is this CPU at 1 thread and device B the same CPU at 2 threads (another
-runtime configuration: different per-op costs, not a rescaling), both in one store:
+Only one CPU is reachable here, so device B is this CPU under another runtime
+configuration, in the same store as A:
+
+- ``--target-backend ort-cpu:opt-disabled``: onnxruntime with graph optimizations off (no
+  fusions, no constant folding): per-op overheads grow, so B is not A rescaled. 1 thread,
+  as quiet as A.
+- ``--target-threads 2``: 2 threads; on this shared 2-core box its medians swing by ~12%,
+  so its own noise caps any predictor.
 
     profile-device --host local --samples 120 --seed 11 --seq-len 64,128 --db runs/bench.db ...
-    profile-device --host local --samples 40 --seed 21 --threads 2 --phases prefill --seq-len 128 --db runs/bench.db
-    python benchmarks/transfer.py --db runs/bench.db
+    profile-device --host local --samples 40 --seed 31 --graph-opt disabled --phases prefill --seq-len 128 \
+        --db runs/bench.db
+    python benchmarks/transfer.py --db runs/bench.db --target-backend ort-cpu:opt-disabled
 """
 
 from __future__ import annotations
@@ -29,20 +36,28 @@ def main() -> None:
     ap.add_argument("--db", required=True)
     ap.add_argument("--device", default="local")
     ap.add_argument("--source-threads", type=int, default=1)
-    ap.add_argument("--target-threads", type=int, default=2)
+    ap.add_argument("--target-threads", type=int, default=1)
+    ap.add_argument("--source-backend", default="ort-cpu")
+    ap.add_argument("--target-backend", default="ort-cpu:opt-disabled")
     ap.add_argument("--phase", default="prefill")
     ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base_id, dims = load_base_info("smollm2")
     store = Store(args.db)
-    a = load_measurements(store, args.device, args.phase, dims, base_id, threads=args.source_threads)
-    b = load_measurements(store, args.device, args.phase, dims, base_id, threads=args.target_threads)
+    a = load_measurements(store, args.device, args.phase, dims, base_id, threads=args.source_threads,
+                          backend=args.source_backend)
+    b = load_measurements(store, args.device, args.phase, dims, base_id, threads=args.target_threads,
+                          backend=args.target_backend)
     store.close()
     source = LatencyPredictor(dims, args.phase).fit(a.batch, a.seq_len, a.past_len, a.y_ms)
     ratio = np.median(b.y_ms) / np.median(a.y_ms)
-    print(f"source: {len(a)} measurements at {args.source_threads} thread(s); target: {len(b)} at "
-          f"{args.target_threads} threads ({b.excluded_unstable} unstable excluded); median latency ratio {ratio:.2f}")
+    print(f"source: {len(a)} measurements ({args.source_backend}, {args.source_threads} thread(s)); target: {len(b)} "
+          f"({args.target_backend}, {args.target_threads} thread(s); {b.excluded_unstable} unstable excluded); "
+          f"median latency ratio B/A {ratio:.2f}")
+    r = b.y_ms / source.predict(b.batch, b.seq_len, b.past_len)
+    print(f"B measured / A's prediction per sub-network: {r.min():.2f}..{r.max():.2f} (CoV {r.std() / r.mean():.1%}): "
+          f"a constant factor would not need these measurements")
     print(f"{'n on B':>6s} {'from scratch: ±5% / ±10% / MAPE':>34s} {'with transfer: ±5% / ±10% / MAPE':>36s}")
     for n in (5, 10, 15, 20):
         res: dict[str, list[dict[str, float]]] = {"scratch": [], "transfer": []}

@@ -4,12 +4,13 @@
 Protocol: one JSON object per line on stdin, {"id": ..., "verb": ..., "args": {...}}; one per
 line on stdout, {"id": ..., "ok": true, "result": {...}} or {"id": ..., "ok": false,
 "error": {"class": ..., "message": ...}}. Verbs: hello, models, verify, materialize, measure,
-telemetry, shutdown.
+evict, telemetry, shutdown.
 
 Everything it writes lies under its root folder (``--root``, by default the folder above its
 own). It needs Python 3.8+, numpy and the runtime, and imports no host code."""
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,25 @@ AGENT_VERSION = "1"
 PROTOCOL = 1
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def disk_free_mb(path):
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize / 1048576.0
+    except (OSError, AttributeError):
+        return None
+
+
+def tree_bytes(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return total
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -66,6 +86,7 @@ class Agent(object):
         except ImportError as e:
             self.import_errors["onnxruntime"] = str(e)
         self.sessions = []  # small LRU of (key tuple, OrtSession, load_ms)
+        self.companions = {}  # (key, phase, ...) -> OrtSession of a paired sweep's companion
         self.probe = None
 
     # --- helpers ------------------------------------------------------------------------
@@ -108,6 +129,7 @@ class Agent(object):
             "board": agent_telemetry.board_info(),
             "telemetry": agent_telemetry.snapshot(),
             "root": self.root,
+            "disk_free_mb": disk_free_mb(self.root),
             "pid": os.getpid(),
         }
 
@@ -166,6 +188,16 @@ class Agent(object):
         rng = np.random.default_rng(int(args.get("seed", 0)))
         tmp = target + ".tmp"
         t0 = time.time()
+        try:
+            self._write_weights(np, rng, manifest, tmp)
+        except BaseException:
+            if os.path.exists(tmp):  # a half-written file on a full disk would keep it full
+                os.remove(tmp)
+            raise
+        os.rename(tmp, target)
+        return {"key": args["key"], "written": True, "seconds": time.time() - t0}
+
+    def _write_weights(self, np, rng, manifest, tmp):
         with open(tmp, "wb") as f:
             pos = 0
             for t in manifest["tensors"]:
@@ -180,14 +212,29 @@ class Agent(object):
                 pos = t["offset"] + t["length"]
             if pos < manifest["weights_bytes"]:
                 f.write(b"\0" * (manifest["weights_bytes"] - pos))
-        os.rename(tmp, target)
-        return {"key": args["key"], "written": True, "seconds": time.time() - t0}
+
+    def evict(self, args):
+        """Delete models from the board's cache. The profiler calls this once a sub-network's
+        cells are measured: a sweep of hundreds of sub-networks would otherwise fill a small
+        board's disk (120 SmolLM2 sub-networks take ~30 GB with their weights)."""
+        keys = list(args.get("keys") or [])
+        dirs = [self.model_dir(k) for k in keys]  # validates every key before deleting anything
+        self.sessions = [s for s in self.sessions if s[0][0] not in keys]
+        self.companions = {k: v for k, v in self.companions.items() if k[0] not in keys}
+        freed, n = 0, 0
+        for d in dirs + [self.model_dir(k, partial=True) for k in keys]:
+            if os.path.isdir(d):
+                freed += tree_bytes(d)
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
+        return {"evicted": n, "freed_bytes": freed, "disk_free_mb": disk_free_mb(self.root)}
 
     def _session(self, args):
         key = (args["key"], args["phase"], args.get("backend", "ort-cpu"), int(args.get("threads", 1)),
-               bool(args.get("spinning", False)), tuple(args.get("affinity") or ()))
-        for k, sess, load_ms in self.sessions:
+               bool(args.get("spinning", False)), tuple(args.get("affinity") or ()), str(args.get("graph_opt", "all")))
+        for i, (k, sess, load_ms) in enumerate(self.sessions):
             if k == key:
+                self.sessions.append(self.sessions.pop(i))  # most recently used last
                 return sess, load_ms, True
         d = self.model_dir(args["key"])
         manifest_path = os.path.join(d, "export.json")
@@ -201,12 +248,34 @@ class Agent(object):
         self.sessions = self.sessions[-1:]  # keep at most two sessions' memory
         t0 = time.perf_counter()
         sess = agent_runtime.OrtSession(self.ort, os.path.join(d, manifest["graphs"][args["phase"]]),
-                                        backend=key[2], threads=key[3], spinning=key[4], affinity=list(key[5]) or None)
+                                        backend=key[2], threads=key[3], spinning=key[4], affinity=list(key[5]) or None,
+                                        graph_opt=key[6])
         load_ms = (time.perf_counter() - t0) * 1000.0
         vocab = [t["shape"][0] for t in manifest["tensors"] if t["name"] == "embed"]
         sess.vocab_size = vocab[0] if vocab else 1000
         self.sessions.append((key, sess, load_ms))
         return sess, load_ms, False
+
+    def _companion(self, args, batch, seq_len, past_len):
+        """The fixed model timed alternately with every cell (``paired`` sweeps), one pinned
+        session per phase and back-end, kept apart from the LRU of measured models."""
+        np = self.np
+        cargs = dict(args)
+        cargs["key"] = args["companion"]
+        key = (cargs["key"], cargs["phase"], cargs.get("backend", "ort-cpu"), int(cargs.get("threads", 1)),
+               str(cargs.get("graph_opt", "all")))
+        if key not in self.companions:
+            saved = self.sessions
+            self.sessions = []
+            try:
+                sess = self._session(cargs)[0]
+            finally:
+                self.sessions = saved
+            self.companions = {k: v for k, v in self.companions.items() if k[1] != key[1]}  # one per phase
+            self.companions[key] = sess
+        sess = self.companions[key]
+        sess.prepare(sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=0))
+        return sess
 
     def _tensorrt(self, args, policy):
         """Native TensorRT cells: build the engine for the sweep's profile (cached), then time."""
@@ -268,11 +337,19 @@ class Agent(object):
         sess, load_ms, reused = self._session(args)
         feeds = sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=int(args.get("seed", 0)))
         sess.prepare(feeds)
+        companion = self._companion(args, batch, seq_len, past_len) if args.get("companion") else None
         try:
             out = sess.run_once()
             sess.check_outputs(np, out, batch)
             t_start = time.perf_counter()
-            times, reason = agent_timing.run_protocol(sess.run_once, policy)
+            if companion is None:
+                times, reason = agent_timing.run_protocol(sess.run_once, policy)
+                paired = {}
+            else:
+                times, other, reason = agent_timing.run_paired(sess.run_once, companion.run_once, policy)
+                ratios = sorted(a / b for a, b in zip(times, other) if b > 0)
+                paired = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
+                          "paired_ratio": agent_timing.percentile(ratios, 50), "companion": args["companion"]}
             timing_s = time.perf_counter() - t_start
         except AgentError:
             raise
@@ -280,6 +357,7 @@ class Agent(object):
             raise AgentError(agent_runtime.classify_exception(e, "runtime_error"), "run failed: %s" % str(e)[:500])
         after = agent_telemetry.snapshot()
         stats = agent_timing.summarize(times, policy.unstable_cov)
+        stats.update(paired)
         reasons = agent_telemetry.throttle_reasons(before, after)
         # Unstable: widely spread runs, or a median whose interval never narrowed to the target.
         stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
@@ -309,7 +387,7 @@ class Agent(object):
 
 def serve(agent, inp, out):
     verbs = {"hello": agent.hello, "models": agent.models, "verify": agent.verify, "materialize": agent.materialize,
-             "measure": agent.measure, "telemetry": agent.telemetry}
+             "measure": agent.measure, "evict": agent.evict, "telemetry": agent.telemetry}
     for line in inp:
         line = line.strip()
         if not line:
@@ -330,6 +408,14 @@ def serve(agent, inp, out):
             resp = {"id": rid, "ok": False, "error": {"class": e.error_class, "message": e.message}}
         except MemoryError as e:
             resp = {"id": rid, "ok": False, "error": {"class": "out_of_memory", "message": "MemoryError: %s" % e}}
+        except EnvironmentError as e:
+            if e.errno != errno.ENOSPC:
+                resp = {"id": rid, "ok": False, "error": {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
+                                                            "traceback": traceback.format_exc()[-2000:]}}
+            else:
+                free = disk_free_mb(agent.root)
+                resp = {"id": rid, "ok": False, "error": {"class": "disk_full", "message": "the board's disk is full "
+                        "(%s MB free under %s): %s" % ("?" if free is None else "%.0f" % free, agent.root, e)}}
         except Exception as e:
             resp = {"id": rid, "ok": False, "error": {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
                                                         "traceback": traceback.format_exc()[-2000:]}}

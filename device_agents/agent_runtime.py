@@ -70,10 +70,15 @@ def graph_inputs(ort, path):
     return [(i.name, list(i.shape)) for i in sess.get_inputs()]
 
 
-class OrtSession(object):
-    """One onnxruntime session with threads, spinning and affinity set explicitly."""
+GRAPH_OPT = ("all", "extended", "basic", "disabled")
 
-    def __init__(self, ort, path, backend="ort-cpu", threads=1, spinning=False, affinity=None, device_id=0):
+
+class OrtSession(object):
+    """One onnxruntime session with threads, spinning, affinity and graph optimization set
+    explicitly."""
+
+    def __init__(self, ort, path, backend="ort-cpu", threads=1, spinning=False, affinity=None, device_id=0,
+                 graph_opt="all"):
         if backend not in BACKENDS:
             raise AgentError("compile_error", "unknown back-end %r; this agent runs %s" % (backend, ", ".join(sorted(BACKENDS))))
         provider = BACKENDS[backend]
@@ -87,7 +92,11 @@ class OrtSession(object):
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if graph_opt not in GRAPH_OPT:
+            raise AgentError("compile_error", "unknown graph optimization %r; use one of %s" % (graph_opt, ", ".join(GRAPH_OPT)))
+        levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                  "disabled": "ORT_DISABLE_ALL"}
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[graph_opt])
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if affinity and int(threads) > 1:
@@ -98,7 +107,8 @@ class OrtSession(object):
             opts = {"device_id": str(device_id)}
             providers = [(provider, opts), "CPUExecutionProvider"]
         self.settings = {"backend": backend, "provider": provider, "threads": int(threads), "inter_op_threads": 1,
-                         "spinning": bool(spinning), "affinity": list(affinity) if affinity else None}
+                         "spinning": bool(spinning), "affinity": list(affinity) if affinity else None,
+                         "graph_opt": graph_opt}
         self.backend = backend
         try:
             self.sess = ort.InferenceSession(path, so, providers=providers)

@@ -38,7 +38,7 @@ def _phases(text: str) -> list[str]:
 
 def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
           plot: bool = True, prior: Path | None = None, console: Console = out_console,
-          threads: int | None = None) -> dict[str, Any]:
+          threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
     """Train, cross-validate against the baselines, save; returns the metrics per phase."""
     from predictor.data import load_measurements
     from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
@@ -55,7 +55,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
     results: dict[str, Any] = {}
     try:
         for phase in phases:
-            m = load_measurements(store, device, phase, dims, base_id, threads=threads)
+            m = load_measurements(store, device, phase, dims, base_id, threads=threads, backend=backend)
             prior_p = None
             if prior is not None:
                 prior_p, _ = load_predictor(prior / phase if (prior / phase).is_dir() else prior, base_id=base_id, phase=phase)
@@ -67,7 +67,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
                            {"cv": comparison, "threads": m.threads, "backend": m.backend,
                             "excluded_unstable": m.excluded_unstable,
-                            "excluded_throttled": m.excluded_throttled, "n": len(m)})
+                            "excluded_throttled": m.excluded_throttled, "n": len(m), "paired": m.paired})
             shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
             console.print(metrics_table(
                 f"{phase}: {len(m)} measurements of {len(set(m.subnet_hashes.tolist()))} sub-networks on {m.device_name} "
@@ -77,6 +77,9 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             excluded = m.excluded_unstable + m.excluded_throttled
             console.print(f"excluded: {m.excluded_unstable} unstable, {m.excluded_throttled} throttled measurement(s)"
                           if excluded else "excluded: none (no unstable or throttled measurements)")
+            if m.paired:
+                console.print(f"{m.paired} of {len(m)} latencies are paired: ratio to the interleaved companion x its "
+                              "median (profile-device --paired)")
             if plot:
                 png = plot_predicted_vs_measured(m.y_ms, oof, folder / "predicted_vs_measured.png",
                                                  f"{m.device_name} {phase}: held-out predictions")
@@ -98,11 +101,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--transfer-from", type=Path, default=None,
                    help="a predictor folder of another device: adapt it with this device's (few) measurements")
     p.add_argument("--threads", type=int, default=None, help="use the measurements at this thread count (default: the most measured)")
+    p.add_argument("--backend", default=None,
+                   help="use the measurements of this back-end as stored, e.g. ort-cpu:opt-disabled (default: the most measured)")
     p.add_argument("--no-plot", action="store_true")
 
     def handle(a: argparse.Namespace) -> int:
         train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
-              not a.no_plot, a.transfer_from, threads=a.threads)
+              not a.no_plot, a.transfer_from, threads=a.threads, backend=a.backend)
         return 0
 
     return run(p, argv, handle)

@@ -36,6 +36,7 @@ class Measurements:
     excluded_throttled: int
     threads: int = 1
     backend: str = "ort-cpu"
+    paired: int = 0  # measurements whose latency is companion-normalized (see ``paired_latency``)
 
     def __len__(self) -> int:
         return len(self.y_ms)
@@ -58,7 +59,7 @@ class Measurements:
 
 def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, base_id: str | None = None,
                       include_unstable: bool = False, minimum: int = MIN_TRAIN, threads: int | None = None,
-                      backend: str | None = None) -> Measurements:
+                      backend: str | None = None, use_paired: bool = True) -> Measurements:
     """The usable measurements of one device, phase, thread count and back-end (by default
     the thread count and back-end most measured): latency at 1 and 4 threads are different
     devices for a predictor."""
@@ -88,6 +89,10 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
         if len(counts) > 1:
             log.info("%s %s: using the %d-thread %s measurements (the store also has %s)", device, phase, want_t, want_b,
                      ", ".join(f"{t}-thread {b}" for t, b in counts if (t, b) != (want_t, want_b)))
+        if (want_t, want_b) not in counts:
+            have = ", ".join(f"{b} at {t} thread(s) ({n})" for (t, b), n in counts.most_common())
+            raise DataError(f"{device} has no {phase} measurements of back-end {want_b} at {want_t} thread(s) in {store.path}",
+                            f"pick one it has: {have} (--backend, --threads)")
         rows = [r for r in rows if r["threads"] == want_t and r["backend"] == want_b]
     unstable = sum(1 for r in rows if r["unstable"])
     throttled = sum(1 for r in rows if r["throttled"])
@@ -101,13 +106,33 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
             f"profile more sub-networks: profile-device --host {device} --samples {max(minimum, 20)} --db {store.path}",
         )
     configs = [SubnetConfig.from_json(r["config"]) for r in rows]
+    seq = np.array([r["seq_len"] for r in rows], dtype=np.float64)
+    past = np.array([r["past_len"] for r in rows], dtype=np.float64)
+    if use_paired:
+        y, paired = paired_latency(rows, seq, past)
+    else:
+        y, paired = np.array([r["median_ms"] for r in rows], dtype=np.float64), 0
     return Measurements(
         dims, dev["name"], dev["fingerprint"], rows[0]["base_id"], phase, configs,
         np.array([r["subnet_hash"] for r in rows]), ConfigBatch.from_configs(configs, dims.num_layers),
-        np.array([r["seq_len"] for r in rows], dtype=np.float64), np.array([r["past_len"] for r in rows], dtype=np.float64),
-        np.array([r["median_ms"] for r in rows], dtype=np.float64), unstable, throttled,
-        threads=int(rows[0]["threads"]), backend=str(rows[0]["backend"]),
+        seq, past, y, unstable, throttled, threads=int(rows[0]["threads"]), backend=str(rows[0]["backend"]),
+        paired=paired,
     )
+
+
+def paired_latency(rows: list[dict], seq: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, int]:
+    """Latency per measurement: the median, or for a paired cell (timed alternately with a
+    fixed companion model) its ratio to the companion times the companion's median over all
+    paired cells of that shape. The board's common slow phases cancel in the ratio; the
+    scale stays milliseconds of a typical moment."""
+    y = np.array([r["median_ms"] for r in rows], dtype=np.float64)
+    ratio = np.array([np.nan if r.get("paired_ratio") is None else r["paired_ratio"] for r in rows], dtype=np.float64)
+    comp = np.array([np.nan if r.get("companion_ms") is None else r["companion_ms"] for r in rows], dtype=np.float64)
+    ok = np.isfinite(ratio) & np.isfinite(comp) & (ratio > 0)
+    for s, p in set(zip(seq[ok].tolist(), past[ok].tolist())):
+        k = ok & (seq == s) & (past == p)
+        y[k] = ratio[k] * float(np.median(comp[k]))
+    return y, int(ok.sum())
 
 
 def device_info(store: Store, fingerprint: str) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from predictor.features import FEATURE_SCHEMA_VERSION, FEATURES
-from predictor.model import LatencyPredictor
+from predictor.model import BASE_TERMS, LatencyPredictor
 from subnets.errors import EdgenasError
 from subnets.space import BaseDims
 
@@ -58,6 +58,7 @@ def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerpr
         "format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": FEATURE_SCHEMA_VERSION,
         "features": list(FEATURES), "device_name": device_name, "device_fingerprint": fingerprint,
         "base_id": base_id, "phase": p.phase, "dims": p.dims.to_dict(), "alpha": p.alpha, "log_q": p.log_q,
+        "base_terms": list(BASE_TERMS),
         "base_coef": None if p.base_coef is None else p.base_coef.tolist(),
         "base_scale": None if p.base_scale is None else p.base_scale.tolist(),
         "transfer_coef": None if p.transfer_coef is None else list(p.transfer_coef),
@@ -98,6 +99,10 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
             raise PredictorFileError(
                 f"{folder} uses feature schema {meta.get('feature_schema')}, this edgenas computes {FEATURE_SCHEMA_VERSION}",
                 "retrain the predictor with this version (train-predictor)")
+    if meta.get("base_coef") is not None and meta.get("base_terms") != list(BASE_TERMS):
+        raise PredictorFileError(
+            f"{folder} was fitted on base terms {meta.get('base_terms') or 'of an older edgenas'}, this edgenas uses "
+            f"{', '.join(BASE_TERMS)}", "retrain the predictor with this version (train-predictor)")
     for name, digest in (meta.get("files") or {}).items():
         f = folder / name
         if not f.is_file():

@@ -61,13 +61,22 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["none", "real"], default="none",
                    help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="engine precision (trt, trtexec)")
+    p.add_argument("--graph-opt", choices=["all", "extended", "basic", "disabled"], default="all",
+                   help="onnxruntime graph optimization level (default all; stored as part of the back-end)")
     p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per cell at least")
+    p.add_argument("--decode-min-time", type=float, default=None,
+                   help="timed seconds per decode cell at least (default 3 x --min-time: decode steps are short and drift)")
     p.add_argument("--max-time", type=float, default=20.0, help="timed seconds per cell at most")
     p.add_argument("--target-ci", type=float, default=0.02, help="stop when the median's 95%% CI half-width is within this fraction")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--reference-every", type=int, default=20, help="re-measure the reference every N jobs (0: never)")
     p.add_argument("--drift-threshold", type=float, default=0.03)
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed in earlier sweeps")
+    p.add_argument("--paired", action="store_true",
+                   help="time every cell alternately with the reference sub-network and store the ratio (cancels a "
+                        "shared or drifting board's common slow-downs; cells take twice as long)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="leave measured models on the board (default: delete each once its cells are measured)")
     p.add_argument("--connect-timeout", type=float, default=None)
     p.add_argument("--handshake-timeout", type=float, default=120.0)
     p.add_argument("--measure-timeout", type=float, default=None, help="seconds for one measurement (default 3 x max-time + 120)")
@@ -115,9 +124,11 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     backend = args.backend or spec_host.backend
     timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci}
     spec = SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len, threads=threads,
-                     backend=backend, timing=timing, weights=args.weights, max_attempts=args.max_attempts,
+                     backend=backend, timing=timing, decode_min_time_s=args.decode_min_time or 3 * args.min_time,
+                     weights=args.weights, max_attempts=args.max_attempts,
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
-                     retry_failed=args.retry_failed, precision=args.precision)
+                     retry_failed=args.retry_failed, precision=args.precision,
+                     graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired)
     timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
                         upload_stall=args.upload_timeout,
                         measure=args.measure_timeout or 3 * args.max_time + 120)

@@ -17,6 +17,7 @@ class ErrorClass(str, Enum):
     WRONG_ANSWER = "wrong_answer"  # non-finite or wrongly shaped outputs
     CONNECTION_LOST = "connection_lost"
     PROTOCOL_ERROR = "protocol_error"
+    DISK_FULL = "disk_full"  # the board's disk: the profiler evicts its other models and retries
     UNKNOWN = "unknown"
 
     @classmethod
@@ -30,7 +31,7 @@ class ErrorClass(str, Enum):
     def retryable(self) -> bool:
         """Worth another attempt: transient faults, not deterministic failures."""
         return self in (ErrorClass.TIMEOUT, ErrorClass.CONNECTION_LOST, ErrorClass.RUNTIME_ERROR,
-                        ErrorClass.LOAD_ERROR, ErrorClass.UNKNOWN, ErrorClass.PROTOCOL_ERROR)
+                        ErrorClass.LOAD_ERROR, ErrorClass.UNKNOWN, ErrorClass.PROTOCOL_ERROR, ErrorClass.DISK_FULL)
 
 
 class MeasureError(Exception):

@@ -17,7 +17,10 @@ from typing import Any
 
 from profiler.errors import ErrorClass, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# v2 added the paired (companion-interleaved) timing of a cell; v1 stores gain the columns.
+MIGRATIONS = {1: ("ALTER TABLE measurements ADD COLUMN companion_ms REAL",
+                  "ALTER TABLE measurements ADD COLUMN paired_ratio REAL")}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,7 +41,8 @@ CREATE TABLE IF NOT EXISTS measurements(
   past_len INTEGER NOT NULL, backend TEXT NOT NULL, threads INTEGER NOT NULL, is_reference INTEGER NOT NULL,
   median_ms REAL NOT NULL, mean_ms REAL, p90_ms REAL, p99_ms REAL, std_ms REAL, cov REAL, n INTEGER,
   median_rel_ci REAL, load_ms REAL, peak_rss_mb REAL, unstable INTEGER NOT NULL, throttled INTEGER NOT NULL,
-  stop_reason TEXT, export_key TEXT, raw_ms TEXT, telemetry TEXT, versions TEXT, settings TEXT, created REAL NOT NULL);
+  stop_reason TEXT, export_key TEXT, raw_ms TEXT, telemetry TEXT, versions TEXT, settings TEXT, created REAL NOT NULL,
+  companion_ms REAL, paired_ratio REAL);
 CREATE INDEX IF NOT EXISTS meas_device ON measurements(device_id, phase);
 CREATE TABLE IF NOT EXISTS sweeps(
   id INTEGER PRIMARY KEY, device_id INTEGER, started REAL NOT NULL, finished REAL, args TEXT, summary TEXT);
@@ -47,7 +51,7 @@ CREATE TABLE IF NOT EXISTS sweeps(
 EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
                   "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
                   "std_ms", "cov", "n", "median_rel_ci", "load_ms", "peak_rss_mb", "unstable", "throttled",
-                  "stop_reason", "config", "created"]
+                  "stop_reason", "companion_ms", "paired_ratio", "config", "created"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,12 @@ class Store:
         if "meta" in tables:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             found = int(row[0]) if row else None
+            if found in MIGRATIONS and found < SCHEMA_VERSION:
+                with self.tx():
+                    for stmt in MIGRATIONS[found]:
+                        self.db.execute(stmt)
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(found + 1),))
+                return self._check_schema()
             if found != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} was written by an incompatible edgenas (store schema {found}, this version reads {SCHEMA_VERSION})",
@@ -188,13 +198,14 @@ class Store:
         cur = self.db.execute(
             "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
             "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
-            "unstable, throttled, stop_reason, export_key, raw_ms, telemetry, versions, settings, created) "
-            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "unstable, throttled, stop_reason, export_key, raw_ms, telemetry, versions, settings, created, companion_ms, "
+            "paired_ratio) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, int(is_ref),
              r["median_ms"], r.get("mean_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("std_ms"), r.get("cov"),
              r.get("n"), r.get("median_rel_ci"), r.get("load_ms"), r.get("peak_rss_mb"), int(bool(r.get("unstable"))),
              int(bool(r.get("throttled"))), r.get("stop_reason"), export_key, json.dumps(r.get("raw_ms")),
-             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(r.get("settings")), time.time()))
+             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(r.get("settings")), time.time(),
+             r.get("companion_median_ms"), r.get("paired_ratio")))
         return int(cur.lastrowid)
 
     # --- sweeps -------------------------------------------------------------------------

@@ -37,19 +37,34 @@ class SweepSpec:
     threads: int = 1
     backend: str = "ort-cpu"
     timing: dict[str, Any] = field(default_factory=dict)
+    # A decode step is short and memory-bound: its median wanders with other tenants' memory
+    # traffic on a time scale of seconds, which a within-cell CI cannot see. On this box the
+    # spread of a decode cell's median over repeats fell from 4.5% (0.3 s timed) to 2.5% (1 s)
+    # and 1.3-1.6% (3 s), so decode cells get a longer minimum (None: the same as prefill).
+    decode_min_time_s: float | None = None
     weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
     precision: str = "fp16"  # TensorRT back-ends only
+    graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
 
     @property
     def backend_tag(self) -> str:
-        """The back-end as stored: TensorRT engines differ by precision, so it is part of it."""
-        return f"{self.backend}:{self.precision}" if self.backend in ("trt", "trtexec") else self.backend
+        """The back-end as stored: TensorRT engines differ by precision and onnxruntime
+        sessions by graph optimization level, so these are part of it."""
+        if self.backend in ("trt", "trtexec"):
+            return f"{self.backend}:{self.precision}"
+        return self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
     opset: int = 17
     max_attempts: int = 3
     reconnect_attempts: int = 4
     reference_every: int = 20
     drift_threshold: float = 0.03
     retry_failed: bool = False
+    # Delete each sub-network's files from the board once its cells are measured: boards have
+    # small disks, and 120 SmolLM2 sub-networks with weights take ~30 GB.
+    keep_models: bool = False
+    # Time every cell alternately with the reference sub-network and store the ratio: shared
+    # or thermally drifting boards slow all models at once, which the ratio cancels.
+    paired: bool = False
 
 
 @dataclass
@@ -71,6 +86,7 @@ class SweepSummary:
     seconds: dict[str, float] = field(default_factory=lambda: {"export": 0.0, "upload": 0.0, "session_load": 0.0,
                                                               "timing": 0.0, "total": 0.0})
     bytes_uploaded: int = 0
+    evicted_bytes: int = 0
     subnets_measured: int = 0
     stopped: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -152,6 +168,7 @@ class Profiler:
         self.reference = reference or workspace.space.full()
         self._exports: dict[str, ExportedSubnet] = {}
         self._on_board: set[str] = set()
+        self._reference_key = ""
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions, summary: SweepSummary) -> ExportedSubnet:
@@ -163,16 +180,36 @@ class Profiler:
             summary.seconds["export"] += time.perf_counter() - t0
         return self._exports[h]
 
+    def _timing(self, phase: str) -> dict[str, Any]:
+        timing = dict(self.spec.timing)
+        if phase == "decode" and self.spec.decode_min_time_s is not None:
+            timing["min_time_s"] = max(float(timing.get("min_time_s", 0.0)), self.spec.decode_min_time_s)
+            timing["max_time_s"] = max(float(timing.get("max_time_s", 20.0)), timing["min_time_s"])
+        return timing
+
     def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,
-                 summary: SweepSummary) -> dict[str, Any]:
+                 summary: SweepSummary, options: ExportOptions | None = None) -> dict[str, Any]:
+        """One cell; with ``options`` and a paired sweep, timed alternately with the reference."""
         t0 = time.perf_counter()
         if self.target.ensure_model(exported, self._on_board):
             summary.seconds["upload"] += time.perf_counter() - t0
+        companion = None
+        if self.spec.paired and options is not None:
+            ref = self._export(self.reference, options, summary)
+            self._reference_key = ref.key
+            if ref.key != exported.key:
+                t0 = time.perf_counter()
+                if self.target.ensure_model(ref, self._on_board):
+                    summary.seconds["upload"] += time.perf_counter() - t0
+                companion = ref.key
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
-                "timing": self.spec.timing, "precision": self.spec.precision,
+                "timing": self._timing(phase), "precision": self.spec.precision,
+                "graph_opt": self.spec.graph_opt,
                 # one TensorRT engine per model and phase covers the sweep's whole shape grid
                 "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
+        if companion is not None:
+            args["companion"] = companion
         result = self.target.call("measure", args, timeout=self.target.timeouts.measure)
         if not result.get("session_reused"):
             summary.seconds["session_load"] += result.get("load_ms", 0.0) / 1000.0
@@ -202,11 +239,24 @@ class Profiler:
                         f"(last fault: {err.error_class.value}: {err.message})",
                         "check the board; rerun the same command to resume (finished measurements are kept)")
 
+    def _evict(self, keys: set[str], summary: SweepSummary) -> None:
+        """Free the board's disk; a failure here is logged, never fatal to the sweep."""
+        keys = {k for k in keys if k}
+        if not keys:
+            return
+        try:
+            r = self.target.call("evict", {"keys": sorted(keys)}, timeout=self.target.timeouts.handshake)
+            summary.evicted_bytes += int(r.get("freed_bytes") or 0)
+        except (MeasureError, HostError, OSError) as e:
+            log.warning("could not delete %d model(s) from %s: %s", len(keys), self.target.spec.name, e)
+        self._on_board -= keys
+
     def _reference(self, options: ExportOptions, device_id: int, summary: SweepSummary) -> None:
         phase = self.spec.phases[0]
         seq = self.spec.seq_lens[0] if phase == "prefill" else 1
         past = self.spec.past_lens[0] if phase == "decode" else 0
         exported = self._export(self.reference, options, summary)
+        self._reference_key = exported.key
         try:
             r = self._measure(exported, phase, seq, past, summary)
         except MeasureError as e:
@@ -295,7 +345,7 @@ class Profiler:
                     self.store.start_attempt(job.id)
                     try:
                         exported = self._export(config, options, summary)
-                        result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary)
+                        result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary, options)
                         self.store.finish_job(job, device_id, result, exported.key)
                         summary.measured += 1
                         summary.unstable += int(bool(result.get("unstable")))
@@ -311,6 +361,9 @@ class Profiler:
                                     e.error_class.value, e.message)
                         if e.error_class == ErrorClass.LOAD_ERROR:
                             self._on_board.discard(self._exports[job.subnet_hash].key if job.subnet_hash in self._exports else "")
+                        elif e.error_class == ErrorClass.DISK_FULL:
+                            current = self._exports[job.subnet_hash].key if job.subnet_hash in self._exports else ""
+                            self._evict(self.target.models_on_board() - {current}, summary)
                         else:
                             self._recover(e, summary)
                         if final:
@@ -319,6 +372,11 @@ class Profiler:
                                                    "attempts": attempts, "message": e.message})
                             break
                         summary.retries += 1
+                last_of_subnet = done + 1 == total or pending[done + 1].subnet_hash != job.subnet_hash
+                if last_of_subnet and not spec.keep_models and job.subnet_hash in self._exports:
+                    key = self._exports[job.subnet_hash].key
+                    if key != self._reference_key:
+                        self._evict({key}, summary)
                 since_ref += 1
                 if spec.reference_every and since_ref >= spec.reference_every:
                     since_ref = 0

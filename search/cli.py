@@ -27,7 +27,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-budget-ms", type=float, required=True, help="hard limit on the predicted upper bound")
     p.add_argument("--workload", default="128,64", help="S,N: a prompt of S tokens then N generated (default 128,64)")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="nsga2")
-    p.add_argument("--evals", type=int, default=100, help="trials (sub-networks proposed)")
+    p.add_argument("--evals", type=int, default=100, help="sub-networks evaluated for perplexity (the search's cost; candidates over the budget are "
+                   "rejected by the predictor and not counted)")
     p.add_argument("--granularity", choices=["per-layer", "uniform"], default="per-layer")
     p.add_argument("--max-params", type=float, default=None, help="hard limit on parameters")
     p.add_argument("--verify", type=int, default=0, help="measure K front points on the device")
@@ -55,7 +56,7 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
 
     wl = Workload.parse(args.workload)
     if args.evals < 1:
-        raise SearchError(f"--evals {args.evals} is not positive", "ask for at least 1 trial")
+        raise SearchError(f"--evals {args.evals} is not positive", "ask for at least 1 evaluation")
     if not args.latency_budget_ms > 0:
         raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
     base_id, _ = load_base_info(args.model)

@@ -3,7 +3,9 @@ perplexity and predicted workload latency under a hard budget on the predicted u
 
 Algorithms: ``nsga2`` (Optuna's NSGA-II with constraints), ``random`` (the baseline), and
 ``local`` (random start, then one-step mutations of points on the current front, fed through
-the same ask/tell loop with ``enqueue_trial``). The study lives in SQLite, so a crashed
+the same ask/tell loop with ``enqueue_trial``). The budget is in perplexity evaluations (what
+a search costs); candidates the predictor puts over the latency budget are told at once. The
+study lives in SQLite, so a crashed
 search resumes and several workers can share one. Perplexity is cached by config hash next to
 the study; infeasible candidates are never evaluated for quality."""
 
@@ -95,7 +97,11 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
                storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
                study_name: str | None = None, ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (),
-               progress: Callable[[int, int, dict[str, Any] | None], None] | None = None) -> SearchResult:
+               progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+               max_trials: int | None = None) -> SearchResult:
+    """Search until ``evals`` feasible sub-networks have been evaluated for perplexity (the
+    search's cost: a candidate over the budget is rejected by the predictor in microseconds
+    and does not count), or ``max_trials`` candidates (default 20 x evals) were proposed."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -123,15 +129,18 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     def done_trials() -> list[Any]:
         return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
-    n_done = len(done_trials())
+    max_trials = max_trials or 20 * evals + 100
+    done = done_trials()
+    n_done = len(done)
+    n_eval = sum(1 for t in done if t.user_attrs.get("feasible"))
     if n_done == 0:
         # Known-good structured points (the baselines) as the first generation: the search
         # starts from them and improves on them rather than rediscovering them.
         for c in warm_start[:evals]:
             study.enqueue_trial(enc.encode(c), skip_if_exists=True)
     init = max(8, evals // 5)
-    while n_done < evals:
-        if algorithm == "local" and n_done >= init:
+    while n_eval < evals and n_done < max_trials:
+        if algorithm == "local" and n_eval >= init:
             trials = [t for t in done_trials() if t.user_attrs.get("feasible")]
             if trials:
                 vals = np.array([t.values for t in trials])
@@ -158,10 +167,14 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         t_quality += time.perf_counter() - a
         study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
         n_done += 1
+        n_eval += int(feasible)
         if feasible and (best is None or ppl < best["perplexity"]):
             best = {"perplexity": ppl, "latency_ms": lat, "summary": config.summary()}
         if progress:
-            progress(n_done, evals, best)
+            progress(n_eval, evals, best)
+    if n_eval < evals:
+        log.warning("stopped after %d proposed sub-networks with %d of %d evaluations: most candidates exceed the "
+                    "budget; raise --latency-budget-ms", n_done, n_eval, evals)
 
     points = []
     for t in done_trials():

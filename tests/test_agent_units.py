@@ -211,3 +211,67 @@ def test_a_few_outliers_do_not_make_a_cell_unstable() -> None:
     assert s["robust_cov"] < 0.01
     noisy = [0.010 * (1 + 0.6 * ((i * 7919) % 13) / 13) for i in range(200)]  # spread through and through
     assert summarize(noisy)["unstable"]
+
+
+def _serve_one(agent: object, request: dict) -> dict:
+    import io
+    import json
+
+    from device_agents.agent import serve
+
+    out = io.StringIO()
+    serve(agent, io.StringIO(json.dumps(request) + "\n"), out)
+    return json.loads(out.getvalue())
+
+
+def test_a_full_disk_is_its_own_error_class(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from device_agents.agent import Agent
+
+    agent = Agent(str(tmp_path))
+
+    def full(args: dict) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(agent, "materialize", full)
+    resp = _serve_one(agent, {"id": 1, "verb": "materialize", "args": {"key": "abc"}})
+    assert resp["ok"] is False and resp["error"]["class"] == "disk_full"
+    assert "disk is full" in resp["error"]["message"] and str(tmp_path) in resp["error"]["message"]
+    other = _serve_one(agent, {"id": 2, "verb": "evict", "args": {"keys": ["../etc"]}})
+    assert other["ok"] is False and other["error"]["class"] == "load_error"  # keys are validated
+
+
+def test_evict_deletes_models_and_frees_their_bytes(tmp_path) -> None:
+    from device_agents.agent import Agent
+
+    agent = Agent(str(tmp_path))
+    for key in ("aaa", "bbb"):
+        d = tmp_path / "models" / key
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(b"\1" * 4096)
+        (d / ".verified").write_text("")
+    resp = _serve_one(agent, {"id": 1, "verb": "evict", "args": {"keys": ["aaa", "zzz"]}})
+    assert resp["ok"] and resp["result"]["evicted"] == 1 and resp["result"]["freed_bytes"] >= 4096
+    assert agent.models({})["models"] == ["bbb"]
+
+
+def test_paired_protocol_times_both_models_alternately() -> None:
+    from device_agents.agent_timing import run_paired
+
+    clock = FakeClock()
+    calls: list[str] = []
+
+    def fn() -> None:
+        calls.append("a")
+        clock.t += 0.010
+
+    def companion() -> None:
+        calls.append("b")
+        clock.t += 0.040
+
+    times, other, reason = run_paired(fn, companion, TimingPolicy(warmup_runs=2, warmup_s=0.0, min_runs=10, min_time_s=1.0,
+                                                                   max_time_s=10), clock=clock)
+    assert reason == "converged" and len(times) == len(other) >= 10
+    assert "".join(calls).startswith("abab") and "aa" not in "".join(calls)
+    assert abs(sum(times) / sum(other) - 0.25) < 1e-9

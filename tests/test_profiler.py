@@ -284,3 +284,81 @@ def test_active_profiling_picks_unmeasured_uncertain_subnetworks(tiny_dir, tmp_p
     capsys.readouterr()
     assert profile_device_main([*common, "--active", "2", "--db", str(tmp_path / "none.db")]) == 2
     assert "needs earlier measurements" in capsys.readouterr().err
+
+
+def test_graph_opt_and_decode_min_time_reach_the_agent(tiny_dir, tmp_path) -> None:
+    """--graph-opt is part of the stored back-end (a predictor never mixes levels) and decode
+    cells are timed for at least --decode-min-time."""
+    import json
+
+    from profiler.cli import main
+
+    db = tmp_path / "opt.db"
+    code = main(["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--samples", "1", "--seq-len", "8",
+                 "--past-len", "8", "--db", str(db), "--min-time", "0.02", "--decode-min-time", "0.15", "--max-time",
+                 "0.5", "--graph-opt", "disabled", "--reference-every", "0"])
+    assert code == 0
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    store.close()
+    assert {r["backend"] for r in rows} == {"ort-cpu:opt-disabled"}
+    assert all(json.loads(r["settings"])["graph_opt"] == "disabled" for r in rows)
+    decode = [r for r in rows if r["phase"] == "decode"]
+    assert decode and all(sum(json.loads(r["raw_ms"])) >= 0.8 * 150 for r in decode)
+
+
+def test_measured_models_leave_the_board_unless_kept(tiny_ws, tmp_path) -> None:
+    """Boards have small disks: a sub-network's files are deleted once its cells are measured."""
+    from profiler.hosts import resolve_host
+    from profiler.targets import Timeouts, make_target
+    from tests.helpers import sweep
+
+    configs = tiny_ws.space.sample(3, seed=5)
+    for keep, db in ((False, tmp_path / "a.db"), (True, tmp_path / "b.db")):
+        summary = sweep(tiny_ws, "local", db, configs, keep_models=keep)
+        assert summary.measured == 6
+        with sqlite3.connect(db) as c:
+            keys = {r[0] for r in c.execute("SELECT export_key FROM measurements")}
+        target = make_target(resolve_host("local"), Timeouts())
+        target.start()
+        try:
+            on_board = target.models_on_board()
+        finally:
+            target.stop()
+        assert (keys <= on_board) if keep else not (keys & on_board)
+        assert (summary.evicted_bytes == 0) if keep else summary.evicted_bytes > 0
+
+
+def test_paired_sweep_stores_ratios_and_the_predictor_uses_them(tiny_ws, tmp_path) -> None:
+    import numpy as np
+
+    from predictor.data import load_measurements
+    from tests.helpers import sweep
+
+    db = tmp_path / "paired.db"
+    configs = tiny_ws.space.sample(10, seed=8)
+    summary = sweep(tiny_ws, "local", db, configs, paired=True, phases=("prefill",))
+    assert summary.measured == 10
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    assert all(r["paired_ratio"] > 0 and r["companion_ms"] > 0 for r in rows)
+    m = load_measurements(store, "local", "prefill", tiny_ws.space.dims, tiny_ws.base.base_id)
+    store.close()
+    assert m.paired == 10
+    comp = np.median([r["companion_ms"] for r in rows])
+    by_hash = {r["subnet_hash"]: r["paired_ratio"] * comp for r in rows}
+    assert np.allclose(m.y_ms, [by_hash[h] for h in m.subnet_hashes])
+
+
+def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
+    db = tmp_path / "old.db"
+    Store(db).close()
+    with sqlite3.connect(db) as c:
+        c.execute("ALTER TABLE measurements DROP COLUMN paired_ratio")
+        c.execute("ALTER TABLE measurements DROP COLUMN companion_ms")
+        c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    Store(db).close()
+    with sqlite3.connect(db) as c:
+        cols = {r[1] for r in c.execute("PRAGMA table_info(measurements)")}
+        assert {"paired_ratio", "companion_ms"} <= cols
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
