@@ -8,7 +8,7 @@
 3. Share of verified front points that meet the budget on the device.
 
     python benchmarks/search_vs_baselines.py --predictor runs/predictors/local --db runs/bench.db \\
-        --budget-share 0.7 --evals 40 --seeds 3 [--granularity uniform]
+        --budget-share 0.85 --evals 120 --seeds 3 --quality-tokens 512 [--granularity tapered|per-layer|uniform]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--verify", type=int, default=4)
     ap.add_argument("--quality-tokens", type=int, default=1024)
-    ap.add_argument("--granularity", choices=["per-layer", "uniform"], default="per-layer")
+    ap.add_argument("--granularity", choices=["per-layer", "tapered", "uniform"], default="tapered")
     ap.add_argument("--ref-ppl", type=float, default=None,
                     help="reference perplexity of the second hypervolume (default 10 x the full model's)")
     ap.add_argument("--algorithms", default="nsga2,random")
@@ -89,7 +89,8 @@ def main() -> None:
                       f"(min {min(vals):.1f}, max {max(vals):.1f})")
         quality = QualityCache(cache_file, ws.perplexity)
         base = evaluate_baselines(ws, obj, quality)
-        uni = [b for b in base["uniform width"] if b["latency_ms"] <= budget]
+        # the search's own rule: the predicted upper bound within the budget
+        uni = [b for b in base["uniform width"] if b["upper_ms"] <= budget]
         if not uni or not fronts:
             print("no uniform baseline under the budget; raise --budget-share")
             return

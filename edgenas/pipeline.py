@@ -105,7 +105,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                   f"{args.budget_share:.0%} of it = {budget} ms")
     search_args = argparse.Namespace(
         device=args.host, predictor=pred_dir, latency_budget_ms=budget, workload=args.workload, algorithm="nsga2",
-        evals=args.evals, granularity="per-layer", max_params=None, verify=args.verify, host=args.host, db=db,
+        evals=args.evals, granularity="tapered", max_params=None, verify=args.verify, host=args.host, db=db,
         out=args.out / "search", model=args.model, neuron_step=args.neuron_step, seed=args.seed,
         quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False)
     found = search(search_args, console, ws=ws)

@@ -88,8 +88,10 @@ def make_sampler(algorithm: str, seed: int, population: int) -> Any:
 def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float, SubnetConfig]:
     d = enc.space.dims
     params = {"layers": enc.space.min_layers}
-    for i in ([0] if enc.granularity == "uniform" else range(d.num_layers)):
+    for i in ([0] if enc.shared else range(d.num_layers)):
         params.update({f"g{i}": 1, f"h{i}": 1, f"n{i}": 0})
+    if enc.granularity == "tapered":
+        params["taper"] = 0
     c = enc.decode(params)
     return float(objective.predict_upper(enc.batch([c]))[0]), c
 

@@ -41,12 +41,13 @@ def test_workload_sum_is_exact_for_affine_decode() -> None:
     assert abs(wl.total(np.array([0.0]), dec)[0] - exact) < 1e-9
 
 
-@pytest.mark.parametrize("algorithm", ["nsga2", "random", "local"])
-def test_search_returns_a_feasible_front(tiny_ws, tiny_predictor, tmp_path, algorithm) -> None:
+@pytest.mark.parametrize(("algorithm", "granularity"), [("nsga2", "per-layer"), ("random", "per-layer"),
+                                                        ("local", "per-layer"), ("nsga2", "tapered")])
+def test_search_returns_a_feasible_front(tiny_ws, tiny_predictor, tmp_path, algorithm, granularity) -> None:
     obj = objective(tiny_ws, tiny_predictor)
     full = float(obj.predict_upper(ConfigBatch.from_configs([tiny_ws.space.full()], 4))[0])
     budget = 0.7 * full
-    res = run_search(tiny_ws, obj, algorithm, 24, budget, tmp_path / "study.db", seed=1)
+    res = run_search(tiny_ws, obj, algorithm, 24, budget, tmp_path / "study.db", seed=1, granularity=granularity)
     feasible = [p for p in res.points if p["feasible"]]
     assert len(feasible) == 24  # the budget counts perplexity evaluations, not rejected candidates
     assert res.front and all(p["feasible"] and p["upper_ms"] <= budget for p in res.front)
@@ -122,3 +123,19 @@ def test_cli_bad_input(argv, needle, tiny_dir, tiny_predictor, tmp_path, capsys)
     code = main(base + argv)
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_tapered_genome_gives_influential_layers_more_width(tiny_ws) -> None:
+    from search.encoding import Encoding
+
+    ranking = tiny_ws.importance.layer_ranking()
+    enc = Encoding(tiny_ws.space, ranking, "tapered")
+    d = tiny_ws.space.dims
+    mid = len(enc.neurons) // 2
+    params = {"layers": d.num_layers, "g0": d.num_kv_heads, "h0": d.heads_per_group, "n0": mid, "taper": enc.max_taper}
+    widths = {lc.layer: lc.neurons for lc in enc.decode(params).layers}
+    by_rank = [widths[layer] for layer in ranking]
+    assert by_rank == sorted(by_rank, reverse=True) and by_rank[0] > by_rank[-1]
+    flat = enc.decode(dict(params, taper=0))
+    assert len({lc.neurons for lc in flat.layers}) == 1
+    assert enc.decode(enc.encode(flat)) == flat  # a uniform config round-trips with taper 0
