@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="local", help="device to profile on (default: this machine's CPU)")
     s.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     s.add_argument("--workload", default="128,64", help="S,N for the search: a prompt of S tokens, N generated")
-    s.add_argument("--budget-share", type=float, default=0.7, help="latency budget as a share of the full model's")
+    s.add_argument("--budget-share", type=float, default=0.85,
+                   help="latency budget as a share of the full model's (default 0.85: below ~0.8 no SmolLM2 sub-network "
+                        "is usable without retraining)")
     s.add_argument("--evals", type=int, default=40, help="search trials")
     s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
