@@ -89,6 +89,20 @@ def summarize(times_s, unstable_cov=0.10):
     }
 
 
+def _stop(times, elapsed, policy):
+    """Why to stop timing now ("converged", "time_cap"), or None to go on."""
+    n = len(times)
+    if n >= policy.min_runs and elapsed >= policy.min_time_s:
+        s = sorted(times)
+        lo, hi = median_ci(s)
+        med = percentile(s, 50)
+        if med > 0 and (hi - lo) / 2.0 / med <= policy.target_rel_ci:
+            return "converged"
+    if elapsed >= policy.max_time_s and n >= 3:
+        return "time_cap"
+    return None
+
+
 def run_protocol(fn, policy, clock=time.perf_counter, timed=None):
     """Time ``fn()`` under ``policy``. Returns (run times in seconds, stop reason).
 
@@ -111,19 +125,10 @@ def run_protocol(fn, policy, clock=time.perf_counter, timed=None):
             a = clock()
             fn()
             times.append(clock() - a)
-        elapsed = clock() - t0
-        n = len(times)
-        if n >= policy.min_runs and elapsed >= policy.min_time_s:
-            s = sorted(times)
-            lo, hi = median_ci(s)
-            med = percentile(s, 50)
-            if med > 0 and (hi - lo) / 2.0 / med <= policy.target_rel_ci:
-                reason = "converged"
-                break
-        if elapsed >= policy.max_time_s and n >= 3:
-            reason = "time_cap"
+        reason = _stop(times, clock() - t0, policy)
+        if reason:
             break
-    return times, reason
+    return times, reason or "max_runs"
 
 
 def run_paired(fn, companion, policy, clock=time.perf_counter):
@@ -154,16 +159,7 @@ def run_paired(fn, companion, policy, clock=time.perf_counter):
         c = clock()
         times.append(b - a)
         other.append(c - b)
-        elapsed = c - t0
-        n = len(times)
-        if n >= policy.min_runs and elapsed >= policy.min_time_s:
-            s = sorted(times)
-            lo, hi = median_ci(s)
-            med = percentile(s, 50)
-            if med > 0 and (hi - lo) / 2.0 / med <= policy.target_rel_ci:
-                reason = "converged"
-                break
-        if elapsed >= policy.max_time_s and n >= 3:
-            reason = "time_cap"
+        reason = _stop(times, c - t0, policy)
+        if reason:
             break
-    return times, other, reason
+    return times, other, reason or "max_runs"
