@@ -346,10 +346,10 @@ class Agent(object):
                 times, reason = agent_timing.run_protocol(sess.run_once, policy)
                 paired = {}
             else:
-                times, other, reason = agent_timing.run_paired(sess.run_once, companion.run_once, policy)
-                ratios = sorted(a / b for a, b in zip(times, other) if b > 0)
+                times, other, ratios, reason = agent_timing.run_paired(sess.run_once, companion.run_once, policy)
                 paired = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
-                          "paired_ratio": agent_timing.percentile(ratios, 50), "companion": args["companion"]}
+                          "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
+                          "companion_runs": len(other)}
             timing_s = time.perf_counter() - t_start
         except AgentError:
             raise

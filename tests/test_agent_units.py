@@ -270,8 +270,10 @@ def test_paired_protocol_times_both_models_alternately() -> None:
         calls.append("b")
         clock.t += 0.040
 
-    times, other, reason = run_paired(fn, companion, TimingPolicy(warmup_runs=2, warmup_s=0.0, min_runs=10, min_time_s=1.0,
-                                                                   max_time_s=10), clock=clock)
-    assert reason == "converged" and len(times) == len(other) >= 10
-    assert "".join(calls).startswith("abab") and "aa" not in "".join(calls)
-    assert abs(sum(times) / sum(other) - 0.25) < 1e-9
+    times, other, ratios, reason = run_paired(fn, companion, TimingPolicy(warmup_runs=2, warmup_s=0.0, min_runs=10,
+                                                                          min_time_s=1.0, max_time_s=10), clock=clock)
+    assert reason == "converged" and len(times) == 4 * len(other) and len(times) >= 10
+    # warm-up alternates; then blocks of k = 40 ms / 10 ms = 4 runs per companion run, so the
+    # fast model gets as much timed time as its companion
+    assert "".join(calls).startswith("ababaaaab") and "bb" not in "".join(calls)
+    assert all(abs(r - 0.25) < 1e-9 for r in ratios)
