@@ -229,13 +229,25 @@ class Agent(object):
                 n += 1
         return {"evicted": n, "freed_bytes": freed, "disk_free_mb": disk_free_mb(self.root)}
 
+    @staticmethod
+    def _session_key(args):
+        return (args["key"], args["phase"], args.get("backend", "ort-cpu"), int(args.get("threads", 1)),
+                bool(args.get("spinning", False)), tuple(args.get("affinity") or ()), str(args.get("graph_opt", "all")))
+
     def _session(self, args):
-        key = (args["key"], args["phase"], args.get("backend", "ort-cpu"), int(args.get("threads", 1)),
-               bool(args.get("spinning", False)), tuple(args.get("affinity") or ()), str(args.get("graph_opt", "all")))
+        """The session of a measured model, from a two-entry LRU (a model's phases and shapes
+        share it; older models' memory is released)."""
+        key = self._session_key(args)
         for i, (k, sess, load_ms) in enumerate(self.sessions):
             if k == key:
                 self.sessions.append(self.sessions.pop(i))  # most recently used last
                 return sess, load_ms, True
+        self.sessions = self.sessions[-1:]  # keep at most two sessions' memory
+        sess, load_ms = self._open_session(args, key)
+        self.sessions.append((key, sess, load_ms))
+        return sess, load_ms, False
+
+    def _open_session(self, args, key):
         d = self.model_dir(args["key"])
         manifest_path = os.path.join(d, "export.json")
         if not os.path.isfile(os.path.join(d, ".verified")) or not os.path.isfile(manifest_path):
@@ -245,7 +257,6 @@ class Agent(object):
         if args["phase"] not in manifest["graphs"]:
             raise AgentError("load_error", "model %s has no %s graph" % (args["key"], args["phase"]))
         self.materialize({"key": args["key"]})
-        self.sessions = self.sessions[-1:]  # keep at most two sessions' memory
         t0 = time.perf_counter()
         sess = agent_runtime.OrtSession(self.ort, os.path.join(d, manifest["graphs"][args["phase"]]),
                                         backend=key[2], threads=key[3], spinning=key[4], affinity=list(key[5]) or None,
@@ -253,28 +264,19 @@ class Agent(object):
         load_ms = (time.perf_counter() - t0) * 1000.0
         vocab = [t["shape"][0] for t in manifest["tensors"] if t["name"] == "embed"]
         sess.vocab_size = vocab[0] if vocab else 1000
-        self.sessions.append((key, sess, load_ms))
-        return sess, load_ms, False
+        return sess, load_ms
 
     def _companion(self, args, batch, seq_len, past_len):
-        """The fixed model timed alternately with every cell (``paired`` sweeps), one pinned
-        session per phase and back-end, kept apart from the LRU of measured models."""
-        np = self.np
-        cargs = dict(args)
-        cargs["key"] = args["companion"]
-        key = (cargs["key"], cargs["phase"], cargs.get("backend", "ort-cpu"), int(cargs.get("threads", 1)),
-               str(cargs.get("graph_opt", "all")))
+        """The fixed model timed alternately with every cell (``paired`` sweeps): one pinned
+        session per phase, kept apart from the LRU of measured models."""
+        cargs = dict(args, key=args["companion"])
+        key = self._session_key(cargs)
         if key not in self.companions:
-            saved = self.sessions
-            self.sessions = []
-            try:
-                sess = self._session(cargs)[0]
-            finally:
-                self.sessions = saved
+            sess = self._open_session(cargs, key)[0]
             self.companions = {k: v for k, v in self.companions.items() if k[1] != key[1]}  # one per phase
             self.companions[key] = sess
         sess = self.companions[key]
-        sess.prepare(sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=0))
+        sess.prepare(sess.make_feeds(self.np, batch, seq_len, past_len, sess.vocab_size, seed=0))
         return sess
 
     def _tensorrt(self, args, policy):
@@ -408,17 +410,15 @@ def serve(agent, inp, out):
             resp = {"id": rid, "ok": False, "error": {"class": e.error_class, "message": e.message}}
         except MemoryError as e:
             resp = {"id": rid, "ok": False, "error": {"class": "out_of_memory", "message": "MemoryError: %s" % e}}
-        except EnvironmentError as e:
-            if e.errno != errno.ENOSPC:
-                resp = {"id": rid, "ok": False, "error": {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
-                                                            "traceback": traceback.format_exc()[-2000:]}}
-            else:
-                free = disk_free_mb(agent.root)
-                resp = {"id": rid, "ok": False, "error": {"class": "disk_full", "message": "the board's disk is full "
-                        "(%s MB free under %s): %s" % ("?" if free is None else "%.0f" % free, agent.root, e)}}
         except Exception as e:
-            resp = {"id": rid, "ok": False, "error": {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
-                                                        "traceback": traceback.format_exc()[-2000:]}}
+            if getattr(e, "errno", None) == errno.ENOSPC:
+                free = disk_free_mb(agent.root)
+                error = {"class": "disk_full", "message": "the board's disk is full (%s MB free under %s): %s"
+                         % ("?" if free is None else "%.0f" % free, agent.root, e)}
+            else:
+                error = {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
+                         "traceback": traceback.format_exc()[-2000:]}
+            resp = {"id": rid, "ok": False, "error": error}
         out.write(json.dumps(resp) + "\n")
         out.flush()
 

@@ -70,7 +70,8 @@ def graph_inputs(ort, path):
     return [(i.name, list(i.shape)) for i in sess.get_inputs()]
 
 
-GRAPH_OPT = ("all", "extended", "basic", "disabled")
+GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+             "disabled": "ORT_DISABLE_ALL"}
 
 
 class OrtSession(object):
@@ -94,9 +95,7 @@ class OrtSession(object):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if graph_opt not in GRAPH_OPT:
             raise AgentError("compile_error", "unknown graph optimization %r; use one of %s" % (graph_opt, ", ".join(GRAPH_OPT)))
-        levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
-                  "disabled": "ORT_DISABLE_ALL"}
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[graph_opt])
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPT[graph_opt])
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if affinity and int(threads) > 1:

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-share", type=float, default=0.85,
                    help="latency budget as a share of the full model's (default 0.85: below ~0.8 no SmolLM2 sub-network "
                         "is usable without retraining)")
-    s.add_argument("--evals", type=int, default=40, help="search trials")
+    s.add_argument("--evals", type=int, default=40, help="perplexity evaluations the search may spend")
     s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
     s.add_argument("--min-time", type=float, default=1.0, help="timed seconds per profiling cell at least")

@@ -168,7 +168,6 @@ class Profiler:
         self.reference = reference or workspace.space.full()
         self._exports: dict[str, ExportedSubnet] = {}
         self._on_board: set[str] = set()
-        self._reference_key = ""
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions, summary: SweepSummary) -> ExportedSubnet:
@@ -179,6 +178,11 @@ class Profiler:
             self._exports[h] = export_subnet(self.ws.weights(config), root, options)
             summary.seconds["export"] += time.perf_counter() - t0
         return self._exports[h]
+
+    def _key(self, subnet_hash: str) -> str:
+        """The export key of a sub-network exported in this sweep ("" if not yet)."""
+        exported = self._exports.get(subnet_hash)
+        return exported.key if exported is not None else ""
 
     def _timing(self, phase: str) -> dict[str, Any]:
         timing = dict(self.spec.timing)
@@ -196,7 +200,6 @@ class Profiler:
         companion = None
         if self.spec.paired and options is not None:
             ref = self._export(self.reference, options, summary)
-            self._reference_key = ref.key
             if ref.key != exported.key:
                 t0 = time.perf_counter()
                 if self.target.ensure_model(ref, self._on_board):
@@ -256,7 +259,6 @@ class Profiler:
         seq = self.spec.seq_lens[0] if phase == "prefill" else 1
         past = self.spec.past_lens[0] if phase == "decode" else 0
         exported = self._export(self.reference, options, summary)
-        self._reference_key = exported.key
         try:
             r = self._measure(exported, phase, seq, past, summary)
         except MeasureError as e:
@@ -360,10 +362,9 @@ class Profiler:
                         log.warning("job %s %s failed (attempt %d, %s): %s", config.summary(), job.phase, attempts,
                                     e.error_class.value, e.message)
                         if e.error_class == ErrorClass.LOAD_ERROR:
-                            self._on_board.discard(self._exports[job.subnet_hash].key if job.subnet_hash in self._exports else "")
+                            self._on_board.discard(self._key(job.subnet_hash))
                         elif e.error_class == ErrorClass.DISK_FULL:
-                            current = self._exports[job.subnet_hash].key if job.subnet_hash in self._exports else ""
-                            self._evict(self.target.models_on_board() - {current}, summary)
+                            self._evict(self.target.models_on_board() - {self._key(job.subnet_hash)}, summary)
                         else:
                             self._recover(e, summary)
                         if final:
@@ -373,10 +374,8 @@ class Profiler:
                             break
                         summary.retries += 1
                 last_of_subnet = done + 1 == total or pending[done + 1].subnet_hash != job.subnet_hash
-                if last_of_subnet and not spec.keep_models and job.subnet_hash in self._exports:
-                    key = self._exports[job.subnet_hash].key
-                    if key != self._reference_key:
-                        self._evict({key}, summary)
+                if last_of_subnet and not spec.keep_models and job.subnet_hash != self.reference.config_hash():
+                    self._evict({self._key(job.subnet_hash)}, summary)  # the reference stays: it is re-measured
                 since_ref += 1
                 if spec.reference_every and since_ref >= spec.reference_every:
                     since_ref = 0

@@ -58,14 +58,14 @@ class Encoding:
 
     def decode(self, params: dict[str, int]) -> SubnetConfig:
         top = self.layer_ranking[: int(params["layers"])]
-        kept = sorted(top)
+        rank = {layer: i for i, layer in enumerate(top)}
         k = len(top)
         out = []
-        for layer in kept:
+        for layer in sorted(top):
             key = 0 if self.shared else layer
             n = int(params[f"n{key}"])
             if self.granularity == "tapered" and k > 1:
-                z = 1.0 - 2.0 * top.index(layer) / (k - 1)  # +1 the most influential kept layer, -1 the least
+                z = 1.0 - 2.0 * rank[layer] / (k - 1)  # +1 the most influential kept layer, -1 the least
                 n = int(min(len(self.neurons) - 1, max(0, n + round(int(params["taper"]) * z))))
             out.append(LayerChoice(layer, int(params[f"g{key}"]), int(params[f"h{key}"]), self.neurons[n]))
         return SubnetConfig(self.space.base_id, tuple(out))
