@@ -28,12 +28,14 @@ def main() -> None:
     ap.add_argument("--device", default="local")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--phases", default="prefill,decode")
+    ap.add_argument("--draws", type=int, default=3, help="learning curve: random train/test draws per size")
     ap.add_argument("--raw", action="store_true", help="score on the cells' own medians even where they are paired")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base_id, dims = load_base_info(args.model)
     store = Store(args.db)
-    for phase in ("prefill", "decode"):
+    for phase in args.phases.split(","):
         m = load_measurements(store, args.device, phase, dims, base_id, use_paired=not args.raw)
         shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
         print(f"\n== {phase}: {len(m)} measurements, {len(set(m.subnet_hashes.tolist()))} sub-networks, shapes {shapes}, "
@@ -44,8 +46,8 @@ def main() -> None:
             cov = r.get("upper_coverage")
             print(f"{name:50s} {r['within_5pct']:7.1%} {r['within_10pct']:7.1%} {r['mape']:7.2%} {r['kendall_tau']:6.3f} "
                   f"{'-' if cov is None else f'{cov:.1%}':>10s}")
-        print("learning curve (held-out 20% of sub-networks, mean of 3 draws): n_train -> ±5% / ±10% / MAPE")
-        for row in learning_curve(m, sizes=(20, 50, 100, 200)):
+        print(f"learning curve (held-out 20% of sub-networks, mean of {args.draws} draws): n_train -> ±5% / ±10% / MAPE")
+        for row in learning_curve(m, sizes=(20, 50, 100, 200), repeats=args.draws):
             cells = "   ".join(f"{k}: {v['within_5pct']:.0%} / {v['within_10pct']:.0%} / {v['mape']:.1%}"
                                for k, v in row.items() if k != "n_train")
             print(f"  {row['n_train']:4d}  {cells}")

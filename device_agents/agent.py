@@ -344,14 +344,14 @@ class Agent(object):
             out = sess.run_once()
             sess.check_outputs(np, out, batch)
             t_start = time.perf_counter()
-            if companion is None:
-                times, reason = agent_timing.run_protocol(sess.run_once, policy)
-                paired = {}
-            else:
-                times, other, ratios, reason = agent_timing.run_paired(sess.run_once, companion.run_once, policy)
+            times, other, ratios, reason, per_session = self._time_sessions(args, sess, feeds, companion, policy, batch)
+            paired = {}
+            if companion is not None:
                 paired = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
                           "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
                           "companion_runs": len(other)}
+            if policy.sessions > 1:
+                paired["sessions"] = per_session
             timing_s = time.perf_counter() - t_start
         except AgentError:
             raise
@@ -382,6 +382,34 @@ class Agent(object):
                          "python": platform.python_version(), "agent": AGENT_VERSION},
         })
         return stats
+
+    def _time_sessions(self, args, sess, feeds, companion, policy, batch):
+        """Time the cell in ``policy.sessions`` sessions (the cached one, then fresh loads of
+        the same graph, one at a time), pooling their runs; per-session medians are reported."""
+        each = policy.per_session() if policy.sessions > 1 else policy
+        times, other, ratios, reasons, per_session = [], [], [], [], []
+        for i in range(policy.sessions):
+            s = sess
+            if i > 0:
+                s = self._open_session(args, self._session_key(args))[0]
+                s.prepare(feeds)
+                s.check_outputs(self.np, s.run_once(), batch)
+            if companion is None:
+                t, reason = agent_timing.run_protocol(s.run_once, each)
+                o, r = [], []
+            else:
+                t, o, r, reason = agent_timing.run_paired(s.run_once, companion.run_once, each)
+            times += t
+            other += o
+            ratios += r
+            reasons.append(reason)
+            entry = {"median_ms": agent_timing.percentile(sorted(t), 50) * 1000.0, "runs": len(t)}
+            if r:
+                entry["paired_ratio"] = agent_timing.percentile(sorted(r), 50)
+            per_session.append(entry)
+            del s
+        reason = next((x for x in reasons if x != "converged"), reasons[0])
+        return times, other, ratios, reason, per_session
 
     def telemetry(self, args):
         return agent_telemetry.snapshot()

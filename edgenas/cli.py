@@ -207,7 +207,7 @@ def active_configs(args: argparse.Namespace, ws) -> list:
     pool = ws.space.sample(2000, args.seed + 1, granularity=args.granularity, strategy="uniform",
                            layer_ranking=ws.importance.layer_ranking())
     shape = (max(args.seq_len), 0) if phase == "prefill" else (1, max(args.past_len))
-    return select(m, pool, args.active, shape[0], shape[1], seed=args.seed)
+    return select(m, pool, args.active, shape[0], shape[1], seed=args.seed, near=args.active_near)
 
 
 def profile_device_main(argv: Sequence[str] | None = None) -> int:
@@ -219,12 +219,21 @@ def profile_device_main(argv: Sequence[str] | None = None) -> int:
     add_profile_args(p)
     p.add_argument("--active", type=int, default=None, metavar="N",
                    help="measure the N sub-networks the device's measurements so far predict least certainly")
+    p.add_argument("--active-near", type=float, default=None, metavar="SHARE",
+                   help="with --active: choose among sub-networks predicted near SHARE x the full model's latency "
+                        "(the search's --budget-share), where a latency constraint decides")
 
     def handle(args: argparse.Namespace) -> int:
         ws = configs = None
         if args.active is not None:
             if args.active < 1:
                 raise ConfigError(f"--active {args.active} is not positive", "ask for at least 1 sub-network")
+            if args.active_near is not None and not 0 < args.active_near <= 1:
+                raise ConfigError(f"--active-near {args.active_near} is not a share of the full model's latency",
+                                  "pass a number in (0, 1], e.g. --active-near 0.85")
+        elif args.active_near is not None:
+            raise ConfigError("--active-near only steers --active", "add --active N, or drop --active-near")
+        if args.active is not None:
             from subnets.workspace import Workspace
 
             ws = Workspace.open(args.model, neuron_step=args.neuron_step)

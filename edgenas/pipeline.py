@@ -41,7 +41,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     past = tuple(int(p) for p in wl.decode_points()) or (wl.prompt_len,)
     spec = SweepSpec(phases=("prefill", "decode"), seq_lens=(wl.prompt_len,), past_lens=past, threads=args.threads,
                      reference_every=10, timing={"min_time_s": args.min_time, "max_time_s": max(20.0, 4 * args.min_time)},
-                     decode_min_time_s=3 * args.min_time)
+                     decode_min_time_s=3 * args.min_time, decode_sessions=3)
     host = resolve_host(args.host)
     store = Store(db)
     with Progress(console=Console(stderr=True), transient=True) as prog:

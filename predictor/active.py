@@ -3,7 +3,14 @@
 A bootstrap ensemble (over measured sub-networks) of the predictor's physics-shaped base is
 fitted to what the device has measured; the candidates on which the ensemble disagrees most
 (standard deviation of the log prediction) are where a new measurement teaches the predictor
-most. Greedy selection with a diversity rule keeps a batch from piling onto one corner."""
+most. Greedy selection with a diversity rule keeps a batch from piling onto one corner.
+
+Over the whole space this saves nothing here: the physics-shaped base is pinned down by ~10
+random sub-networks, and random picks match a random test set best. What a search needs is
+accuracy near its latency budget; with ``near`` (a share of the full model's predicted
+latency, as search's ``--budget-share``) the choice is made among the candidates the current
+predictor puts within ``band`` of that latency, which is where the search's constraint
+decides (benchmarks/active_profiling.py --near)."""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from predictor.features import ConfigBatch, feature_matrix
 from predictor.model import LatencyPredictor, Shapes
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
+
+BAND = 0.15  # the region that matters: within 15% of the budget latency
 
 
 def uncertainty(m: Measurements, batch: ConfigBatch, seq_len: Any, past_len: Any, k: int = 8, seed: int = 0) -> np.ndarray:
@@ -36,14 +45,38 @@ def uncertainty(m: Measurements, batch: ConfigBatch, seq_len: Any, past_len: Any
     return np.std(np.stack(preds), axis=0)
 
 
+def full_config(m: Measurements) -> SubnetConfig:
+    d = m.dims
+    return SubnetConfig.uniform(m.base_id, range(d.num_layers), d.num_kv_heads, d.heads_per_group, d.intermediate_size)
+
+
+def near_budget(m: Measurements, candidates: list[SubnetConfig], share: float, seq_len: Any, past_len: Any,
+                band: float = BAND, seed: int = 0) -> list[SubnetConfig]:
+    """The candidates a predictor fitted to ``m`` puts within ``band`` (relative) of ``share``
+    x the full model's predicted latency."""
+    p = LatencyPredictor(m.dims, m.phase, seed=seed).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+    target = share * float(p.predict(ConfigBatch.from_configs([full_config(m)], m.dims.num_layers), seq_len, past_len)[0])
+    pred = p.predict(ConfigBatch.from_configs(candidates, m.dims.num_layers), seq_len, past_len)
+    return [c for c, v in zip(candidates, pred) if abs(v / target - 1) <= band]
+
+
 def select(m: Measurements, candidates: list[SubnetConfig], n: int, seq_len: Any, past_len: Any,
-           seed: int = 0) -> list[SubnetConfig]:
+           seed: int = 0, near: float | None = None, band: float = BAND) -> list[SubnetConfig]:
     """The ``n`` candidates the measurements know least about, spread out: each pick differs
-    in parameter count by at least 2% from the picks before it."""
+    in parameter count by at least 2% from the picks before it. With ``near``, chosen among
+    those predicted within ``band`` of ``near`` x the full model's latency first, the rest
+    (if that region has too few) from everywhere."""
     measured = set(m.subnet_hashes.tolist())
     cands = [c for c in candidates if c.config_hash() not in measured]
     if not cands or n < 1:
         return []
+    if near is not None:
+        region = near_budget(m, cands, near, seq_len, past_len, band, seed)
+        picks = select(m, region, n, seq_len, past_len, seed) if region else []
+        if len(picks) < n:
+            taken = {c.config_hash() for c in picks}
+            picks += select(m, [c for c in cands if c.config_hash() not in taken], n - len(picks), seq_len, past_len, seed)
+        return picks
     u = uncertainty(m, ConfigBatch.from_configs(cands, m.dims.num_layers), seq_len, past_len, seed=seed)
     params = np.array([count_params(c, m.dims) for c in cands], dtype=np.float64)
     chosen: list[int] = []

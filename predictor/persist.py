@@ -62,6 +62,7 @@ def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerpr
         "base_coef": None if p.base_coef is None else p.base_coef.tolist(),
         "base_scale": None if p.base_scale is None else p.base_scale.tolist(),
         "transfer_coef": None if p.transfer_coef is None else list(p.transfer_coef),
+        "transfer_terms": None if p.transfer_terms is None else p.transfer_terms.tolist(),
         "boosted": p.booster is not None, "data_hash": data_hash, "fit_info": p.fit_info, "metrics": metrics or {},
         "versions": _versions(), "files": files,
     }
@@ -120,8 +121,13 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
         p = LatencyPredictor(dims, meta["phase"], alpha=float(meta["alpha"]))
         p.log_q = float(meta["log_q"])
         p.fit_info = dict(meta.get("fit_info") or {})
-        if meta.get("transfer_coef") is not None:
-            p.transfer_coef = tuple(float(x) for x in meta["transfer_coef"])  # type: ignore[assignment]
+        if meta.get("transfer_terms") is not None or meta.get("transfer_coef") is not None:
+            if meta.get("transfer_terms") is not None:
+                p.transfer_terms = np.asarray(meta["transfer_terms"], dtype=np.float64)
+                if p.transfer_terms.shape != (len(BASE_TERMS),) or not np.all(np.isfinite(p.transfer_terms)):
+                    raise ValueError("transfer scales malformed")
+            else:
+                p.transfer_coef = tuple(float(x) for x in meta["transfer_coef"])  # type: ignore[assignment]
             p.prior, _ = load_predictor(folder / "prior", base_id=base_id, phase=phase, override=override)
         else:
             p.base_coef = np.asarray(meta["base_coef"], dtype=np.float64)

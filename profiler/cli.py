@@ -67,6 +67,11 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-min-time", type=float, default=None,
                    help="timed seconds per decode cell at least (default 3 x --min-time: decode steps are short and drift)")
     p.add_argument("--max-time", type=float, default=20.0, help="timed seconds per cell at most")
+    p.add_argument("--sessions", type=int, default=1,
+                   help="split each cell's time over N fresh sessions of the model (default 1)")
+    p.add_argument("--decode-sessions", type=int, default=3,
+                   help="the same for decode cells (default 3: a decode step's level moves with each session's memory "
+                        "placement)")
     p.add_argument("--target-ci", type=float, default=0.02, help="stop when the median's 95%% CI half-width is within this fraction")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--reference-every", type=int, default=20, help="re-measure the reference every N jobs (0: never)")
@@ -112,6 +117,9 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     from profiler.targets import Timeouts, make_target
     from subnets.workspace import Workspace
 
+    for flag, value in (("--sessions", args.sessions), ("--decode-sessions", args.decode_sessions)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} is not a session count", f"pass {flag} 1 or more")
     spec_host = resolve_host(args.host, args.inventory, args.ssh_config)
     if args.agent_memory_mb:
         spec_host = replace(spec_host, agent_memory_mb=args.agent_memory_mb)
@@ -122,9 +130,11 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     configs = configs if configs is not None else configs_for(args, ws)
     threads = args.threads or spec_host.threads or 1
     backend = args.backend or spec_host.backend
-    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci}
+    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci,
+              "sessions": args.sessions}
     spec = SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len, threads=threads,
                      backend=backend, timing=timing, decode_min_time_s=args.decode_min_time or 3 * args.min_time,
+                     decode_sessions=args.decode_sessions,
                      weights=args.weights, max_attempts=args.max_attempts,
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
                      retry_failed=args.retry_failed, precision=args.precision,

@@ -195,6 +195,9 @@ class Store:
                             r: dict[str, Any], export_key: str) -> int:
         telemetry = {"before": r.get("telemetry_before"), "after": r.get("telemetry_after"),
                      "throttle_reasons": r.get("throttle_reasons")}
+        settings = r.get("settings")
+        if r.get("sessions"):  # a cell timed over several sessions: each one's median (and ratio)
+            settings = dict(settings or {}, sessions=r["sessions"])
         cur = self.db.execute(
             "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
             "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
@@ -204,7 +207,7 @@ class Store:
              r["median_ms"], r.get("mean_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("std_ms"), r.get("cov"),
              r.get("n"), r.get("median_rel_ci"), r.get("load_ms"), r.get("peak_rss_mb"), int(bool(r.get("unstable"))),
              int(bool(r.get("throttled"))), r.get("stop_reason"), export_key, json.dumps(r.get("raw_ms")),
-             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(r.get("settings")), time.time(),
+             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(settings), time.time(),
              r.get("companion_median_ms"), r.get("paired_ratio")))
         return int(cur.lastrowid)
 

@@ -42,6 +42,9 @@ class SweepSpec:
     # spread of a decode cell's median over repeats fell from 4.5% (0.3 s timed) to 2.5% (1 s)
     # and 1.3-1.6% (3 s), so decode cells get a longer minimum (None: the same as prefill).
     decode_min_time_s: float | None = None
+    # Decode cells are split over this many fresh sessions (the timed seconds unchanged): a
+    # decode step's level moves with where a session's weights land (agent_timing.per_session).
+    decode_sessions: int | None = None
     weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
     precision: str = "fp16"  # TensorRT back-ends only
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
@@ -189,6 +192,8 @@ class Profiler:
         if phase == "decode" and self.spec.decode_min_time_s is not None:
             timing["min_time_s"] = max(float(timing.get("min_time_s", 0.0)), self.spec.decode_min_time_s)
             timing["max_time_s"] = max(float(timing.get("max_time_s", 20.0)), timing["min_time_s"])
+        if phase == "decode" and self.spec.decode_sessions is not None:
+            timing["sessions"] = self.spec.decode_sessions
         return timing
 
     def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,

@@ -27,7 +27,8 @@ def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], h
     wl = objective.workload
     past = tuple(int(p) for p in wl.decode_points())
     spec = SweepSpec(phases=("prefill", "decode") if past else ("prefill",), seq_lens=(wl.prompt_len,),
-                     past_lens=past or (1,), threads=threads, reference_every=0, decode_min_time_s=3.0)
+                     past_lens=past or (1,), threads=threads, reference_every=0, decode_min_time_s=3.0,
+                     decode_sessions=3)
     configs = [SubnetConfig.from_dict(p["config"]) for p in points]
     store = Store(db)
     try:

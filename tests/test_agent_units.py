@@ -277,3 +277,11 @@ def test_paired_protocol_times_both_models_alternately() -> None:
     # fast model gets as much timed time as its companion
     assert "".join(calls).startswith("ababaaaab") and "bb" not in "".join(calls)
     assert all(abs(r - 0.25) < 1e-9 for r in ratios)
+
+
+def test_session_split_keeps_the_cells_time() -> None:
+    p = TimingPolicy(min_time_s=3.0, max_time_s=12.0, min_runs=10, sessions=3)
+    each = p.per_session()
+    assert (each.min_time_s, each.max_time_s, each.min_runs, each.sessions) == (1.0, 4.0, 3, 1)
+    assert TimingPolicy.from_dict(p.to_dict()).sessions == 3
+    assert TimingPolicy(sessions=0).sessions == 1

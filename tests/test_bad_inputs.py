@@ -109,6 +109,7 @@ CASES: list[tuple[str, str, Case]] = [
     ("text file not UTF-8", "not UTF-8",
      lambda e: (edgenas, export(e, "--text", str(write(e["tmp"] / "t.txt", b"\xff\xfe\xfa"))))),
     ("unsupported opset", "opset 5 is not supported", lambda e: (edgenas, export(e, "--opset", "5"))),
+    ("session count below 1", "is not a session count", lambda e: (profile_device, profile(e, "--decode-sessions", "0"))),
     ("unknown host alias", "unknown host 'jetson'",
      lambda e: (profile_device, [a if a != "board" else "jetson" for a in profile(e)])),
     ("inventory not TOML", "is not valid TOML",

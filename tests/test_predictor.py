@@ -106,6 +106,17 @@ def test_transfer_from_another_device_with_few_measurements() -> None:
                                                                                           b2.heads_per_group, b2.neurons))),
                                                                s2[:5], p2[:5], y2[:5])
     assert few.score(tb, ts, tp, ty)["within_10pct"] >= 0.9  # five measurements of the new device
+    assert transferred.transfer_terms is not None and transferred.transfer_terms.max() > 0
+
+
+def test_transferred_predictor_roundtrip(tmp_path) -> None:
+    _, b, s, p, y = dataset(60, "prefill", seed=11)
+    source = LatencyPredictor(DIMS, "prefill").fit(b, s, p, y)
+    _, b2, s2, p2, y2 = dataset(12, "prefill", seed=12)
+    model = LatencyPredictor(DIMS, "prefill", prior=source).fit(b2, s2, p2, 1.7 * y2)
+    folder = save_predictor(model, tmp_path / "t", "b", "fpB", "base@x", "h")
+    back, _ = load_predictor(folder, device="b", base_id="base@x", phase="prefill")
+    np.testing.assert_allclose(back.predict(b, s, p), model.predict(b, s, p), rtol=1e-6)
 
 
 def test_baselines_fit_and_predict() -> None:
@@ -167,3 +178,33 @@ def test_small_batch_tree_walk_equals_xgboost() -> None:
     big = ConfigBatch.from_configs(configs, DIMS.num_layers)  # > SMALL_BATCH: XGBoost itself
     small = ConfigBatch.from_configs(configs[:40], DIMS.num_layers)  # the numpy tree walk
     np.testing.assert_allclose(model.predict(small, 128, 0), model.predict(big, 128, 0)[:40], rtol=1e-5)
+
+
+def test_internal_folds_hold_out_whole_sub_networks() -> None:
+    """Out-of-fold residuals (and so the conformal bound) come from sub-networks the fold
+    never saw, not from another shape of a sub-network it trained on."""
+    from predictor.model import _group_folds
+
+    configs = SPACE.sample(30, 5)
+    twice = ConfigBatch.from_configs(configs + configs, DIMS.num_layers)  # every sub-network at two shapes
+    folds = _group_folds(twice, 5, seed=0)
+    assert np.array_equal(folds[:30], folds[30:])
+    assert set(folds.tolist()) == set(range(5))
+
+
+def test_active_choice_near_the_budget_stays_in_the_region() -> None:
+    from predictor.active import full_config, near_budget, select
+    from predictor.data import Measurements
+
+    configs, b, s, p, y = dataset(80, "prefill", seed=7)
+    hashes = np.array([c.config_hash() for c in configs])
+    m = Measurements(DIMS, "dev", "fp", "base@x", "prefill", configs, hashes, b, s, p, y, 0, 0)
+    pool = SPACE.sample(300, 8)
+    fitted = LatencyPredictor(DIMS, "prefill").fit(b, s, p, y)
+    full = fitted.predict(ConfigBatch.from_configs([full_config(m)], DIMS.num_layers), 128, 0)[0]
+    region = near_budget(m, pool, 0.4, 128, 0)
+    assert region and len(region) < len(pool)
+    lat = fitted.predict(ConfigBatch.from_configs(region, DIMS.num_layers), 128, 0)
+    assert np.all(np.abs(lat / (0.4 * full) - 1) <= 0.15 + 1e-9)
+    picks = select(m, pool, 5, 128, 0, near=0.4)
+    assert len(picks) == 5 and sum(c in region for c in picks) >= min(5, len(region)) - 1

@@ -281,7 +281,13 @@ def test_active_profiling_picks_unmeasured_uncertain_subnetworks(tiny_dir, tmp_p
     after = {r["subnet_hash"] for r in store.measurement_rows()}
     store.close()
     assert len(after - before) == 3 and before < after
+    assert profile_device_main([*common, "--active", "2", "--active-near", "0.8"]) == 0
+    store = Store(db)
+    assert len({r["subnet_hash"] for r in store.measurement_rows()} - after) == 2
+    store.close()
     capsys.readouterr()
+    assert profile_device_main([*common, "--active-near", "0.8"]) == 2
+    assert "only steers --active" in capsys.readouterr().err
     assert profile_device_main([*common, "--active", "2", "--db", str(tmp_path / "none.db")]) == 2
     assert "needs earlier measurements" in capsys.readouterr().err
 
@@ -305,6 +311,14 @@ def test_graph_opt_and_decode_min_time_reach_the_agent(tiny_dir, tmp_path) -> No
     assert all(json.loads(r["settings"])["graph_opt"] == "disabled" for r in rows)
     decode = [r for r in rows if r["phase"] == "decode"]
     assert decode and all(sum(json.loads(r["raw_ms"])) >= 0.8 * 150 for r in decode)
+    # decode cells are split over 3 fresh sessions by default (--decode-sessions), prefill not
+    for r in rows:
+        sessions = json.loads(r["settings"]).get("sessions")
+        if r["phase"] == "decode":
+            assert len(sessions) == 3 and all(s["runs"] >= 3 and s["median_ms"] > 0 for s in sessions)
+            assert sum(s["runs"] for s in sessions) == r["n"]
+        else:
+            assert sessions is None
 
 
 def test_measured_models_leave_the_board_unless_kept(tiny_ws, tmp_path) -> None:
