@@ -190,11 +190,14 @@ class Agent(object):
         t0 = time.time()
         try:
             self._write_weights(np, rng, manifest, tmp)
-        except BaseException:
+            os.rename(tmp, target)
+        except BaseException as e:
             if os.path.exists(tmp):  # a half-written file on a full disk would keep it full
                 os.remove(tmp)
+            if getattr(e, "errno", None) == errno.ENOENT:  # the model's folder went (a wiped cache): send it again
+                raise AgentError("load_error", "model %s vanished from the board while its weights were written: %s"
+                                 % (args["key"], e))
             raise
-        os.rename(tmp, target)
         return {"key": args["key"], "written": True, "seconds": time.time() - t0}
 
     def _write_weights(self, np, rng, manifest, tmp):
@@ -443,6 +446,9 @@ def serve(agent, inp, out):
                 free = disk_free_mb(agent.root)
                 error = {"class": "disk_full", "message": "the board's disk is full (%s MB free under %s): %s"
                          % ("?" if free is None else "%.0f" % free, agent.root, e)}
+            elif getattr(e, "errno", None) == errno.ENOENT and os.path.join(agent.root, "models") in str(e):
+                # a model's files went from the board's cache mid-request: the profiler sends it again
+                error = {"class": "load_error", "message": "model files vanished from the board: %s" % e}
             else:
                 error = {"class": "unknown", "message": "%s: %s" % (type(e).__name__, e),
                          "traceback": traceback.format_exc()[-2000:]}

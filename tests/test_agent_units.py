@@ -285,3 +285,27 @@ def test_session_split_keeps_the_cells_time() -> None:
     assert (each.min_time_s, each.max_time_s, each.min_runs, each.sessions) == (1.0, 4.0, 3, 1)
     assert TimingPolicy.from_dict(p.to_dict()).sessions == 3
     assert TimingPolicy(sessions=0).sessions == 1
+
+
+def test_a_cache_wiped_while_weights_are_written_is_a_load_error(tmp_path, monkeypatch) -> None:
+    """The profiler answers load_error by sending the model again; a wipe between writing and
+    renaming the weights must say so, not 'unknown'."""
+    import json
+    import shutil
+
+    from device_agents.agent import Agent
+
+    agent = Agent(str(tmp_path))
+    d = tmp_path / "models" / "abc"
+    d.mkdir(parents=True)
+    (d / "export.json").write_text(json.dumps({"weights_file": "weights.bin", "weights_bytes": 16, "tensors": []}))
+
+    def wiped(np, rng, manifest, tmp) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * 16)
+        shutil.rmtree(d)
+
+    monkeypatch.setattr(agent, "_write_weights", wiped)
+    resp = _serve_one(agent, {"id": 1, "verb": "materialize", "args": {"key": "abc"}})
+    assert resp["ok"] is False and resp["error"]["class"] == "load_error"
+    assert "vanished" in resp["error"]["message"]
