@@ -5,8 +5,9 @@ fitted to what the device has measured; the candidates on which the ensemble dis
 (standard deviation of the log prediction) are where a new measurement teaches the predictor
 most. Greedy selection with a diversity rule keeps a batch from piling onto one corner.
 
-Over the whole space this saves nothing here: the physics-shaped base is pinned down by ~10
-random sub-networks, and random picks match a random test set best. What a search needs is
+Over the whole space this saves little here (active at 14 sub-networks about matches random
+at 18, within draw noise): the physics-shaped base is pinned down by ~10 random
+sub-networks, and random picks match a random test set well. What a search needs is
 accuracy near its latency budget; with ``near`` (a share of the full model's predicted
 latency, as search's ``--budget-share``) the choice is made among the candidates the current
 predictor puts within ``band`` of that latency, which is where the search's constraint
