@@ -7,13 +7,15 @@ configuration, in the same store as A:
 - ``--target-backend ort-cpu:opt-disabled``: onnxruntime with graph optimizations off (no
   fusions, no constant folding): per-op overheads grow, so B is not A rescaled. 1 thread,
   as quiet as A.
-- ``--target-threads 2``: 2 threads; on this shared 2-core box its medians swing by ~12%,
-  so its own noise caps any predictor.
+- ``--target-threads 2 --target-backend ort-cpu``: 2 threads (measured ``--paired``):
+  B / A's prediction 0.53-0.71 per sub-network, a device reshaped, not rescaled.
 
     profile-device --host local --samples 120 --seed 11 --seq-len 64,128 --db runs/bench.db ...
     profile-device --host local --samples 40 --seed 31 --graph-opt disabled --phases prefill --seq-len 128 \
         --db runs/bench.db
     python benchmarks/transfer.py --db runs/bench.db --target-backend ort-cpu:opt-disabled
+    profile-device --host local --samples 40 --seed 65 --threads 2 --paired --db runs/bench.db ...
+    python benchmarks/transfer.py --db runs/bench.db --target-threads 2 --target-backend ort-cpu --phase decode
 """
 
 from __future__ import annotations

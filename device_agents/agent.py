@@ -191,12 +191,9 @@ class Agent(object):
         try:
             self._write_weights(np, rng, manifest, tmp)
             os.rename(tmp, target)
-        except BaseException as e:
+        except BaseException:
             if os.path.exists(tmp):  # a half-written file on a full disk would keep it full
                 os.remove(tmp)
-            if getattr(e, "errno", None) == errno.ENOENT:  # the model's folder went (a wiped cache): send it again
-                raise AgentError("load_error", "model %s vanished from the board while its weights were written: %s"
-                                 % (args["key"], e))
             raise
         return {"key": args["key"], "written": True, "seconds": time.time() - t0}
 
@@ -348,13 +345,13 @@ class Agent(object):
             sess.check_outputs(np, out, batch)
             t_start = time.perf_counter()
             times, other, ratios, reason, per_session = self._time_sessions(args, sess, feeds, companion, policy, batch)
-            paired = {}
+            extra = {}
             if companion is not None:
-                paired = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
-                          "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
-                          "companion_runs": len(other)}
+                extra = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
+                         "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
+                         "companion_runs": len(other)}
             if policy.sessions > 1:
-                paired["sessions"] = per_session
+                extra["sessions"] = per_session
             timing_s = time.perf_counter() - t_start
         except AgentError:
             raise
@@ -362,7 +359,7 @@ class Agent(object):
             raise AgentError(agent_runtime.classify_exception(e, "runtime_error"), "run failed: %s" % str(e)[:500])
         after = agent_telemetry.snapshot()
         stats = agent_timing.summarize(times, policy.unstable_cov)
-        stats.update(paired)
+        stats.update(extra)
         reasons = agent_telemetry.throttle_reasons(before, after)
         # Unstable: widely spread runs, or a median whose interval never narrowed to the target.
         stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
@@ -389,7 +386,7 @@ class Agent(object):
     def _time_sessions(self, args, sess, feeds, companion, policy, batch):
         """Time the cell in ``policy.sessions`` sessions (the cached one, then fresh loads of
         the same graph, one at a time), pooling their runs; per-session medians are reported."""
-        each = policy.per_session() if policy.sessions > 1 else policy
+        each = policy.per_session()
         times, other, ratios, reasons, per_session = [], [], [], [], []
         for i in range(policy.sessions):
             s = sess
@@ -410,7 +407,7 @@ class Agent(object):
             if r:
                 entry["paired_ratio"] = agent_timing.percentile(sorted(r), 50)
             per_session.append(entry)
-            del s
+            del s  # release a fresh session's memory before the next one loads
         reason = next((x for x in reasons if x != "converged"), reasons[0])
         return times, other, ratios, reason, per_session
 

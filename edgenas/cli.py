@@ -225,15 +225,14 @@ def profile_device_main(argv: Sequence[str] | None = None) -> int:
 
     def handle(args: argparse.Namespace) -> int:
         ws = configs = None
+        if args.active_near is not None and args.active is None:
+            raise ConfigError("--active-near only steers --active", "add --active N, or drop --active-near")
         if args.active is not None:
             if args.active < 1:
                 raise ConfigError(f"--active {args.active} is not positive", "ask for at least 1 sub-network")
             if args.active_near is not None and not 0 < args.active_near <= 1:
                 raise ConfigError(f"--active-near {args.active_near} is not a share of the full model's latency",
                                   "pass a number in (0, 1], e.g. --active-near 0.85")
-        elif args.active_near is not None:
-            raise ConfigError("--active-near only steers --active", "add --active N, or drop --active-near")
-        if args.active is not None:
             from subnets.workspace import Workspace
 
             ws = Workspace.open(args.model, neuron_step=args.neuron_step)

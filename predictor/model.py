@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 BASE_TERMS = ("const", "linear_macs", "attention_macs", "lm_head_macs", "layers", "weight_bytes", "kv_bytes")
 MIN_TRAIN = 10
-MIN_TRAIN_TRANSFER = 3  # the transferred base has two parameters
+MIN_TRAIN_TRANSFER = 3  # the transferred base is the prior's, its term scales shrunk toward one
 MIN_BOOST = 30
 SMALL_BATCH = 256
 
