@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from predictor.features import ConfigBatch
+from predictor.workload import LatencyObjective, Workload
 from search.baselines import baseline_configs, evaluate_baselines
 from search.pareto import hypervolume
 from search.study import QualityCache, run_search
 from search.verify import pick_spread, verify
-from search.workload import LatencyObjective, Workload
 from subnets.workspace import Workspace
 
 

@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--no-perplexity", action="store_true", help="skip the perplexity evaluation")
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
+    s.add_argument("--supernet", type=Path, default=None,
+                   help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
+    s = sub.add_parser("train-supernet", help="recovery training: the base model as a weight-sharing super-network")
+    _add_model(s)
+    from training.cli import add_finetune_args, add_supernet_args
+
+    add_supernet_args(s)
+    s = sub.add_parser("finetune", help="fine-tune one sub-network with distillation from the full model")
+    _add_model(s)
+    add_finetune_args(s)
     s = sub.add_parser("pipeline", help="the main job: sample, extract, export and evaluate sub-networks")
     _add_model(s)
     s.add_argument("--n", type=int, default=24, help="sampled sub-networks to profile besides the full model")
@@ -81,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _workspace(args: argparse.Namespace):
     from subnets.workspace import Workspace
 
+    if getattr(args, "supernet", None) is not None:
+        from subnets.basemodel import load_base_info
+        from training.recovery import open_supernet
+
+        base_id, _ = load_base_info(args.model)
+        return open_supernet(args.supernet, args.neuron_step, getattr(args, "text", None), base_id=base_id)
     return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None))
 
 
@@ -181,7 +197,19 @@ def cmd_measurements(args: argparse.Namespace) -> int:
     return measurements_main(args)
 
 
-COMMANDS = {"measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
+def cmd_train_supernet(args: argparse.Namespace) -> int:
+    from training.cli import train_supernet_cmd
+
+    return train_supernet_cmd(args, out_console)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from training.cli import finetune_cmd
+
+    return finetune_cmd(args, out_console)
+
+
+COMMANDS = {"train-supernet": cmd_train_supernet, "finetune": cmd_finetune, "measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
 
 
 def active_configs(args: argparse.Namespace, ws) -> list:

@@ -35,7 +35,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     # 1. profile: prefill at the workload's prompt length and decode steps at the past lengths
     #    the search's latency objective samples, 1 thread by default
-    from search.workload import Workload
+    from predictor.workload import Workload
 
     wl = Workload.parse(args.workload)
     past = tuple(int(p) for p in wl.decode_points()) or (wl.prompt_len,)
@@ -95,8 +95,8 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     # 4. search under a budget (a share of the full model's predicted workload latency),
     #    then verify the chosen points on the device
     from predictor.features import ConfigBatch
+    from predictor.workload import LatencyObjective, Workload
     from search.cli import search
-    from search.workload import LatencyObjective, Workload
 
     objective = LatencyObjective.load(pred_dir, Workload.parse(args.workload), args.host, ws.base.base_id)
     full_ms = float(objective.predict(ConfigBatch.from_configs([ws.space.full()], ws.space.dims.num_layers))[0])

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from predictor.features import ConfigBatch
-from search.workload import LatencyObjective
+from predictor.workload import LatencyObjective
 from subnets.config import SubnetConfig
 
 

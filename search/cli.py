@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import sys
@@ -40,17 +41,19 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity (default 1024)")
     p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
+    p.add_argument("--supernet", type=Path, default=None,
+                   help="evaluate quality on a trained super-network's weights (`edgenas train-supernet --out`)")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
 
 
 def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
 
+    from predictor.workload import LatencyObjective, Workload
     from search.baselines import compare_at_matched_quality, evaluate_baselines
     from search.pareto import plot_front
     from search.study import QualityCache, SearchError, run_search
     from search.verify import pick_spread, verify
-    from search.workload import LatencyObjective, Workload
     from subnets.basemodel import load_base_info
     from subnets.workspace import Workspace
 
@@ -61,8 +64,15 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
     base_id, _ = load_base_info(args.model)
     objective = LatencyObjective.load(args.predictor, wl, args.device, base_id, args.override)
+    if ws is None and getattr(args, "supernet", None) is not None:
+        from training.recovery import open_supernet
+
+        ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
     out: Path = args.out
+    # trained weights answer another quality question: their own study and perplexity cache
+    study_file = "study.db" if ws.base.weights_id is None else \
+        f"study-{hashlib.sha256(ws.base.weights_id.encode()).hexdigest()[:10]}.db"
     out.mkdir(parents=True, exist_ok=True)
     max_params = args.max_params if args.max_params else math.inf
     with progress_bar() as prog:
@@ -76,13 +86,13 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         from search.baselines import baseline_configs
 
         warm = [] if args.algorithm == "random" else [c for cs in baseline_configs(ws).values() for c in cs]
-        res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / "study.db",
+        res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / study_file,
                          max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress,
                          warm_start=warm)
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")
-            baselines = evaluate_baselines(ws, objective, QualityCache(out / "study.perplexity.jsonl", ws.perplexity))
+            baselines = evaluate_baselines(ws, objective, QualityCache((out / study_file).with_suffix(".perplexity.jsonl"), ws.perplexity))
 
     (out / "front.json").write_text(json.dumps(res.front, indent=1))
     with (out / "front.csv").open("w", newline="") as f:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from predictor.workload import LatencyObjective
 from search.encoding import Encoding
 from search.pareto import hypervolume, pareto_mask
-from search.workload import LatencyObjective
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import EdgenasError

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from predictor.workload import LatencyObjective
 from profiler.hosts import resolve_host
 from profiler.store import Store
 from profiler.sweep import Profiler, SweepSpec
 from profiler.targets import make_target
-from search.workload import LatencyObjective
 from subnets.config import SubnetConfig
 
 

@@ -35,6 +35,9 @@ class BaseModel:
     dims: BaseDims
     model: Any  # transformers.PreTrainedModel, float32, eval mode
     tokenizer: Any | None
+    # Set when the weights are not the base model's own (a trained super-network): exports
+    # with real weights are then keyed by it, not by the base model alone.
+    weights_id: str | None = None
 
     def space(self, neuron_step: int = 64) -> SearchSpace:
         return SearchSpace(self.base_id, self.dims, neuron_step=min(neuron_step, self.dims.intermediate_size))

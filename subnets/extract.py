@@ -54,6 +54,7 @@ class SubnetWeights:
     layers: list[LayerWeights]
     inv_freq: torch.Tensor  # RoPE inverse frequencies [head_dim / 2]
     rope_scaling: float
+    weights_id: str | None = None  # trained weights' identity (see BaseModel.weights_id)
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +126,32 @@ def slice_weights(base: Any, importance: Importance, config: SubnetConfig) -> Su
         layers=out_layers,
         inv_freq=rot.inv_freq.detach().float(),
         rope_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+        weights_id=getattr(base, "weights_id", None),
     )
+
+
+def weights_of_model(model: Any, config: SubnetConfig, weights_id: str | None = None) -> SubnetWeights:
+    """The ``SubnetWeights`` of an already extracted (and perhaps fine-tuned) dense model, so
+    it exports to ONNX like a fresh slice of the base model."""
+    layers = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = attn.head_dim
+        layers.append(LayerWeights(
+            num_heads=attn.q_proj.weight.shape[0] // hd, num_kv_heads=attn.k_proj.weight.shape[0] // hd,
+            intermediate_size=mlp.gate_proj.weight.shape[0],
+            q=attn.q_proj.weight.detach(), k=attn.k_proj.weight.detach(), v=attn.v_proj.weight.detach(),
+            o=attn.o_proj.weight.detach(), gate=mlp.gate_proj.weight.detach(), up=mlp.up_proj.weight.detach(),
+            down=mlp.down_proj.weight.detach(), input_norm=layer.input_layernorm.weight.detach(),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            q_bias=_bias(attn.q_proj), k_bias=_bias(attn.k_proj), v_bias=_bias(attn.v_proj), o_bias=_bias(attn.o_proj)))
+    rot = model.model.rotary_emb
+    embed = model.model.embed_tokens.weight.detach()
+    lm = model.lm_head.weight.detach()
+    return SubnetWeights(config=config, hf_config=model.config, embed=embed, final_norm=model.model.norm.weight.detach(),
+                         lm_head=None if lm.data_ptr() == embed.data_ptr() else lm, layers=layers,
+                         inv_freq=rot.inv_freq.detach().float(),
+                         rope_scaling=float(getattr(rot, "attention_scaling", 1.0)), weights_id=weights_id)
 
 
 def _hf_config_for(w: SubnetWeights) -> Any:

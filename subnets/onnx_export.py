@@ -338,6 +338,8 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
 def export_key(w: SubnetWeights, options: ExportOptions) -> str:
     ident = {"exporter": EXPORTER_VERSION, "config": w.config.to_dict(), "opset": options.opset,
              "ir": options.resolved_ir_version, "weights": options.weights}
+    if w.weights_id is not None and options.weights == "real":
+        ident["weights_id"] = w.weights_id
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from predictor.features import ConfigBatch
 from predictor.persist import PredictorFileError
+from predictor.workload import LatencyObjective, Workload
 from search.pareto import hypervolume, pareto_mask
 from search.study import SearchError, run_search
-from search.workload import LatencyObjective, Workload
 
 WL = Workload(32, 16)
 
