@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune one sub-network with distillation from the full model")
     _add_model(s)
     add_finetune_args(s)
+    s = sub.add_parser("evaluate", help="downstream-task accuracy through lm-evaluation-harness (offline)")
+    _add_model(s)
+    s.add_argument("--model-dir", type=Path, default=None,
+                   help="a saved model folder (`edgenas finetune --out`, its hf/ folder, or `edgenas export`'s hf/); "
+                        "default: --model itself, or --config's sub-network of it")
+    s.add_argument("--config", default=None, help="evaluate this sub-network of --model (or of --supernet)")
+    s.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
+    s.add_argument("--supernet", type=Path, default=None, help="take --config's weights from a trained super-network")
+    s.add_argument("--tasks", nargs="+", required=True,
+                   help="lm-eval task names whose data you have locally, or .jsonl files of multiple-choice items "
+                        '({"question", "choices", "answer"})')
+    s.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
+    s.add_argument("--limit", type=int, default=None, help="items per task at most")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--json", action="store_true", help="print JSON")
     s = sub.add_parser("pipeline", help="the main job: sample, extract, export and evaluate sub-networks")
     _add_model(s)
     s.add_argument("--n", type=int, default=24, help="sampled sub-networks to profile besides the full model")
@@ -81,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
     s.add_argument("--min-time", type=float, default=1.0, help="timed seconds per profiling cell at least")
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
+    s.add_argument("--train-steps", type=int, default=0,
+                   help="recovery training: train the model as a super-network for N sandwich steps (sampling by the "
+                        "device's predicted latency) before the search, which then runs on the trained weights")
     s = sub.add_parser("measurements", help="summarize or export a measurement store")
     s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
     s.add_argument("--csv", type=Path, default=None, help="write every measurement to this CSV file")
@@ -197,6 +215,48 @@ def cmd_measurements(args: argparse.Namespace) -> int:
     return measurements_main(args)
 
 
+def _model_to_evaluate(args: argparse.Namespace) -> tuple[object, object, str]:
+    from subnets.basemodel import load_base_model
+
+    if args.model_dir is not None:
+        from subnets.basemodel import resolve_model_dir
+        from subnets.extract import load_subnet
+
+        folder = args.model_dir / "hf" if (args.model_dir / "hf" / "config.json").is_file() else args.model_dir
+        _, folder = resolve_model_dir(folder)  # the same checks and messages as --model
+        from transformers import AutoTokenizer
+
+        return load_subnet(folder), AutoTokenizer.from_pretrained(str(folder)), str(folder)
+    if args.config is None:
+        base = load_base_model(args.model)
+        return base.model, base.tokenizer, base.base_id
+    configs = read_configs(args.config)
+    if not 0 <= args.index < len(configs):
+        raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
+                          f"use --index 0..{len(configs) - 1}")
+    ws = _workspace(args)
+    return ws.model(configs[args.index]), ws.base.tokenizer, configs[args.index].summary()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from subnets.downstream import evaluate_tasks
+
+    model, tokenizer, name = _model_to_evaluate(args)
+    results = evaluate_tasks(model, tokenizer, args.tasks, args.include_path, args.limit, args.batch_size)
+    if args.json:
+        print(json.dumps({"model": name, "results": results}, indent=1))
+        return
+    t = Table(title=f"lm-eval: {name}")
+    for c in ("task", "metric", "value"):
+        t.add_column(c)
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            if "stderr" not in k and k != "sample_len":
+                err = metrics.get(k.replace(",", "_stderr,", 1))
+                t.add_row(task, k.split(",")[0], f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
+    out_console.print(t)
+
+
 def cmd_train_supernet(args: argparse.Namespace) -> int:
     from training.cli import train_supernet_cmd
 
@@ -209,7 +269,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return finetune_cmd(args, out_console)
 
 
-COMMANDS = {"train-supernet": cmd_train_supernet, "finetune": cmd_finetune, "measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
+COMMANDS = {"evaluate": cmd_evaluate, "train-supernet": cmd_train_supernet, "finetune": cmd_finetune, "measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
 
 
 def active_configs(args: argparse.Namespace, ws) -> list:

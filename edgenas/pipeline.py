@@ -24,6 +24,26 @@ def _fmt_ppl(p: float) -> str:
     return f"{p:.1f}" if p < 1e5 else f"{p:.2e}"
 
 
+def train_stage(args: argparse.Namespace, ws: Workspace, objective: Any, console: Console) -> Workspace:
+    """Recovery training before the search: the sandwich rule over sub-networks from 15
+    points below the budget up to the full model, by the device's predicted latency."""
+    from training.cli import StepProgress
+    from training.recovery import open_supernet, train_supernet
+    from training.settings import TrainSettings
+
+    lo = max(0.05, args.budget_share - 0.15)
+    settings = TrainSettings(steps=args.train_steps, warmup_steps=max(1, args.train_steps // 20),
+                             latency_range=(lo, 1.0), checkpoint_every=max(1, min(50, args.train_steps)),
+                             seed=args.seed).validate()
+    folder = args.out / "supernet"
+    with StepProgress(settings.steps, "train-supernet (sandwich)") as bar:
+        res = train_supernet(args.model, ["stdlib"], settings, folder, objective=objective,
+                             neuron_step=args.neuron_step, on_step=bar)
+    console.print(f"super-network: {res.steps_done} steps in {res.seconds:.0f} s ({res.tokens_per_s:.0f} tokens/s), "
+                  f"sub-networks within {lo:.0%}-100% of the full model's latency; weights in {folder}")
+    return open_supernet(folder, args.neuron_step, args.text, ws.eval_budget, base_id=ws.base.base_id)
+
+
 def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rich.progress import Progress
 
@@ -101,6 +121,8 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     objective = LatencyObjective.load(pred_dir, Workload.parse(args.workload), args.host, ws.base.base_id)
     full_ms = float(objective.predict(ConfigBatch.from_configs([ws.space.full()], ws.space.dims.num_layers))[0])
     budget = round(args.budget_share * full_ms, 1)
+    if getattr(args, "train_steps", 0) > 0:
+        ws = train_stage(args, ws, objective, console)
     console.print(f"search: full model predicted {full_ms:.0f} ms for workload {args.workload}; budget "
                   f"{args.budget_share:.0%} of it = {budget} ms")
     search_args = argparse.Namespace(

@@ -57,6 +57,35 @@ def search(e: dict, *extra: str) -> list[str]:
             "--neuron-step", "16", "--evals", "2", "--out", str(e["tmp"] / "s"), "--quality-tokens", "256", *extra]
 
 
+def train(e: dict, *extra: str, out: str = "t") -> list[str]:
+    data = e["tmp"] / "train.txt"
+    if not data.exists():
+        from subnets.textdata import stdlib_docstrings
+
+        data.write_text(stdlib_docstrings("calibration", 20_000).text)
+    argv = ["train-supernet", "--model", e["model"], "--neuron-step", "16", "--steps", "1", "--batch-size", "2",
+            "--seq-len", "32", "--data", str(data), "--out", str(e["tmp"] / out), *extra]
+    # the last --data wins in argparse for nargs="+": drop the default file when a case gives its own
+    if extra.count("--data"):
+        i = argv.index("--data")
+        del argv[i : i + 2]
+    return argv
+
+
+def foreign_supernet(e: dict) -> Path:
+    from training.recovery import RunInfo
+    from training.settings import TrainSettings
+
+    folder = e["tmp"] / "foreign"
+    RunInfo("supernet", "other-model@123456789abc", "other", TrainSettings(), [0.1] * 4, "activation").write(folder)
+    return folder
+
+
+def changed_resume(e: dict) -> list[str]:
+    assert edgenas(train(e, out="r")) == 0
+    return train(e, "--lr", "1e-3", out="r")
+
+
 def edited_predictor(e: dict) -> Path:
     import shutil
 
@@ -150,6 +179,14 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (search_subnets, [*search(e), "--device", "jetson"])),
     ("unknown search algorithm", "invalid choice: 'annealing'", lambda e: (search_subnets, search(e, "--algorithm", "annealing"))),
     ("malformed workload", "is not 'S,N'", lambda e: (search_subnets, search(e, "--workload", "128"))),
+    ("training data missing", "does not exist", lambda e: (edgenas, train(e, "--data", str(e["tmp"] / "none.txt")))),
+    ("training data empty", "holds no text",
+     lambda e: (edgenas, train(e, "--data", str(write(e["tmp"] / "empty.txt", "  \n"))))),
+    ("training steps not positive", "--steps 0 is not positive", lambda e: (edgenas, train(e, "--steps", "0"))),
+    ("latency range outside (0, 1]", "outside (0, 1]", lambda e: (edgenas, train(e, "--latency-range", "0.5,1.5"))),
+    ("super-network of another base model", "was trained from base model",
+     lambda e: (edgenas, [*export(e), "--supernet", str(foreign_supernet(e))])),
+    ("resuming training with changed settings", "cannot be resumed", lambda e: (edgenas, changed_resume(e))),
 ]
 
 

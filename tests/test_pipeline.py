@@ -12,7 +12,8 @@ from predictor.cli import evaluate_main, predict_main
 def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "20", "--workload", "16,8",
-                    "--evals", "20", "--budget-share", "0.95", "--verify", "2", "--quality-tokens", "256", "--min-time", "0.05", "--out", str(out)])
+                    "--evals", "20", "--budget-share", "0.95", "--verify", "2", "--quality-tokens", "256", "--min-time", "0.05", "--train-steps", "2",
+                    "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "edgenas predictor" in text
@@ -25,6 +26,10 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
         assert (out / "predictors" / "local" / phase / "predicted_vs_measured.png").is_file()
     front = json.loads((out / "search" / "front.json").read_text())
     assert front and (out / "search" / "front.png").is_file()
+    # the search ran on the trained super-network's weights, in a study of its own
+    assert (out / "supernet" / "checkpoint" / "model" / "config.json").is_file()
+    assert "super-network: 2 steps" in text
+    assert list((out / "search").glob("study-*.db")) and not (out / "search" / "study.db").exists()
 
     db = out / "measurements.db"
     assert evaluate_main(["--predictor", str(out / "predictors" / "local" / "decode"), "--db", str(db)]) == 0
