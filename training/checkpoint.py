@@ -6,8 +6,8 @@ Layout of a run folder ``OUT``::
 
     OUT/run.json                 what was asked (settings), the base model, the kind of run
     OUT/checkpoint/model/        weights + tokenizer (loads with from_pretrained)
-    OUT/checkpoint/optimizer.pt  AdamW state (tensors only; loaded with weights_only)
-    OUT/checkpoint/scheduler.pt  LR schedule state
+    OUT/checkpoint/optimizer.safetensors + optimizer.json   AdamW state (no pickle anywhere)
+    OUT/checkpoint/scheduler.json  LR schedule state
     OUT/checkpoint/state.json    step reached, settings digest
     OUT/log.jsonl                one line per step (losses, lr, tokens/s)
     OUT/loss.png                 loss curves
@@ -63,9 +63,9 @@ def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, sched
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_optimizer(optimizer.state_dict(), tmp)
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (tmp / "state.json").write_text(json.dumps(state.to_dict()))
     final, old = checkpoint_dir(out), out / f"{CHECKPOINT}.old"
     if final.exists():
@@ -75,12 +75,33 @@ def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, sched
     return final
 
 
+def _save_optimizer(sd: dict[str, Any], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
 def load_optimizer_state(out: Path, optimizer: Any, scheduler: Any) -> None:
+    from safetensors.torch import load_file
+
     ck = checkpoint_dir(out)
-    if (ck / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu"))
-    if scheduler is not None and (ck / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+    if (ck / "optimizer.json").is_file():
+        meta = json.loads((ck / "optimizer.json").read_text())
+        state: dict[int, dict[str, Any]] = {}
+        for key, v in [*load_file(str(ck / "optimizer.safetensors")).items(), *meta["scalars"].items()]:
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and (ck / "scheduler.json").is_file():
+        scheduler.load_state_dict(json.loads((ck / "scheduler.json").read_text()))
 
 
 def read_log(out: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
