@@ -306,3 +306,49 @@ def test_two_process_gloo_run_keeps_identical_weights_with_layer_dropping(tiny_d
     # the steps ran sub-networks that drop layers (unused parameters under DDP)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert any(not m["subnet"].startswith("4L") for r in log for m in r["members"])
+
+
+def test_commands_train_export_and_finetune_with_the_supernet(tiny_dir, tiny_base, tmp_path, capsys) -> None:
+    from edgenas.cli import main as edgenas
+    from subnets.extract import load_subnet
+
+    data = _data(tmp_path)[0]
+    common = ["--model", str(tiny_dir), "--neuron-step", "16", "--batch-size", "2", "--seq-len", "32", "--data", data]
+    sn = tmp_path / "sn"
+    assert edgenas(["train-supernet", *common, "--steps", "2", "--k", "1", "--out", str(sn)]) == 0
+    assert "trained steps 0..2 of 2" in capsys.readouterr().out
+    assert edgenas(["train-supernet", *common, "--steps", "2", "--k", "1", "--out", str(sn)]) == 0  # nothing left
+    assert "resumed at step 2" in capsys.readouterr().out
+    cfg = tmp_path / "c.jsonl"
+    c = SubnetConfig.uniform(tiny_base.base_id, [0, 1, 3], 2, 2, 64)
+    cfg.write_text(c.to_json() + "\n")
+    assert edgenas(["export", "--model", str(tiny_dir), "--neuron-step", "16", "--config", str(cfg), "--supernet", str(sn),
+                    "--out", str(tmp_path / "exp"), "--no-perplexity"]) == 0
+    from training.recovery import open_supernet
+
+    ws = open_supernet(sn, 16)
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        exported = load_subnet(tmp_path / "exp" / "hf")(input_ids=ids).logits
+        sliced = SuperNetwork(ws.base.model, ws.base.dims)(ids, c)
+        untrained = extract(tiny_base, _imp(tiny_base), c)(input_ids=ids).logits
+    assert (exported - sliced).abs().max() < 1e-5 and (exported - untrained).abs().max() > 1e-3
+    ft = tmp_path / "ft"
+    assert edgenas(["finetune", *common, "--config", str(cfg), "--supernet", str(sn), "--steps", "2", "--onnx",
+                    "--out", str(ft)]) == 0
+    assert (ft / "hf" / "config.json").is_file() and list((ft / "onnx").glob("*/prefill.onnx"))
+
+
+def _imp(base):
+    from subnets.importance import importance_for
+
+    return importance_for(base)
+
+
+def test_a_dataset_name_that_is_not_available_offline_is_a_clear_error() -> None:
+    pytest.importorskip("datasets")
+    from subnets.errors import InputFileError
+    from training.data import read_documents
+
+    with pytest.raises(InputFileError, match="could not be loaded offline"):
+        read_documents(["no-such-org/no-such-dataset"])

@@ -70,6 +70,10 @@ def _dataset_documents(name: str, split: str, field: str) -> list[Document]:
     except ImportError:
         raise InputFileError(f"--data {name!r} is neither a file nor a folder, and the `datasets` package is not installed",
                              "pass text or JSONL files, or `pip install datasets` to read a dataset you have locally") from None
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a run never reaches a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types; all mean "not available here"
