@@ -196,8 +196,17 @@ def finetune(model: str, config: SubnetConfig, data: list[str], settings: TrainS
     return result, student
 
 
+def _running_mean(values: list[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def plot_losses(out: Path) -> Path | None:
-    """Loss curves of every member (by position in the step) into ``out/loss.png``."""
+    """Loss curves into ``out/loss.png``: each line raw (thin) and as a running mean (the
+    random members' losses swing with which sub-network a step drew)."""
     rows = read_log(out)
     if not rows:
         return None
@@ -206,17 +215,23 @@ def plot_losses(out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], label="total", color="black", lw=1.5)
-    names = ["largest", "smallest"] + [f"random {i}" for i in range(1, 9)]
-    n_members = max(len(r["members"]) for r in rows)
-    if n_members > 1:
-        for i in range(n_members):
-            vals = [r["members"][i]["loss"] if i < len(r["members"]) else np.nan for r in rows]
-            ax.plot(steps, vals, lw=0.8, alpha=0.8, label=names[i] if i < len(names) else f"member {i}")
+    lines = {"total": [r["loss"] for r in rows]}
+    if max(len(r["members"]) for r in rows) > 1:
+        sandwich = all(len(r["members"]) >= 2 for r in rows) and RunInfo.read(out).settings.strategy == "sandwich"
+        if sandwich:
+            lines["largest"] = [r["members"][0]["loss"] for r in rows]
+            lines["smallest"] = [r["members"][1]["loss"] for r in rows]
+        rand = [r["members"][2:] if sandwich else r["members"] for r in rows]
+        if all(rand):
+            lines["random (mean)"] = [float(np.mean([m["loss"] for m in ms])) for ms in rand]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    window = max(1, len(rows) // 15)
+    for (name, vals), color in zip(lines.items(), ("black", "tab:blue", "tab:orange", "tab:green")):
+        ax.plot(steps, vals, lw=0.6, alpha=0.3, color=color)
+        ax.plot(steps, _running_mean(vals, window), lw=1.8, color=color, label=f"{name} (mean of {window})")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (CE for the largest, KL for distilled members)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title(f"{Path(out).name}: training loss")
