@@ -85,6 +85,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--kd", default="inplace", help="the super-network's distillation (inplace, teacher, none)")
+    ap.add_argument("--latency-range", default=None, help="the super-network's range (default: lowest share - 0.1 to 1)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a finished run's folder: take its untrained, baseline, fine-tuned (c) and full-model (d) "
+                         "results, and train only another super-network")
     ap.add_argument("--evals", type=int, default=40)
     ap.add_argument("--quality-tokens", type=int, default=2048)
     ap.add_argument("--second-text", default="/usr/share/common-licenses/GPL-3")
@@ -95,6 +100,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     st = Stages(args.out)
+    if args.reuse is not None:
+        old = json.loads((args.reuse / "results.json").read_text())
+        keep = ("search_untrained", "full_untrained", "baselines", "full_trained")
+        st.data.update({k: v for k, v in old.items() if k.split(":")[0] in keep or k.startswith(("a_", "c_"))})
     shares = [float(x) for x in args.shares.split(",")]
     ws0 = Workspace.open(args.model, eval_budget=args.quality_tokens)
     objective = LatencyObjective.load(args.predictor, Workload.parse(args.workload), args.device, ws0.base.base_id)
@@ -109,9 +118,11 @@ def main() -> None:
     def both(model: Any) -> dict[str, float]:
         return {"heldout": ppl_of(model, heldout), "second": ppl_of(model, second)}
 
+    lat_range = (tuple(float(x) for x in args.latency_range.split(",")) if args.latency_range
+                 else (max(0.05, min(shares) - 0.1), 1.0))
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                             warmup_steps=max(1, args.steps // 20), k=args.k, seed=args.seed,
-                             latency_range=(max(0.05, min(shares) - 0.1), 1.0), checkpoint_every=10)
+                             warmup_steps=max(1, args.steps // 20), k=args.k, seed=args.seed, kd=args.kd,
+                             latency_range=lat_range, checkpoint_every=10)
     tokens = settings.tokens_per_step * settings.steps
 
     # (a) untrained weights
@@ -146,7 +157,7 @@ def main() -> None:
     full_dir = args.out / "full-trained"
 
     def train_full() -> dict[str, Any]:
-        s = replace(settings, strategy="standard", kd="none", checkpoint_every=args.steps)
+        s = replace(settings, strategy="standard", kd="none", latency_range=(0.5, 1.0), checkpoint_every=args.steps)
         res = train_supernet(args.model, ["stdlib"], s, full_dir, objective=objective)
         wsf = open_supernet(full_dir, eval_budget=args.quality_tokens, base_id=ws0.base.base_id)
         return {**both(wsf.model(wsf.space.full())), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s}
@@ -169,7 +180,8 @@ def main() -> None:
             cfg = SubnetConfig.from_dict(c_base["config"])
 
             def ft(cfg: SubnetConfig = cfg, share: float = share) -> dict[str, Any]:
-                s = replace(settings, strategy="standard", kd="teacher", checkpoint_every=args.steps)
+                s = replace(settings, strategy="standard", kd="teacher", latency_range=(0.5, 1.0),
+                            checkpoint_every=args.steps)
                 res, model = finetune(args.model, cfg, ["stdlib"], s, args.out / f"finetune-{share}")
                 return {**both(model), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s}
 

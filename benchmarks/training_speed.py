@@ -59,7 +59,9 @@ def throughput(procs: int, steps: int, threads: int) -> dict[str, float]:
         argv = [sys.executable, "-m", "edgenas", *cmd]
     else:
         argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "-m", "edgenas", *cmd]
-    subprocess.run(argv, env=env, check=True, cwd=REPO, capture_output=True)
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     # the first step pays allocator warm-up; rate over the rest
     dt = rows[-1]["seconds"] - rows[0]["seconds"]
@@ -75,7 +77,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--throughput-steps", type=int, default=6)
+    ap.add_argument("--throughput-only", action="store_true", help="skip the step-cost comparisons")
     args = ap.parse_args()
+    if args.throughput_only:
+        for r in (throughput(1, args.throughput_steps, 2), throughput(2, args.throughput_steps, 1)):
+            print(json.dumps(r), flush=True)
+        return
     torch.set_num_threads(args.threads)
     ws = Workspace.open(args.model)
     model = copy.deepcopy(ws.base.model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,6 @@ def _dataset_documents(name: str, split: str, field: str) -> list[Document]:
     except ImportError:
         raise InputFileError(f"--data {name!r} is neither a file nor a folder, and the `datasets` package is not installed",
                              "pass text or JSONL files, or `pip install datasets` to read a dataset you have locally") from None
-    import os
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a run never reaches a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -172,7 +171,7 @@ def pack(documents: Sequence[Document], tokenizer: Any, seq_len: int, cache: boo
     windows = np.asarray(ids[: n * seq_len], dtype=dtype).reshape(n, seq_len)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # processes of one run may pack at once
         np.save(tmp, windows)
         tmp.replace(path)
     log.info("training data: %d windows of %d tokens (%d tokens) from %s", n, seq_len, n * seq_len, ", ".join(sources))

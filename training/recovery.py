@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,24 @@ class RunInfo:
                    list(d["block_influence"]), d["importance_method"], d.get("config"), d.get("supernet"))
 
     def write(self, folder: Path) -> None:
+        """Atomically: another process of the same run may be reading it."""
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+        tmp = folder / f".{RUN_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, folder / RUN_FILE)
+
+
+def _start(out: Path, info: RunInfo, accelerator: Any) -> Any:
+    """Check a resume, record the run (main process only), and return the accelerator."""
+    from training.trainer import make_accelerator
+
+    acc = accelerator or make_accelerator(info.settings)
+    _check_resume(out, info)
+    acc.wait_for_everyone()  # every process has read the old run.json before it is rewritten
+    if acc.is_main_process:
+        info.write(out)
+    acc.wait_for_everyone()
+    return acc
 
 
 def _check_resume(out: Path, info: RunInfo) -> None:
@@ -115,18 +132,18 @@ def train_supernet(model: str, data: list[str], settings: TrainSettings, out: Pa
              "workload": list(workload)}
     settings = replace(settings, extra=extra)
     info = RunInfo("supernet", base.base_id, str(model), settings, [float(x) for x in imp.block_influence], imp.method)
-    _check_resume(out, info)
+    acc = _start(out, info, accelerator)
     sampler = SubnetSampler(space, imp.layer_ranking(), latency_fn_for(space, objective, workload), settings.strategy,
                             settings.k, settings.latency_range, settings.bins, seed=settings.seed)
     if settings.strategy != "standard":
         log.info("sampling %s: %d candidates within %.0f-%.0f%% of the full model's latency, smallest %s",
                  settings.strategy, len(sampler.pool), 100 * settings.latency_range[0], 100 * settings.latency_range[1],
                  sampler.smallest.summary())
-    info.write(out)
     base.model.train()
-    trainer = Trainer(base.model, base.tokenizer, windows, sampler, settings, out, accelerator=accelerator)
+    trainer = Trainer(base.model, base.tokenizer, windows, sampler, settings, out, accelerator=acc)
     result = trainer.run(on_step, stop_after)
-    plot_losses(out)
+    if acc.is_main_process:
+        plot_losses(out)
     return result
 
 
@@ -183,16 +200,16 @@ def finetune(model: str, config: SubnetConfig, data: list[str], settings: TrainS
     info = RunInfo("finetune", teacher_base.base_id, str(model), settings,
                    [float(x) for x in ws.importance.block_influence], ws.importance.method, config.to_dict(),
                    str(supernet) if supernet else None)
-    _check_resume(out, info)
-    info.write(out)
+    acc = _start(out, info, accelerator)
     student = ws.model(config).train()
     teacher = teacher_base.model if settings.kd == "teacher" else None
     trainer = Trainer(student, teacher_base.tokenizer, windows, None, settings, out, teacher=teacher,
-                      accelerator=accelerator)
+                      accelerator=acc)
     result = trainer.run(on_step, stop_after)
-    if result.steps_done >= settings.steps:
-        save_subnet(student.eval(), out / "hf", config, teacher_base.tokenizer)
-    plot_losses(out)
+    if acc.is_main_process:
+        if result.steps_done >= settings.steps:
+            save_subnet(student.eval(), out / "hf", config, teacher_base.tokenizer)
+        plot_losses(out)
     return result, student
 
 
