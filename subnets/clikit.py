@@ -32,10 +32,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def progress_bar() -> Progress:
-    """The progress bar every long command shows on stderr: count, elapsed time and ETA."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+def progress_bar(*fields: str) -> Progress:
+    """The progress bar every long command shows on stderr: count, elapsed time and ETA, plus
+    a column per format string in ``fields`` (e.g. ``"loss {task.fields[loss]}"``)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *(TextColumn(f) for f in fields), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True)
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -10,15 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from subnets.clikit import progress_bar
 from subnets.configio import read_configs
 from subnets.errors import ConfigError
 from training.sampler import STRATEGIES, parse_range
@@ -95,10 +88,7 @@ class StepProgress:
     """A rich progress bar with the loss, tokens/s and ETA of a training run."""
 
     def __init__(self, total: int, title: str) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=True)
+        self.progress = progress_bar("loss {task.fields[loss]}", "{task.fields[tps]} tok/s")
         self.task = self.progress.add_task(title, total=total, loss="-", tps="-")
 
     def __enter__(self) -> StepProgress:
