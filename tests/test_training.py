@@ -352,3 +352,28 @@ def test_a_dataset_name_that_is_not_available_offline_is_a_clear_error() -> None
 
     with pytest.raises(InputFileError, match="could not be loaded offline"):
         read_documents(["no-such-org/no-such-dataset"])
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_dir, tmp_path) -> None:
+    """Two micro-batches of 1 accumulate to the update of one batch of 2 (the same windows)."""
+    from training.recovery import open_supernet, train_supernet
+
+    data = _data(tmp_path)
+    b2 = train_supernet(str(tiny_dir), data, _settings(steps=2, batch_size=2), tmp_path / "b2", neuron_step=16)
+    a2 = train_supernet(str(tiny_dir), data, _settings(steps=2, batch_size=1, grad_accum=2), tmp_path / "a2",
+                        neuron_step=16)
+    # the gradient (its norm before clipping) is the mean over both micro-batches, not half of it
+    assert [r["grad_norm"] for r in a2.log] == pytest.approx([r["grad_norm"] for r in b2.log], rel=1e-4)
+    assert [r["loss"] for r in a2.log] == pytest.approx([r["loss"] for r in b2.log], rel=1e-4)
+    one = open_supernet(tmp_path / "b2", 16).base.model.state_dict()
+    two = open_supernet(tmp_path / "a2", 16).base.model.state_dict()
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    moved = open_supernet(tmp_path / "b2", 16).base.model.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(moved, _sorted_up(tiny_dir))
+
+
+def _sorted_up(tiny_dir):
+    from training.recovery import sorted_base
+
+    base, _ = sorted_base(str(tiny_dir))
+    return base.model.model.layers[0].mlp.up_proj.weight

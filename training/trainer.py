@@ -165,7 +165,7 @@ class Trainer:
                     with torch.no_grad():
                         t_logits = teacher(input_ids=ids, use_cache=False).logits
                 loss, stats = objective(ids, configs, t_logits)
-                acc.backward(loss / s.grad_accum)
+                acc.backward(loss)  # accelerate divides by the accumulation steps itself
                 if acc.sync_gradients:
                     grad_norm = float(acc.clip_grad_norm_(params, s.clip)) if s.clip > 0 else None
                 optimizer.step()
