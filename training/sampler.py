@@ -131,12 +131,6 @@ class SubnetSampler:
             return drawn
         return [self.largest, self.smallest, *drawn]
 
-    def describe(self) -> dict[str, object]:
-        return {"strategy": self.strategy, "k": self.k, "latency_range": list(self.latency_range),
-                "pool": len(self.pool), "bins": len(self.bin_members),
-                "smallest": self.smallest.summary() if self.pool else None,
-                "smallest_share": float(self.shares.min()) if self.pool else None}
-
 
 def latency_fn_for(space: SearchSpace, objective: object | None, workload: tuple[int, int]) -> LatencyFn:
     if objective is None:

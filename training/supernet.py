@@ -10,7 +10,6 @@ fine-tuned)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -103,10 +102,6 @@ def trainable_parameters(model: nn.Module, freeze_embeddings: bool) -> list[nn.P
         embed.requires_grad_(False)
         head.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def members_summary(configs: Sequence[SubnetConfig | None]) -> list[str]:
-    return ["dense" if c is None else c.summary() for c in configs]
 
 
 def param_digest(model: nn.Module) -> str:
