@@ -356,7 +356,8 @@ def test_paired_sweep_stores_ratios_and_the_predictor_uses_them(tiny_ws, tmp_pat
     store = Store(db)
     rows = list(store.measurement_rows())
     assert all(r["paired_ratio"] > 0 and r["companion_ms"] > 0 for r in rows)
-    m = load_measurements(store, "local", "prefill", tiny_ws.space.dims, tiny_ws.base.base_id)
+    # stability depends on the machine's load; this test is about how ratios are used
+    m = load_measurements(store, "local", "prefill", tiny_ws.space.dims, tiny_ws.base.base_id, include_unstable=True)
     store.close()
     assert m.paired == 10
     comp = np.median([r["companion_ms"] for r in rows])
