@@ -24,6 +24,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import agent_onnxprobe
+import agent_pidfile
 import agent_runtime
 import agent_telemetry
 import agent_timing
@@ -131,6 +132,8 @@ class Agent(object):
             "root": self.root,
             "disk_free_mb": disk_free_mb(self.root),
             "pid": os.getpid(),
+            "ended_orphan": getattr(self, "ended_orphan", None),
+            "other_agents": getattr(self, "other_agents", []),
         }
 
     def _ensure_models_dir(self):
@@ -457,14 +460,18 @@ def serve(agent, inp, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--root", default=None, help="folder the agent may write under (default: the folder above this file)")
+    ap.add_argument("--token", default=None, help="the host's token for this sweep: a new agent ends the old one of the same token")
     args = ap.parse_args()
     root = args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ended, others = agent_pidfile.take_over(root, args.token) if args.token else (None, [])
     # The protocol owns stdout: route anything else that writes to fd 1 (native runtime
     # logs) to stderr.
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    serve(Agent(root), sys.stdin, proto)
+    agent = Agent(root)
+    agent.ended_orphan, agent.other_agents = ended, others
+    serve(agent, sys.stdin, proto)
 
 
 if __name__ == "__main__":

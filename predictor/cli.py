@@ -66,6 +66,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
             folder = out / phase
             save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
                            {"cv": comparison, "threads": m.threads, "backend": m.backend,
+                            "protocol": m.protocol, "protocol_record": m.protocol_record,
                             "excluded_unstable": m.excluded_unstable,
                             "excluded_throttled": m.excluded_throttled, "n": len(m), "paired": m.paired})
             shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
@@ -130,8 +131,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
         store = Store(a.db)
         try:
+            rec = meta.get("metrics") or {}
             m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1,
-                                  threads=(meta.get("metrics") or {}).get("threads"))
+                                  threads=rec.get("threads"), backend=rec.get("backend"), protocol=rec.get("protocol"))
         finally:
             store.close()
         res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)

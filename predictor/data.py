@@ -12,6 +12,7 @@ import numpy as np
 from predictor.errors import DataError
 from predictor.features import ConfigBatch
 from predictor.model import MIN_TRAIN
+from profiler.protocol import UNRECORDED
 from profiler.store import Store
 from subnets.config import SubnetConfig
 from subnets.space import BaseDims
@@ -37,6 +38,8 @@ class Measurements:
     threads: int = 1
     backend: str = "ort-cpu"
     paired: int = 0  # measurements whose latency is companion-normalized (see ``paired_latency``)
+    protocol: str = UNRECORDED  # the measurement protocol's digest (profiler.protocol)
+    protocol_record: dict | None = None
 
     def __len__(self) -> int:
         return len(self.y_ms)
@@ -54,12 +57,13 @@ class Measurements:
                             [self.configs[i] for i in idx], self.subnet_hashes[idx],
                             ConfigBatch(self.batch.kept[idx], self.batch.kv_groups[idx], self.batch.heads_per_group[idx],
                                         self.batch.neurons[idx]),
-                            self.seq_len[idx], self.past_len[idx], self.y_ms[idx], 0, 0, self.threads, self.backend)
+                            self.seq_len[idx], self.past_len[idx], self.y_ms[idx], 0, 0, self.threads, self.backend,
+                            0, self.protocol, self.protocol_record)
 
 
 def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, base_id: str | None = None,
                       include_unstable: bool = False, minimum: int = MIN_TRAIN, threads: int | None = None,
-                      backend: str | None = None, use_paired: bool = True) -> Measurements:
+                      backend: str | None = None, use_paired: bool = True, protocol: str | None = None) -> Measurements:
     """The usable measurements of one device, phase, thread count and back-end (by default
     the thread count and back-end most measured): latency at 1 and 4 threads are different
     devices for a predictor."""
@@ -79,21 +83,7 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
             raise DataError(f"the {phase} measurements of {device} are of base model(s) {sorted(other)}, not {base_id}",
                             "pass the --model those sub-networks were cut from")
         rows = [r for r in rows if r["base_id"] == base_id]
-    if rows:
-        from collections import Counter
-
-        counts = Counter((r["threads"], r["backend"]) for r in rows)
-        want_t, want_b = counts.most_common(1)[0][0]
-        want_t = threads if threads is not None else want_t
-        want_b = backend if backend is not None else want_b
-        if len(counts) > 1:
-            log.info("%s %s: using the %d-thread %s measurements (the store also has %s)", device, phase, want_t, want_b,
-                     ", ".join(f"{t}-thread {b}" for t, b in counts if (t, b) != (want_t, want_b)))
-        if (want_t, want_b) not in counts:
-            have = ", ".join(f"{b} at {t} thread(s) ({n})" for (t, b), n in counts.most_common())
-            raise DataError(f"{device} has no {phase} measurements of back-end {want_b} at {want_t} thread(s) in {store.path}",
-                            f"pick one it has: {have} (--backend, --threads)")
-        rows = [r for r in rows if r["threads"] == want_t and r["backend"] == want_b]
+    rows = _one_protocol(rows, device, phase, threads, backend, protocol, store)
     unstable = sum(1 for r in rows if r["unstable"])
     throttled = sum(1 for r in rows if r["throttled"])
     if not include_unstable:
@@ -116,8 +106,47 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
         dims, dev["name"], dev["fingerprint"], rows[0]["base_id"], phase, configs,
         np.array([r["subnet_hash"] for r in rows]), ConfigBatch.from_configs(configs, dims.num_layers),
         seq, past, y, unstable, throttled, threads=int(rows[0]["threads"]), backend=str(rows[0]["backend"]),
-        paired=paired,
+        paired=paired, protocol=rows[0]["protocol"], protocol_record=_record(store, rows[0]["protocol"]),
     )
+
+
+def _record(store: Store, digest: str) -> dict | None:
+    p = store.protocols().get(digest)
+    return None if p is None else p.to_dict()
+
+
+def _one_protocol(rows: list[dict], device: str, phase: str, threads: int | None, backend: str | None,
+                  protocol: str | None, store: Store) -> list[dict]:
+    """The rows of one thread count, back-end and measurement protocol (by default the most
+    measured): a predictor trained on a mix would learn the protocols' difference as noise."""
+    if not rows:
+        return rows
+    from collections import Counter
+
+    counts = Counter((r["threads"], r["backend"], r["protocol"]) for r in rows)
+    usable = [k for k, _ in counts.most_common()
+              if (threads is None or k[0] == threads) and (backend is None or k[1] == backend)
+              and (protocol is None or k[2] == protocol)]
+    if not usable:
+        have = ", ".join(f"{b} at {t} thread(s) ({n})" for (t, b, _), n in Counter(
+            (r["threads"], r["backend"], "") for r in rows).most_common())
+        want_t = threads if threads is not None else "any"
+        under = f" under protocol {protocol}" if protocol is not None else ""
+        raise DataError(f"{device} has no {phase} measurements of back-end {backend or 'any'} at {want_t} thread(s)"
+                        f"{under} in {store.path}", f"pick one it has: {have} (--backend, --threads)")
+    want = usable[0]
+    if len(counts) > 1:
+        protocols = store.protocols()
+        others = ", ".join(f"{n} at {t} thread(s) {b} under {_describe(protocols, p)}"
+                           for (t, b, p), n in counts.items() if (t, b, p) != want)
+        log.info("%s %s: using the %d measurements at %d thread(s) %s under %s (the store also has %s)", device, phase,
+                 counts[want], want[0], want[1], _describe(protocols, want[2]), others)
+    return [r for r in rows if (r["threads"], r["backend"], r["protocol"]) == want]
+
+
+def _describe(protocols: dict, digest: str) -> str:
+    p = protocols.get(digest)
+    return f"protocol {digest} ({p.describe()})" if p is not None else f"protocol {digest}"
 
 
 def paired_latency(rows: list[dict], seq: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, int]:

@@ -3,7 +3,7 @@ through a device's prefill and decode predictors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,9 @@ class LatencyObjective:
     workload: Workload
     device_name: str
     base_id: str
+    # per phase, how its training data was measured (threads, backend, protocol, protocol_record):
+    # what verification must reproduce; empty for a predictor that did not record it
+    measured_as: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: Path, workload: Workload, device: str | None, base_id: str | None,
@@ -64,8 +67,11 @@ class LatencyObjective:
             raise PredictorFileError(f"{folder} does not hold prefill/ and decode/ predictors",
                                      "pass the --out folder of train-predictor --phase prefill,decode")
         pre, meta = load_predictor(folder / "prefill", device=device, base_id=base_id, phase="prefill", override=override)
-        dec, _ = load_predictor(folder / "decode", device=device, base_id=base_id, phase="decode", override=override)
-        return cls(pre, dec, workload, meta["device_name"], meta["base_id"])
+        dec, dmeta = load_predictor(folder / "decode", device=device, base_id=base_id, phase="decode", override=override)
+        keys = ("threads", "backend", "protocol", "protocol_record")
+        measured_as = {phase: {k: (m.get("metrics") or {}).get(k) for k in keys} for phase, m in
+                       (("prefill", meta), ("decode", dmeta))}
+        return cls(pre, dec, workload, meta["device_name"], meta["base_id"], measured_as)
 
     def predict_both(self, batch: ConfigBatch) -> tuple[np.ndarray, np.ndarray]:
         """(predicted, upper bound) workload latency in ms: each phase's bound is its

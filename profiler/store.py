@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from profiler.errors import ErrorClass, StoreError
+from profiler.fingerprint import device_fingerprint
+from profiler.protocol import UNRECORDED, Protocol
 
-SCHEMA_VERSION = 2
-# v2 added the paired (companion-interleaved) timing of a cell; v1 stores gain the columns.
-MIGRATIONS = {1: ("ALTER TABLE measurements ADD COLUMN companion_ms REAL",
-                  "ALTER TABLE measurements ADD COLUMN paired_ratio REAL")}
-
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
@@ -34,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs(
   subnet_hash TEXT NOT NULL REFERENCES subnets(hash), phase TEXT NOT NULL, batch INTEGER NOT NULL,
   seq_len INTEGER NOT NULL, past_len INTEGER NOT NULL, backend TEXT NOT NULL, threads INTEGER NOT NULL,
   status TEXT NOT NULL DEFAULT 'pending', error_class TEXT, error_message TEXT,
-  attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+  attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL,
+  protocol TEXT NOT NULL DEFAULT 'unrecorded', owner TEXT, lease_until REAL);
 CREATE TABLE IF NOT EXISTS measurements(
   id INTEGER PRIMARY KEY, job_id INTEGER UNIQUE REFERENCES jobs(id), device_id INTEGER NOT NULL,
   subnet_hash TEXT NOT NULL, phase TEXT NOT NULL, batch INTEGER NOT NULL, seq_len INTEGER NOT NULL,
@@ -42,8 +41,9 @@ CREATE TABLE IF NOT EXISTS measurements(
   median_ms REAL NOT NULL, mean_ms REAL, p90_ms REAL, p99_ms REAL, std_ms REAL, cov REAL, n INTEGER,
   median_rel_ci REAL, load_ms REAL, peak_rss_mb REAL, unstable INTEGER NOT NULL, throttled INTEGER NOT NULL,
   stop_reason TEXT, export_key TEXT, raw_ms TEXT, telemetry TEXT, versions TEXT, settings TEXT, created REAL NOT NULL,
-  companion_ms REAL, paired_ratio REAL);
+  companion_ms REAL, paired_ratio REAL, protocol TEXT NOT NULL DEFAULT 'unrecorded');
 CREATE INDEX IF NOT EXISTS meas_device ON measurements(device_id, phase);
+CREATE TABLE IF NOT EXISTS protocols(digest TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sweeps(
   id INTEGER PRIMARY KEY, device_id INTEGER, started REAL NOT NULL, finished REAL, args TEXT, summary TEXT);
 """
@@ -51,7 +51,45 @@ CREATE TABLE IF NOT EXISTS sweeps(
 EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
                   "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
                   "std_ms", "cov", "n", "median_rel_ci", "load_ms", "peak_rss_mb", "unstable", "throttled",
-                  "stop_reason", "companion_ms", "paired_ratio", "config", "created"]
+                  "stop_reason", "companion_ms", "paired_ratio", "protocol", "config", "created"]
+
+
+def _migrate_1(db: sqlite3.Connection) -> None:
+    """v2 added the paired (companion-interleaved) timing of a cell."""
+    db.execute("ALTER TABLE measurements ADD COLUMN companion_ms REAL")
+    db.execute("ALTER TABLE measurements ADD COLUMN paired_ratio REAL")
+
+
+def _migrate_2(db: sqlite3.Connection) -> None:
+    """v3 records each cell's measurement protocol and leases jobs to one sweep process, and
+    takes the back-end out of the device fingerprint: devices that differed only by back-end
+    become one (their measurements keep their back-end column)."""
+    db.execute("CREATE TABLE IF NOT EXISTS protocols(digest TEXT PRIMARY KEY, record TEXT NOT NULL)")
+    db.execute(f"ALTER TABLE jobs ADD COLUMN protocol TEXT NOT NULL DEFAULT '{UNRECORDED}'")
+    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+    db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+    db.execute(f"ALTER TABLE measurements ADD COLUMN protocol TEXT NOT NULL DEFAULT '{UNRECORDED}'")
+    keep: dict[str, int] = {}
+    renamed: list[tuple[str, int]] = []
+    for dev_id, info in db.execute("SELECT id, info FROM devices ORDER BY id").fetchall():
+        hello = (json.loads(info) or {}).get("hello")
+        if not hello:
+            continue
+        fp = device_fingerprint(hello)
+        if fp not in keep:
+            keep[fp] = dev_id
+            renamed.append((fp, dev_id))
+            continue
+        for table in ("measurements", "jobs", "sweeps"):
+            db.execute(f"UPDATE {table} SET device_id=? WHERE device_id=?", (keep[fp], dev_id))
+        db.execute("UPDATE devices SET last_seen=MAX(last_seen, (SELECT last_seen FROM devices WHERE id=?)) WHERE id=?",
+                   (dev_id, keep[fp]))
+        db.execute("DELETE FROM devices WHERE id=?", (dev_id,))
+    for fp, dev_id in renamed:
+        db.execute("UPDATE devices SET fingerprint=? WHERE id=?", (fp, dev_id))
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
 
 
 @dataclass(frozen=True)
@@ -67,6 +105,7 @@ class Job:
     status: str
     attempts: int
     error_class: str | None
+    protocol: str = UNRECORDED
 
 
 class Store:
@@ -85,31 +124,30 @@ class Store:
         self.db.row_factory = sqlite3.Row
 
     def _check_schema(self) -> None:
-        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "meta" not in tables:
-            raise StoreError(f"{self.path} is an SQLite file that edgenas did not write",
-                             "pass a new --db path")
-        if "meta" in tables:
+        # One write transaction for the check, the creation and any migration: a second
+        # process opening the same new or old store waits, then finds it ready.
+        with self.tx():
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self.db.execute("INSERT INTO meta VALUES('created', ?)", (str(time.time()),))
+                return
+            if "meta" not in tables:
+                raise StoreError(f"{self.path} is an SQLite file that edgenas did not write", "pass a new --db path")
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             found = int(row[0]) if row else None
-            if found in MIGRATIONS and found < SCHEMA_VERSION:
-                with self.tx():
-                    for stmt in MIGRATIONS[found]:
-                        self.db.execute(stmt)
-                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(found + 1),))
-                return self._check_schema()
+            while found in MIGRATIONS and found < SCHEMA_VERSION:
+                MIGRATIONS[found](self.db)
+                found += 1
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(found),))
             if found != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} was written by an incompatible edgenas (store schema {found}, this version reads {SCHEMA_VERSION})",
                     "use a new --db path, or export the old store with the edgenas version that wrote it",
                 )
-            return
-        with self.tx():
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
-            self.db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self.db.execute("INSERT INTO meta VALUES('created', ?)", (str(time.time()),))
 
     def tx(self) -> Any:
         store = self
@@ -119,7 +157,8 @@ class Store:
                 store.db.execute("BEGIN IMMEDIATE")
 
             def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-                store.db.execute("COMMIT" if et is None else "ROLLBACK")
+                if store.db.in_transaction:
+                    store.db.execute("COMMIT" if et is None else "ROLLBACK")
 
         return _Tx()
 
@@ -146,12 +185,20 @@ class Store:
         self.db.execute("INSERT OR IGNORE INTO subnets VALUES(?,?,?,?,?)", (config_hash, base_id, config_json, params, summary))
 
     # --- jobs ---------------------------------------------------------------------------
+    def add_protocol(self, protocol: Protocol) -> str:
+        self.db.execute("INSERT OR IGNORE INTO protocols VALUES(?,?)", (protocol.digest, json.dumps(protocol.to_dict())))
+        return protocol.digest
+
+    def protocols(self) -> dict[str, Protocol]:
+        return {r[0]: Protocol.from_dict(json.loads(r[1])) for r in self.db.execute("SELECT digest, record FROM protocols")}
+
     def add_jobs(self, rows: list[dict[str, Any]]) -> None:
         now = time.time()
         with self.tx():
             self.db.executemany(
-                "INSERT OR IGNORE INTO jobs(job_key, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, created, updated) "
-                "VALUES(:job_key, :device_id, :subnet_hash, :phase, :batch, :seq_len, :past_len, :backend, :threads, :now, :now)",
+                "INSERT OR IGNORE INTO jobs(job_key, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, "
+                "threads, protocol, created, updated) VALUES(:job_key, :device_id, :subnet_hash, :phase, :batch, "
+                ":seq_len, :past_len, :backend, :threads, :protocol, :now, :now)",
                 [dict(r, now=now) for r in rows])
 
     def jobs_by_key(self, keys: list[str]) -> list[Job]:
@@ -165,34 +212,59 @@ class Store:
     @staticmethod
     def _job(r: sqlite3.Row) -> Job:
         return Job(r["id"], r["subnet_hash"], r["phase"], r["batch"], r["seq_len"], r["past_len"], r["backend"],
-                   r["threads"], r["status"], r["attempts"], r["error_class"])
+                   r["threads"], r["status"], r["attempts"], r["error_class"], r["protocol"])
 
-    def start_attempt(self, job_id: int) -> None:
+    def claim(self, job_id: int, owner: str, lease_s: float) -> int | None:
+        """Start an attempt at a job unless it is done or another live sweep holds it: two
+        sweeps of one store never measure the same cell, and a crashed sweep's lease expires."""
+        now = time.time()
         with self.tx():
-            self.db.execute("UPDATE jobs SET attempts=attempts+1, status='running', updated=? WHERE id=?", (time.time(), job_id))
+            cur = self.db.execute(
+                "UPDATE jobs SET attempts=attempts+1, status='running', owner=?, lease_until=?, updated=? "
+                "WHERE id=? AND status!='done' AND (owner IS NULL OR owner=? OR lease_until IS NULL OR lease_until<?)",
+                (owner, now + lease_s, now, job_id, owner, now))
+            if cur.rowcount != 1:
+                return None
+            return int(self.db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0])
+
+    def release(self, owner: str) -> None:
+        """Give back a sweep's unfinished jobs (it stopped, or its process is gone)."""
+        with self.tx():
+            self.db.execute("UPDATE jobs SET owner=NULL, lease_until=NULL, "
+                            "status=CASE status WHEN 'running' THEN 'pending' ELSE status END WHERE owner=?", (owner,))
+
+    def lease_owners(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM jobs WHERE owner IS NOT NULL")]
+
+    def reset_attempts(self, job_ids: list[int]) -> None:
+        """``--retry-failed``: a failed job gets the full number of attempts again."""
+        with self.tx():
+            self.db.executemany("UPDATE jobs SET attempts=0, status='pending' WHERE id=? AND status='failed'",
+                                [(i,) for i in job_ids])
 
     def fail_job(self, job_id: int, error_class: ErrorClass, message: str, final: bool) -> None:
         with self.tx():
-            self.db.execute("UPDATE jobs SET status=?, error_class=?, error_message=?, updated=? WHERE id=?",
+            self.db.execute("UPDATE jobs SET status=?, error_class=?, error_message=?, updated=?, owner=NULL WHERE id=?",
                             ("failed" if final else "pending", error_class.value, message[:2000], time.time(), job_id))
 
     def finish_job(self, job: Job, device_id: int, result: dict[str, Any], export_key: str) -> int:
         with self.tx():
             mid = self._insert_measurement(job.id, device_id, job.subnet_hash, job.phase, job.batch, job.seq_len,
-                                           job.past_len, job.backend, job.threads, False, result, export_key)
-            self.db.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=? WHERE id=?",
-                            (time.time(), job.id))
+                                           job.past_len, job.backend, job.threads, False, result, export_key,
+                                           job.protocol)
+            self.db.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=?, owner=NULL "
+                            "WHERE id=?", (time.time(), job.id))
         return mid
 
     def add_reference(self, device_id: int, subnet_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
-                      backend: str, threads: int, result: dict[str, Any], export_key: str) -> int:
+                      backend: str, threads: int, result: dict[str, Any], export_key: str, protocol: str) -> int:
         with self.tx():
             return self._insert_measurement(None, device_id, subnet_hash, phase, batch, seq_len, past_len, backend,
-                                            threads, True, result, export_key)
+                                            threads, True, result, export_key, protocol)
 
     def _insert_measurement(self, job_id: int | None, device_id: int, subnet_hash: str, phase: str, batch: int,
                             seq_len: int, past_len: int, backend: str, threads: int, is_ref: bool,
-                            r: dict[str, Any], export_key: str) -> int:
+                            r: dict[str, Any], export_key: str, protocol: str) -> int:
         telemetry = {"before": r.get("telemetry_before"), "after": r.get("telemetry_after"),
                      "throttle_reasons": r.get("throttle_reasons")}
         settings = r.get("settings")
@@ -202,13 +274,13 @@ class Store:
             "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
             "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
             "unstable, throttled, stop_reason, export_key, raw_ms, telemetry, versions, settings, created, companion_ms, "
-            "paired_ratio) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "paired_ratio, protocol) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, int(is_ref),
              r["median_ms"], r.get("mean_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("std_ms"), r.get("cov"),
              r.get("n"), r.get("median_rel_ci"), r.get("load_ms"), r.get("peak_rss_mb"), int(bool(r.get("unstable"))),
              int(bool(r.get("throttled"))), r.get("stop_reason"), export_key, json.dumps(r.get("raw_ms")),
              json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(settings), time.time(),
-             r.get("companion_median_ms"), r.get("paired_ratio")))
+             r.get("companion_median_ms"), r.get("paired_ratio"), protocol))
         return int(cur.lastrowid)
 
     # --- sweeps -------------------------------------------------------------------------

@@ -11,15 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from profiler.errors import ErrorClass, HostError, MeasureError
+from profiler.fingerprint import device_fingerprint
+from profiler.protocol import Protocol
 from profiler.store import Job, Store
-from profiler.targets import Target, device_fingerprint
+from profiler.targets import Target
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
@@ -68,6 +73,27 @@ class SweepSpec:
     # Time every cell alternately with the reference sub-network and store the ratio: shared
     # or thermally drifting boards slow all models at once, which the ratio cancels.
     paired: bool = False
+    # per-phase timing settings replacing the above (verification repeats a predictor's own)
+    phase_timing: dict[str, dict[str, Any]] | None = None
+
+    def timing_for(self, phase: str) -> dict[str, Any]:
+        if self.phase_timing is not None and phase in self.phase_timing:
+            return dict(self.phase_timing[phase])
+        timing = dict(self.timing)
+        if phase == "decode" and self.decode_min_time_s is not None:
+            timing["min_time_s"] = max(float(timing.get("min_time_s", 0.0)), self.decode_min_time_s)
+            timing["max_time_s"] = max(float(timing.get("max_time_s", 20.0)), timing["min_time_s"])
+        if phase == "decode" and self.decode_sessions is not None:
+            timing["sessions"] = self.decode_sessions
+        return timing
+
+    def protocol(self, phase: str, options: ExportOptions, companion: str | None) -> Protocol:
+        """Everything besides the cell that decides this phase's numbers (``companion``: the
+        paired companion's hash, None for an unpaired cell such as a drift reference)."""
+        trt = self.backend in ("trt", "trtexec")
+        return Protocol(timing=self.timing_for(phase), weights=self.weights, paired=companion is not None,
+                        companion=companion, opset=options.opset, ir_version=options.ir_version,
+                        graph_opt=self.graph_opt, precision=self.precision if trt else None)
 
 
 @dataclass
@@ -80,6 +106,7 @@ class SweepSummary:
     failed: list[dict[str, Any]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)  # every failed attempt, recovered or not
     skipped_failed: int = 0
+    held_elsewhere: int = 0  # jobs another live sweep of the same store was measuring
     retries: int = 0
     reconnects: int = 0
     references: list[float] = field(default_factory=list)
@@ -112,8 +139,8 @@ class SweepSummary:
 
 
 def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
-            backend: str, threads: int) -> str:
-    ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}"
+            backend: str, threads: int, protocol: str) -> str:
+    ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}|{protocol}"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -171,6 +198,7 @@ class Profiler:
         self.reference = reference or workspace.space.full()
         self._exports: dict[str, ExportedSubnet] = {}
         self._on_board: set[str] = set()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this sweep's job leases
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions, summary: SweepSummary) -> ExportedSubnet:
@@ -186,15 +214,6 @@ class Profiler:
         """The export key of a sub-network exported in this sweep ("" if not yet)."""
         exported = self._exports.get(subnet_hash)
         return exported.key if exported is not None else ""
-
-    def _timing(self, phase: str) -> dict[str, Any]:
-        timing = dict(self.spec.timing)
-        if phase == "decode" and self.spec.decode_min_time_s is not None:
-            timing["min_time_s"] = max(float(timing.get("min_time_s", 0.0)), self.spec.decode_min_time_s)
-            timing["max_time_s"] = max(float(timing.get("max_time_s", 20.0)), timing["min_time_s"])
-        if phase == "decode" and self.spec.decode_sessions is not None:
-            timing["sessions"] = self.spec.decode_sessions
-        return timing
 
     def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,
                  summary: SweepSummary, options: ExportOptions | None = None) -> dict[str, Any]:
@@ -212,7 +231,7 @@ class Profiler:
                 companion = ref.key
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
-                "timing": self._timing(phase), "precision": self.spec.precision,
+                "timing": self.spec.timing_for(phase), "precision": self.spec.precision,
                 "graph_opt": self.spec.graph_opt,
                 # one TensorRT engine per model and phase covers the sweep's whole shape grid
                 "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
@@ -271,13 +290,15 @@ class Profiler:
             return
         self.store.add_subnet(self.reference.config_hash(), self.reference.base_id, self.reference.to_json(),
                               count_params(self.reference, self.ws.space.dims), self.reference.summary())
+        protocol = self.store.add_protocol(self.spec.protocol(phase, options, None))
         self.store.add_reference(device_id, self.reference.config_hash(), phase, self.spec.batch, seq, past,
-                                 self.spec.backend_tag, self.spec.threads, r, exported.key)
+                                 self.spec.backend_tag, self.spec.threads, r, exported.key, protocol)
         summary.references.append(r["median_ms"])
         base = summary.references[0]
         prior = [row["median_ms"] for row in self.store.references(device_id)
                  if row["phase"] == phase and row["seq_len"] == seq and row["past_len"] == past
-                 and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend_tag]
+                 and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend_tag
+                 and row["protocol"] == protocol]
         if prior:
             base = prior[0]
         change = r["median_ms"] / base - 1.0
@@ -288,6 +309,96 @@ class Profiler:
             log.warning(msg)
 
     # --- the sweep ----------------------------------------------------------------------
+    def _plan(self, configs: list[SubnetConfig], fp: str, device_id: int, options: ExportOptions,
+              summary: SweepSummary) -> list[Job]:
+        """Register the sweep's jobs (keyed by cell and protocol) and return those to measure."""
+        spec = self.spec
+        with self.store.tx():
+            for c in configs:
+                self.store.add_subnet(c.config_hash(), c.base_id, c.to_json(), count_params(c, self.ws.space.dims), c.summary())
+        companion = self.reference.config_hash() if spec.paired else None
+        self._release_dead_leases()
+        rows = []
+        for phase in spec.phases:
+            protocol = self.store.add_protocol(spec.protocol(phase, options, companion))
+            shapes = [(s, 0) for s in spec.seq_lens] if phase == "prefill" else [(1, p) for p in spec.past_lens]
+            for c in configs:
+                # the companion itself is timed unpaired (a ratio of 1 says nothing)
+                proto = protocol if c.config_hash() != companion else self.store.add_protocol(spec.protocol(phase, options, None))
+                for seq, past in shapes:
+                    rows.append({"job_key": job_key(fp, c.config_hash(), phase, spec.batch, seq, past, spec.backend_tag,
+                                                    spec.threads, proto),
+                                 "device_id": device_id, "subnet_hash": c.config_hash(), "phase": phase,
+                                 "batch": spec.batch, "seq_len": seq, "past_len": past, "backend": spec.backend_tag,
+                                 "threads": spec.threads, "protocol": proto})
+        self.store.add_jobs(rows)
+        jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
+        summary.jobs = len(jobs)
+        summary.already_done = sum(j.status == "done" for j in jobs)
+        failed = [j for j in jobs if j.status == "failed"]
+        if spec.retry_failed:
+            self.store.reset_attempts([j.id for j in failed])
+            jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
+        else:
+            summary.skipped_failed = len(failed)
+            summary.failed += [{"subnet": j.subnet_hash, "phase": j.phase, "seq_len": j.seq_len, "past_len": j.past_len,
+                                "error_class": j.error_class, "attempts": j.attempts,
+                                "message": "failed in an earlier sweep"} for j in failed]
+        pending = [j for j in jobs if j.status not in ("done", "failed")]
+        order = {c.config_hash(): i for i, c in enumerate(configs)}
+        pending.sort(key=lambda j: (order[j.subnet_hash], j.phase, j.seq_len, j.past_len))
+        return pending
+
+    def _release_dead_leases(self) -> None:
+        """Leases of sweeps on this machine whose process is gone end now, not at expiry."""
+        host = socket.gethostname()
+        for owner in self.store.lease_owners():
+            name, _, rest = owner.partition(":")
+            pid = rest.partition(":")[0]
+            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+                self.store.release(owner)
+
+    def _lease_s(self) -> float:
+        """How long a claimed job stays ours without news: one attempt's worst case."""
+        t = self.target.timeouts
+        return 2.0 * (t.measure + t.upload_stall + t.handshake) + 60.0
+
+    def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions, device_id: int,
+                 summary: SweepSummary) -> str:
+        """Measure one job with retries: "measured", "failed", or "held" when another sweep
+        process holds it."""
+        while True:
+            attempts = self.store.claim(job.id, self.owner, self._lease_s())
+            if attempts is None:
+                return "held"
+            try:
+                exported = self._export(config, options, summary)
+                result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary, options)
+                self.store.finish_job(job, device_id, result, exported.key)
+                summary.measured += 1
+                summary.unstable += int(bool(result.get("unstable")))
+                summary.throttled += int(bool(result.get("throttled")))
+                return "measured"
+            except MeasureError as e:
+                final = (not e.error_class.retryable) or attempts >= self.spec.max_attempts
+                self.store.fail_job(job.id, e.error_class, e.message, final)
+                summary.faults.append({"job": job.id, "attempt": attempts, "error_class": e.error_class.value,
+                                       "message": e.message[:300]})
+                log.warning("job %s %s failed (attempt %d, %s): %s", config.summary(), job.phase, attempts,
+                            e.error_class.value, e.message)
+                if e.error_class == ErrorClass.LOAD_ERROR:
+                    self._on_board.discard(self._key(job.subnet_hash))
+                elif e.error_class == ErrorClass.DISK_FULL:
+                    self._evict(self.target.models_on_board() - {self._key(job.subnet_hash)}, summary)
+                else:
+                    self._recover(e, summary)
+                if final:
+                    summary.failed.append({"subnet": job.subnet_hash, "phase": job.phase, "seq_len": job.seq_len,
+                                           "past_len": job.past_len, "error_class": e.error_class.value,
+                                           "attempts": attempts, "message": e.message})
+                    return "failed"
+                summary.retries += 1
+
     def run(self, configs: list[SubnetConfig], args_record: dict[str, Any] | None = None) -> SweepSummary:
         t_start = time.perf_counter()
         spec = self.spec
@@ -297,7 +408,7 @@ class Profiler:
         if spec.backend == "auto":
             spec.backend = choose_backend(hello)
             log.info("back-end for %s: %s", self.target.spec.name, spec.backend)
-        fp = device_fingerprint(hello, spec.backend)
+        fp = device_fingerprint(hello)
         summary = SweepSummary(self.target.spec.name, fp)
         summary.warnings.extend(board_warnings(hello))
         for w in summary.warnings:
@@ -305,36 +416,8 @@ class Profiler:
         device_id = self.store.upsert_device(self.target.spec.name, fp, {"hello": hello, "host": self.target.spec.describe()})
         options = board_export_options(hello, spec)
         sweep_id = self.store.start_sweep(device_id, args_record or {})
-
         by_hash = {c.config_hash(): c for c in configs}
-        with self.store.tx():
-            for c in configs:
-                self.store.add_subnet(c.config_hash(), c.base_id, c.to_json(), count_params(c, self.ws.space.dims), c.summary())
-        rows = []
-        for c in configs:
-            for phase in spec.phases:
-                shapes = [(s, 0) for s in spec.seq_lens] if phase == "prefill" else [(1, p) for p in spec.past_lens]
-                for seq, past in shapes:
-                    rows.append({"job_key": job_key(fp, c.config_hash(), phase, spec.batch, seq, past, spec.backend_tag, spec.threads),
-                                 "device_id": device_id, "subnet_hash": c.config_hash(), "phase": phase,
-                                 "batch": spec.batch, "seq_len": seq, "past_len": past, "backend": spec.backend_tag,
-                                 "threads": spec.threads})
-        self.store.add_jobs(rows)
-        jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
-        summary.jobs = len(jobs)
-        summary.already_done = sum(j.status == "done" for j in jobs)
-        pending: list[Job] = []
-        for j in jobs:
-            if j.status == "done":
-                continue
-            if j.status == "failed" and not spec.retry_failed:
-                summary.skipped_failed += 1
-                summary.failed.append({"subnet": j.subnet_hash, "phase": j.phase, "seq_len": j.seq_len, "past_len": j.past_len,
-                                       "error_class": j.error_class, "attempts": j.attempts, "message": "failed in an earlier sweep"})
-                continue
-            pending.append(j)
-        order = {h: i for i, h in enumerate(by_hash)}
-        pending.sort(key=lambda j: (order[j.subnet_hash], j.phase, j.seq_len, j.past_len))
+        pending = self._plan(configs, fp, device_id, options, summary)
         total = len(pending)
         self.progress(0, total, "")
         self._on_board = self.target.models_on_board()
@@ -346,38 +429,12 @@ class Profiler:
             for done, job in enumerate(pending):
                 config = by_hash[job.subnet_hash]
                 self.progress(done, total, f"{config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
-                attempts = job.attempts
-                while True:
-                    attempts += 1
-                    self.store.start_attempt(job.id)
-                    try:
-                        exported = self._export(config, options, summary)
-                        result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary, options)
-                        self.store.finish_job(job, device_id, result, exported.key)
-                        summary.measured += 1
-                        summary.unstable += int(bool(result.get("unstable")))
-                        summary.throttled += int(bool(result.get("throttled")))
-                        measured_subnets.add(job.subnet_hash)
-                        break
-                    except MeasureError as e:
-                        final = (not e.error_class.retryable) or attempts >= spec.max_attempts
-                        self.store.fail_job(job.id, e.error_class, e.message, final)
-                        summary.faults.append({"job": job.id, "attempt": attempts, "error_class": e.error_class.value,
-                                               "message": e.message[:300]})
-                        log.warning("job %s %s failed (attempt %d, %s): %s", config.summary(), job.phase, attempts,
-                                    e.error_class.value, e.message)
-                        if e.error_class == ErrorClass.LOAD_ERROR:
-                            self._on_board.discard(self._key(job.subnet_hash))
-                        elif e.error_class == ErrorClass.DISK_FULL:
-                            self._evict(self.target.models_on_board() - {self._key(job.subnet_hash)}, summary)
-                        else:
-                            self._recover(e, summary)
-                        if final:
-                            summary.failed.append({"subnet": job.subnet_hash, "phase": job.phase, "seq_len": job.seq_len,
-                                                   "past_len": job.past_len, "error_class": e.error_class.value,
-                                                   "attempts": attempts, "message": e.message})
-                            break
-                        summary.retries += 1
+                outcome = self._run_job(job, config, options, device_id, summary)
+                if outcome == "held":
+                    summary.held_elsewhere += 1
+                    continue
+                if outcome == "measured":
+                    measured_subnets.add(job.subnet_hash)
                 last_of_subnet = done + 1 == total or pending[done + 1].subnet_hash != job.subnet_hash
                 if last_of_subnet and not spec.keep_models and job.subnet_hash != self.reference.config_hash():
                     self._evict({self._key(job.subnet_hash)}, summary)  # the reference stays: it is re-measured
@@ -393,12 +450,23 @@ class Profiler:
             summary.seconds["total"] = time.perf_counter() - t_start
             summary.bytes_uploaded = self.target.bytes_uploaded
             summary.subnets_measured = len(measured_subnets)
+            self.store.release(self.owner)
             self.store.finish_sweep(sweep_id, summary.to_dict())
             try:
                 self.target.stop(graceful=summary.stopped is None)
             except Exception:
                 pass
         return summary
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def summary_json(summary: SweepSummary) -> str:

@@ -8,7 +8,6 @@ every file's sha256 and publish it; never send what the board already has."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -16,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -66,6 +66,8 @@ class Target:
         self.client: AgentClient | None = None
         self.hello: dict[str, Any] | None = None
         self.bytes_uploaded = 0
+        # the same across reconnects: the board ends this target's orphaned agent by it
+        self.token = uuid.uuid4().hex
 
     # subclass API -----------------------------------------------------------------------
     def open(self) -> None: ...
@@ -100,7 +102,8 @@ class Target:
         """Open the link, deploy, start the agent and shake hands. Returns the handshake."""
         self.open()
         self.deploy_agent()
-        argv = [self.spec.python, str(PurePosixPath(self.agent_dir, "agent.py")), "--root", self.root]
+        argv = [self.spec.python, str(PurePosixPath(self.agent_dir, "agent.py")), "--root", self.root,
+                "--token", self.token]
         proc = self.spawn(argv, self.spec.agent_memory_mb)
         self.client = AgentClient(proc, self.spec.name)
         try:
@@ -121,6 +124,12 @@ class Target:
                 f"on the board: {hello.get('python_executable', 'python3')} -m pip install {' '.join(sorted(hello['missing']))}",
             )
         self.client.pid = hello.get("pid")
+        if hello.get("ended_orphan"):
+            log.warning("%s: ended the agent (pid %s) left running by the lost link", self.spec.name, hello["ended_orphan"])
+        if hello.get("other_agents"):
+            log.warning("%s: %d other edgenas agent(s) run on this board (pids %s): another sweep shares it, and "
+                        "its cells will disturb these timings", self.spec.name, len(hello["other_agents"]),
+                        ", ".join(map(str, hello["other_agents"])))
         self.hello = hello
         return hello
 
@@ -364,14 +373,3 @@ def make_target(spec: HostSpec, timeouts: Timeouts | None = None, accept_new_hos
     if spec.kind == "local":
         return LocalTarget(spec, timeouts)
     return SSHTarget(spec, timeouts, accept_new_host_key, inventory, ssh_config)
-
-
-def device_fingerprint(hello: dict[str, Any], backend: str) -> str:
-    """Hardware and software that decide latency: board, CPU, memory, runtime, providers."""
-    b = hello.get("board", {})
-    o = hello.get("onnxruntime") or {}
-    ident = {"kind": b.get("kind"), "model": b.get("model"), "cpu": b.get("cpu_model"), "cores": b.get("cpu_count"),
-             "memory_gb": round((b.get("memory_mb") or 0) / 1024), "machine": b.get("machine"),
-             "ort": o.get("version"), "providers": sorted(o.get("providers") or []), "backend": backend,
-             "tegra": b.get("tegra_release")}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,10 +1,16 @@
 """Measure chosen sub-networks on the device and set the measured workload latency beside
-the predicted one; the measurements go into the store, so the next predictor learns there."""
+the predicted one; the measurements go into the store, so the next predictor learns there.
+
+Verification measures the way the predictor's training data was measured (threads,
+back-end, timing, pairing, weights, opset), read from the predictor's own record: a
+prediction checked against a number taken under other settings checks nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from predictor.workload import LatencyObjective
 from profiler.hosts import resolve_host
@@ -12,6 +18,11 @@ from profiler.store import Store
 from profiler.sweep import Profiler, SweepSpec
 from profiler.targets import make_target
 from subnets.config import SubnetConfig
+from subnets.errors import EdgenasError
+
+
+class VerifyError(EdgenasError):
+    """Verification cannot reproduce how the predictor's data was measured."""
 
 
 def pick_spread(front: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -22,31 +33,63 @@ def pick_spread(front: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return [front[i] for i in idx]
 
 
-def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Path,
-           budget_ms: float, threads: int = 1) -> list[dict[str, Any]]:
+def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
+    """The sweep settings that reproduce the predictors' recorded measurement settings."""
     wl = objective.workload
     past = tuple(int(p) for p in wl.decode_points())
-    spec = SweepSpec(phases=("prefill", "decode") if past else ("prefill",), seq_lens=(wl.prompt_len,),
-                     past_lens=past or (1,), threads=threads, reference_every=0, decode_min_time_s=3.0,
-                     decode_sessions=3)
+    phases = ("prefill", "decode") if past else ("prefill",)
+    recs = [objective.measured_as.get(ph) or {} for ph in phases]
+    missing = [ph for ph, r in zip(phases, recs) if not r.get("protocol_record") or r.get("threads") is None]
+    if missing:
+        raise VerifyError(f"the {' and '.join(missing)} predictor does not record how its data was measured "
+                          "(threads, back-end, protocol)",
+                          "retrain it with this edgenas (train-predictor), then search again with --verify")
+    keyset = {(r["threads"], r["backend"]) for r in recs}
+    if len(keyset) > 1:
+        raise VerifyError(f"the prefill and decode predictors were trained on different settings ({sorted(keyset)})",
+                          "train both phases from one sweep's measurements (train-predictor --threads/--backend)")
+    threads, tag = keyset.pop()
+    backend, _, variant = str(tag).partition(":")
+    pro = [r["protocol_record"] for r in recs]
+    base = pro[0]
+    for key in ("weights", "paired", "companion", "graph_opt", "opset"):
+        if len({str(p.get(key)) for p in pro}) > 1:
+            raise VerifyError(f"the prefill and decode predictors were measured with different {key}",
+                              "train both phases from one sweep's measurements")
+    if base.get("paired") and base.get("companion") != full_hash:
+        raise VerifyError("the predictor's measurements were paired with a companion other than the full model",
+                          "verify with profile-device --paired and the same companion, then compare by hand")
+    return SweepSpec(phases=phases, seq_lens=(wl.prompt_len,), past_lens=past or (1,), threads=int(threads),
+                     backend=backend, reference_every=0, weights=base.get("weights", "none"),
+                     paired=bool(base.get("paired")), graph_opt=base.get("graph_opt", "all"),
+                     precision=base.get("precision") or (variant if backend in ("trt", "trtexec") else "fp16"),
+                     opset=int(base.get("opset", 17)),
+                     phase_timing={ph: dict(p.get("timing") or {}) for ph, p in zip(phases, pro)})
+
+
+def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Path,
+           budget_ms: float) -> list[dict[str, Any]]:
+    wl = objective.workload
+    spec = verification_spec(objective, ws.space.full().config_hash())
+    past = tuple(int(p) for p in wl.decode_points())
     configs = [SubnetConfig.from_dict(p["config"]) for p in points]
     store = Store(db)
     try:
         summary = Profiler(ws, make_target(resolve_host(host)), store, spec).run(configs)
-        rows = {(r["subnet_hash"], r["phase"], r["seq_len"], r["past_len"]): r["median_ms"]
+        rows = {(r["subnet_hash"], r["phase"], r["seq_len"], r["past_len"], r["protocol"]): r["median_ms"]
                 for r in store.measurement_rows(device=summary.fingerprint)}
     finally:
         store.close()
+    proto = {ph: (objective.measured_as.get(ph) or {}).get("protocol") for ph in spec.phases}
     out = []
     for p, c in zip(points, configs):
         h = c.config_hash()
-        pre = rows.get((h, "prefill", wl.prompt_len, 0))
-        dec = [rows.get((h, "decode", 1, q)) for q in past]
+        pre = rows.get((h, "prefill", wl.prompt_len, 0, proto["prefill"]))
+        dec = [rows.get((h, "decode", 1, q, proto.get("decode"))) for q in past]
         if pre is None or any(v is None for v in dec):
-            out.append(dict(p, measured_ms=None, error="measurement failed"))
+            out.append(dict(p, measured_ms=None, error="not measured under the predictor's protocol "
+                            "(failed, or the board's runtime now exports another opset)"))
             continue
-        import numpy as np
-
         measured = float(wl.total(np.array([pre]), [np.array([v]) for v in dec])[0]) if past else pre
         out.append(dict(p, measured_ms=measured, error_pct=p["latency_ms"] / measured - 1,
                         meets_budget=measured <= budget_ms))

@@ -309,3 +309,36 @@ def test_a_cache_wiped_while_weights_are_written_is_a_load_error(tmp_path, monke
     resp = _serve_one(agent, {"id": 1, "verb": "materialize", "args": {"key": "abc"}})
     assert resp["ok"] is False and resp["error"]["class"] == "load_error"
     assert "vanished" in resp["error"]["message"]
+
+
+def test_a_reconnecting_agent_ends_its_orphan_and_spares_other_sweeps(tmp_path) -> None:
+    """After a lost link the old agent may still be timing a cell; the next agent started
+    with the same token ends it before answering, and reports (never kills) other tokens'."""
+    import json
+    import subprocess
+    import sys
+
+    from device_agents import AGENT_DIR
+
+    def start(token: str) -> tuple[subprocess.Popen, dict]:
+        p = subprocess.Popen([sys.executable, str(AGENT_DIR / "agent.py"), "--root", str(tmp_path), "--token", token],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(json.dumps({"id": 1, "verb": "hello", "args": {}}) + "\n")
+        p.stdin.flush()
+        return p, json.loads(p.stdout.readline())["result"]
+
+    orphan, h1 = start("sweep-a")
+    other, _ = start("sweep-b")
+    try:
+        new, h2 = start("sweep-a")
+        try:
+            assert h2["ended_orphan"] == h1["pid"] == orphan.pid
+            assert orphan.wait(timeout=10) != 0  # killed, not exited
+            assert h2["other_agents"] == [other.pid] and other.poll() is None
+        finally:
+            new.kill()
+    finally:
+        for p in (orphan, other):
+            p.kill()
+            p.wait()

@@ -365,9 +365,16 @@ def test_paired_sweep_stores_ratios_and_the_predictor_uses_them(tiny_ws, tmp_pat
     assert np.allclose(m.y_ms, [by_hash[h] for h in m.subnet_hashes])
 
 
+def _schema2_store(path: Path) -> Path:
+    """A store written by edgenas with store schema 2 (a 3-sub-network local sweep; raw
+    times and telemetry blanked to keep the file small)."""
+    with sqlite3.connect(path) as c:
+        c.executescript((Path(__file__).parent / "data" / "store_schema2.sql").read_text())
+    return path
+
+
 def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
-    db = tmp_path / "old.db"
-    Store(db).close()
+    db = _schema2_store(tmp_path / "old.db")
     with sqlite3.connect(db) as c:
         c.execute("ALTER TABLE measurements DROP COLUMN paired_ratio")
         c.execute("ALTER TABLE measurements DROP COLUMN companion_ms")
@@ -375,5 +382,135 @@ def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
     Store(db).close()
     with sqlite3.connect(db) as c:
         cols = {r[1] for r in c.execute("PRAGMA table_info(measurements)")}
-        assert {"paired_ratio", "companion_ms"} <= cols
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert {"paired_ratio", "companion_ms", "protocol"} <= cols
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+
+
+def test_a_schema_2_store_keeps_every_measurement_and_merges_backend_devices(tmp_path) -> None:
+    """Schema 2 put the back-end in the device fingerprint: a board swept through two
+    back-ends was two devices. Migrated, it is one device and nothing measured is lost."""
+    from predictor.data import load_measurements
+    from profiler.fingerprint import device_fingerprint
+    from subnets.space import BaseDims
+
+    db = _schema2_store(tmp_path / "v2.db")
+    with sqlite3.connect(db) as c:
+        before = c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+        name, info = c.execute("SELECT name, info FROM devices").fetchone()
+        c.execute("INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES(?, 'oldcudafp', ?, 0, 0)",
+                  (name, info))
+        cuda_id = c.execute("SELECT id FROM devices WHERE fingerprint='oldcudafp'").fetchone()[0]
+        c.execute("UPDATE measurements SET device_id=?, backend='ort-cuda' WHERE id=(SELECT MIN(id) FROM measurements)",
+                  (cuda_id,))
+    store = Store(db)
+    try:
+        devices = store.devices()
+        assert len(devices) == 1 and devices[0]["fingerprint"] == device_fingerprint(json.loads(info)["hello"])
+        rows = list(store.measurement_rows(device=name))
+        assert len(rows) == before and {r["protocol"] for r in rows} == {"unrecorded"}
+        assert {r["backend"] for r in rows} == {"ort-cpu", "ort-cuda"}
+        dims = BaseDims.from_dict(json.loads((Path(__file__).parent / "data" / "tiny_dims.json").read_text()))
+        m = load_measurements(store, name, "decode", dims, minimum=1, backend="ort-cpu", include_unstable=True)
+        assert len(m) == sum(r["phase"] == "decode" and r["backend"] == "ort-cpu" for r in rows)
+    finally:
+        store.close()
+
+
+def test_a_rerun_with_other_timing_or_pairing_measures_anew_and_training_never_mixes(tiny_ws, tmp_path) -> None:
+    """The job key covers the measurement protocol: a quick trial run does not stand in for
+    the real one, and a paired rerun does not keep unpaired cells."""
+    from predictor.data import load_measurements
+
+    db = tmp_path / "m.db"
+    cs = tiny_ws.space.sample(3, seed=21)
+    first = sweep(tiny_ws, "local", db, cs, phases=("prefill",))
+    assert first.measured == 3
+    again = sweep(tiny_ws, "local", db, cs, phases=("prefill",))
+    assert again.already_done == 3 and again.measured == 0  # same settings resume
+    longer = sweep(tiny_ws, "local", db, cs, phases=("prefill",), timing=dict(FAST_TIMING, min_time_s=0.05))
+    assert longer.already_done == 0 and longer.measured == 3
+    paired = sweep(tiny_ws, "local", db, cs, phases=("prefill",), paired=True)
+    assert paired.already_done == 0 and paired.measured == 3
+    store = Store(db)
+    try:
+        assert len({r["protocol"] for r in store.measurement_rows()}) == 3
+        m = load_measurements(store, "local", "prefill", tiny_ws.space.dims, minimum=1, include_unstable=True)
+        assert len(m) == 3 and len({r["protocol"] for r in store.measurement_rows() if r["subnet_hash"] in
+                                    set(m.subnet_hashes.tolist())}) == 3
+        assert m.protocol_record is not None and m.protocol_record["timing"]["min_time_s"] in (0.03, 0.05)
+    finally:
+        store.close()
+
+
+def test_one_board_through_two_backends_is_one_device(tiny_ws, tmp_path) -> None:
+    from profiler.fingerprint import device_fingerprint
+
+    hello = {"board": {"kind": "linux", "cpu_model": "x"}, "onnxruntime": {"version": "1.20", "providers": ["A", "B"]}}
+    assert device_fingerprint(hello) == device_fingerprint(dict(hello))
+    db = tmp_path / "m.db"
+    cs = tiny_ws.space.sample(2, seed=22)
+    sweep(tiny_ws, "local", db, cs, phases=("prefill",))
+    sweep(tiny_ws, "local", db, cs, phases=("prefill",), graph_opt="basic")
+    store = Store(db)
+    try:
+        assert len(store.devices()) == 1
+        assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu", "ort-cpu:opt-basic"}
+    finally:
+        store.close()
+
+
+def test_two_sweeps_of_one_store_never_measure_a_cell_twice(tiny_ws, tmp_path) -> None:
+    import threading
+
+    db = tmp_path / "m.db"
+    Store(db).close()
+    cs = tiny_ws.space.sample(4, seed=23)
+    results: list = []
+    errors: list = []
+
+    def one() -> None:
+        try:
+            results.append(sweep(tiny_ws, "local", db, cs, phases=("prefill", "decode")))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sum(r.measured for r in results) == 8
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM measurements WHERE is_reference=0").fetchone()[0] == 8
+        assert c.execute("SELECT COUNT(*) FROM jobs WHERE owner IS NOT NULL").fetchone()[0] == 0
+
+
+class FailOnceTarget:
+    """A local board whose first measurement of each sweep dies with a transient fault."""
+
+    def __new__(cls, *a, **kw):  # type: ignore[no-untyped-def]
+        from profiler.errors import ErrorClass, MeasureError
+        from profiler.targets import LocalTarget
+
+        class _T(LocalTarget):
+            failed = False
+
+            def call(self, verb, args=None, timeout=60.0):  # type: ignore[no-untyped-def]
+                if verb == "measure" and not _T.failed:
+                    _T.failed = True
+                    raise MeasureError(ErrorClass.RUNTIME_ERROR, "injected")
+                return super().call(verb, args, timeout)
+
+        return _T(a[0], a[1])  # (host spec, timeouts); a local board needs no SSH settings
+
+
+def test_retry_failed_gives_a_failed_job_its_attempts_again(tiny_ws, tmp_path) -> None:
+    db = tmp_path / "m.db"
+    cs = tiny_ws.space.sample(1, seed=24)
+    sweep(tiny_ws, "local", db, cs, phases=("prefill",))
+    with sqlite3.connect(db) as c:  # as left by an earlier sweep that used up its 3 attempts
+        c.execute("DELETE FROM measurements")
+        c.execute("UPDATE jobs SET status='failed', attempts=3, error_class='runtime_error'")
+    s = sweep(tiny_ws, "local", db, cs, phases=("prefill",), retry_failed=True, target_cls=FailOnceTarget)
+    assert s.measured == 1 and not s.failed and s.retries == 1

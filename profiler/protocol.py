@@ -1,0 +1,48 @@
+"""The measurement protocol: every setting besides the cell itself that changes a number.
+
+A cell (device, sub-network, phase, shape, back-end, threads) measured under two protocols
+gives two different numbers: a 0.05 s trial run is noisier than a 3 s one, a paired latency
+is a ratio to a companion, shipped weights and board-materialized ones can land differently
+in memory. The protocol's digest is part of the job key, so a rerun with other settings
+measures anew instead of resuming, and the predictor trains on one protocol at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Measurements written before the protocol was recorded (store schema 2 and older).
+UNRECORDED = "unrecorded"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    timing: dict[str, Any] = field(default_factory=dict)  # as sent to the agent, per phase
+    weights: str = "none"
+    paired: bool = False
+    companion: str | None = None  # the paired companion's config hash
+    opset: int = 17
+    ir_version: int = 8
+    graph_opt: str = "all"
+    precision: str | None = None  # TensorRT back-ends only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Protocol:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        t = self.timing
+        parts = [f"min {t.get('min_time_s', 'default')} s"]
+        if t.get("sessions"):
+            parts.append(f"{t['sessions']} sessions")
+        parts += ["paired" if self.paired else "unpaired", f"weights {self.weights}", f"opset {self.opset}"]
+        return ", ".join(parts)
