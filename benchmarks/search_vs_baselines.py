@@ -25,7 +25,7 @@ from predictor.features import ConfigBatch
 from predictor.workload import LatencyObjective, Workload
 from search.baselines import baseline_configs, evaluate_baselines
 from search.pareto import hypervolume
-from search.study import QualityCache, run_search
+from search.study import QualityCache, perplexity_cache, run_search
 from search.verify import pick_spread, verify
 from subnets.workspace import Workspace
 
@@ -55,7 +55,7 @@ def main() -> None:
     print(f"workload {args.workload}: full model predicted {full:.0f} ms; budget {budget:.0f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache_file = tmp / "shared.perplexity.jsonl"
+        cache_file = perplexity_cache(tmp / "study.db", ws)  # every study in tmp/ shares it: equal configs cost once
         warm = [c for cs in baseline_configs(ws).values() for c in cs]
         algos = args.algorithms.split(",")
         quality0 = QualityCache(cache_file, ws.perplexity)
@@ -68,11 +68,8 @@ def main() -> None:
         for seed in range(args.seeds):
             for algo in algos:
                 study = tmp / f"{algo}{seed}.db"
-                # one perplexity cache for every run: equal configs cost once, results identical
-                study.with_suffix(".perplexity.jsonl").write_text(cache_file.read_text() if cache_file.exists() else "")
                 res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed, granularity=args.granularity,
                                  warm_start=warm)
-                cache_file.write_text(study.with_suffix(".perplexity.jsonl").read_text())
                 hv[algo].append(res.hypervolume)
                 feas = [p for p in res.points if p["feasible"]]
                 hv2[algo].append(hypervolume(np.array([p["perplexity"] for p in feas]),

@@ -12,8 +12,16 @@ Correction: XGBoost on log latency with the base's log prediction as its margin,
 non-decreasing in every size feature, so the final prediction stays monotone in size.
 Chosen by cross-validation against the base alone (it must earn its place).
 
-Bound: a split-conformal upper bound: the (1 - alpha) quantile of out-of-fold log residuals,
-so ``predict_upper`` covers at least 1 - alpha of new sub-networks' latencies.
+Bound: CV+ (Barber et al. 2021) by sub-network. The measured sub-networks are split into
+K folds; each fold's model is fitted without it, and each held-out sub-network scores the
+largest log residual over its shapes. The bound for a new sub-network is the
+ceil((1 - alpha)(G + 1))-th smallest of {fold model's log prediction + score} over the G
+scores, so it holds for all of its shapes at once. Guarantee: coverage >= 1 - 2 alpha for a
+sub-network exchangeable with the measured ones (CV+ theorem; about 1 - alpha in practice,
+tested). With fewer than 1/alpha - 1 sub-networks that rank does not exist: the bound is the
+largest value, and ``coverage`` states the lower guarantee that gives. The choice of booster
+or base is made inside each fold by an inner cross-validation, so the scores that calibrate
+the bound never chose the model they judge.
 
 Transfer: with a ``prior`` predictor from another device, the base becomes the prior's base
 with each of its terms rescaled for the new device (ridge toward one common scale, the
@@ -77,7 +85,9 @@ class LatencyPredictor:
     transfer_terms: np.ndarray | None = None  # B's scale of each of the prior's base terms
     prior: LatencyPredictor | None = None
     booster: Any = None
-    log_q: float = 0.0
+    folds: list[LatencyPredictor] = field(default_factory=list)  # CV+: the model fitted without fold k
+    scores: np.ndarray | None = None  # per held-out sub-network: its largest log residual
+    score_fold: np.ndarray | None = None  # the fold each score was held out in
     fit_info: dict[str, Any] = field(default_factory=dict)
     _flat: Any = field(default=None, repr=False)
 
@@ -85,7 +95,7 @@ class LatencyPredictor:
     def _fit_base(self, X: np.ndarray, y: np.ndarray, batch: ConfigBatch, shapes: Shapes) -> None:
         if self.prior is not None:
             if self.prior.base_coef is not None:
-                self.transfer_terms = _fit_term_scales(self.prior._contributions(X), y)
+                self.transfer_terms = _fit_term_scales(self.prior._shaped_contributions(X), y)
                 return
             p = np.log(self.prior.predict(batch, shapes.seq_len, shapes.past_len))
             A = np.stack([np.ones_like(p), p], axis=1)
@@ -103,10 +113,27 @@ class LatencyPredictor:
         """[N, terms] milliseconds each base term contributes (a from-scratch predictor)."""
         return _base_design(X) / self.base_scale * self.base_coef
 
+    def _shaped_contributions(self, X: np.ndarray) -> np.ndarray:
+        """The base terms times this predictor's boosted correction: what a transfer rescales,
+        so the source device's learned non-linearity (a roofline's bend) carries over."""
+        return self._contributions(X) * np.exp(self._margin(X))[:, None]
+
+    def _margin(self, X: np.ndarray) -> np.ndarray:
+        """The booster's log correction over the base (zero without one)."""
+        if self.booster is None:
+            return np.zeros(len(X))
+        if len(X) <= SMALL_BATCH:  # a search's one-at-a-time call: skip XGBoost's per-call set-up
+            if self._flat is None:
+                from predictor.trees import FlatTrees
+
+                self._flat = FlatTrees(self.booster.get_booster())
+            return self._flat.margin(X)
+        return self.booster.predict(X, base_margin=np.zeros(len(X)))
+
     def _base_predict(self, X: np.ndarray, batch: ConfigBatch, shapes: Shapes) -> np.ndarray:
         if self.transfer_terms is not None:
             assert self.prior is not None
-            return np.maximum(self.prior._contributions(X) @ self.transfer_terms, 1e-6)
+            return np.maximum(self.prior._shaped_contributions(X) @ self.transfer_terms, 1e-6)
         if self.transfer_coef is not None:
             assert self.prior is not None
             p = np.log(self.prior.predict(batch, shapes.seq_len, shapes.past_len))
@@ -137,8 +164,9 @@ class LatencyPredictor:
         m.fit(X, np.log(y), base_margin=np.log(base))
         return m
 
-    # --- sklearn-style API --------------------------------------------------------------
+    # --- fitting ------------------------------------------------------------------------
     def fit(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> LatencyPredictor:
+        """Fit on all measurements, and the CV+ fold models and scores of the bound."""
         y = np.asarray(y_ms, dtype=np.float64)
         n = len(y)
         minimum = MIN_TRAIN_TRANSFER if self.prior is not None else MIN_TRAIN
@@ -146,33 +174,62 @@ class LatencyPredictor:
             raise DataError(f"{n} measurements; the predictor needs at least {minimum}",
                             "profile more sub-networks (profile-device --samples 20)")
         shapes = Shapes.of(n, seq_len, past_len)
+        group = _groups(batch)
+        n_groups = int(group.max()) + 1
+        if n_groups < 2:
+            raise DataError(f"all {n} measurements are of one sub-network: the bound needs held-out sub-networks",
+                            "profile more sub-networks (profile-device --samples 20)")
+        k = min(5, n_groups)
+        fold_of = np.random.default_rng(self.seed).permutation(n_groups) % k
+        folds = fold_of[group]
+        oof = np.zeros(n)
+        self.folds = []
+        for f in range(k):
+            tr, te = folds != f, folds == f
+            sub = LatencyPredictor(self.dims, self.phase, self.alpha, self.boost, self.seed, prior=self.prior)
+            sub._fit_once(_take(batch, tr), Shapes(shapes.seq_len[tr], shapes.past_len[tr]), y[tr])
+            oof[te] = sub.predict(_take(batch, te), shapes.seq_len[te], shapes.past_len[te])
+            self.folds.append(sub)
+        r = np.log(y) - np.log(oof)
+        self.scores = np.array([r[group == g].max() for g in range(n_groups)])
+        self.score_fold = fold_of
+        self._fit_once(batch, shapes, y)
+        self.fit_info.update({"n_train": n, "boosted": self.booster is not None, "cv": accuracy(y, oof),
+                              "bound": self.coverage()})
+        return self
+
+    def _fit_once(self, batch: ConfigBatch, shapes: Shapes, y: np.ndarray) -> None:
+        """Base, and the booster where an inner cross-validation says it helps."""
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)
-        use_boost = self.boost == "on" or (self.boost == "auto" and n >= MIN_BOOST)
-        oof_base, oof_boost = self._oof(batch, shapes, y, use_boost)
+        use_boost = self.boost == "on" or (self.boost == "auto" and len(y) >= MIN_BOOST)
         if self.boost == "auto" and use_boost:
-            e_base = np.mean(np.abs(oof_base / y - 1))
-            e_boost = np.mean(np.abs(oof_boost / y - 1))
+            oof_base, oof_boost = self._oof(batch, shapes, y, True)
+            e_base = float(np.mean(np.abs(oof_base / y - 1)))
+            e_boost = float(np.mean(np.abs(oof_boost / y - 1)))
             use_boost = e_boost < e_base
-            self.fit_info["cv_mape_base"], self.fit_info["cv_mape_boost"] = float(e_base), float(e_boost)
-        oof = oof_boost if use_boost else oof_base
-        # split-conformal bound on the out-of-fold log residuals
-        r = np.sort(np.log(y) - np.log(oof))
-        k = min(n - 1, math.ceil((n + 1) * (1 - self.alpha)) - 1)
-        self.log_q = float(max(r[k], 0.0))
+            self.fit_info["cv_mape_base"], self.fit_info["cv_mape_boost"] = e_base, e_boost
         self._fit_base(X, y, batch, shapes)
         self.booster = self._fit_boost(X, y, self._base_predict(X, batch, shapes)) if use_boost else None
         self._flat = None
-        self.fit_info.update({"n_train": n, "boosted": use_boost, "conformal_log_q": self.log_q,
-                              "cv": accuracy(y, oof)})
-        return self
+
+    def coverage(self, alpha: float | None = None) -> dict[str, Any]:
+        """What the bound at ``alpha`` promises, with this many held-out sub-networks."""
+        a = self.alpha if alpha is None else alpha
+        g = 0 if self.scores is None else len(self.scores)
+        exact = g > 0 and math.ceil((1 - a) * (g + 1)) <= g
+        a_eff = a if exact else 1.0 / (g + 1)
+        return {"method": "CV+ by sub-network", "alpha": a, "nominal": 1 - a, "sub_networks": g,
+                "guaranteed": max(0.0, 1 - 2 * a_eff), "widened": not exact}
 
     def _oof(self, batch: ConfigBatch, shapes: Shapes, y: np.ndarray, with_boost: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Out-of-fold predictions (5 folds by sub-network) of the base alone and of base + boost."""
-        folds = _group_folds(batch, min(5, len(y)), self.seed)
+        """Inner out-of-fold predictions (3 folds by sub-network) of the base alone and of base + boost."""
+        group = _groups(batch)
+        k = min(3, int(group.max()) + 1)
+        folds = (np.random.default_rng(self.seed + 1).permutation(int(group.max()) + 1) % k)[group]
         n = len(y)
         base_pred = np.zeros(n)
         boost_pred = np.zeros(n)
-        for f in range(folds.max() + 1):
+        for f in range(k):
             tr, te = folds != f, folds == f
             sub = LatencyPredictor(self.dims, self.phase, self.alpha, "off", self.seed, prior=self.prior)
             btr, bte = _take(batch, tr), _take(batch, te)
@@ -191,37 +248,32 @@ class LatencyPredictor:
         shapes = Shapes.of(n, seq_len, past_len)
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)
         base = self._base_predict(X, batch, shapes)
-        if self.booster is None:
-            return base
-        if n <= SMALL_BATCH:  # a search's one-at-a-time call: skip XGBoost's per-call set-up
-            if self._flat is None:
-                from predictor.trees import FlatTrees
+        return base if self.booster is None else np.exp(np.log(base) + self._margin(X))
 
-                self._flat = FlatTrees(self.booster.get_booster())
-            return np.exp(np.log(base) + self._flat.margin(X))
-        return np.exp(self.booster.predict(X, base_margin=np.log(base)))
-
-    def predict_upper(self, batch: ConfigBatch, seq_len: Any, past_len: Any) -> np.ndarray:
-        return self.predict(batch, seq_len, past_len) * math.exp(self.log_q)
+    def predict_upper(self, batch: ConfigBatch, seq_len: Any, past_len: Any, alpha: float | None = None) -> np.ndarray:
+        """The CV+ upper bound at level 1 - ``alpha`` (default: the predictor's alpha)."""
+        if not self.folds or self.scores is None or self.score_fold is None:
+            raise DataError("this predictor has no bound (it was not fitted with cross-validation folds)",
+                            "retrain it with train-predictor")
+        a = self.alpha if alpha is None else alpha
+        logs = np.stack([np.log(f.predict(batch, seq_len, past_len)) for f in self.folds])
+        vals = logs[self.score_fold] + self.scores[:, None]
+        g = len(self.scores)
+        rank = min(math.ceil((1 - a) * (g + 1)), g)  # beyond the scores: the widest there is
+        return np.exp(np.partition(vals, rank - 1, axis=0)[rank - 1])
 
     def score(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> dict[str, float]:
         return accuracy(np.asarray(y_ms), self.predict(batch, seq_len, past_len),
                         self.predict_upper(batch, seq_len, past_len))
 
 
-def _group_folds(batch: ConfigBatch, k: int, seed: int) -> np.ndarray:
-    """Fold per row, every shape of one sub-network in the same fold: with rows split at
-    random, a sub-network's other shape sits in the training folds and the out-of-fold
-    residuals (hence the conformal bound) come out too small (80-85% coverage for a nominal
-    90% here)."""
+def _groups(batch: ConfigBatch) -> np.ndarray:
+    """The sub-network of each row: all its shapes are held out together (with rows split at
+    random, a sub-network's other shape sits in the training folds and the residuals, hence
+    the bound, come out too small: 80-85% coverage for a nominal 90% here)."""
     rows = np.concatenate([batch.kept, batch.kv_groups, batch.heads_per_group, batch.neurons], axis=1)
     _, group = np.unique(rows, axis=0, return_inverse=True)
-    group = np.asarray(group).reshape(-1)
-    n_groups = int(group.max()) + 1
-    if n_groups < k:  # too few sub-networks to hold out whole ones
-        return np.random.default_rng(seed).permutation(len(group)) % k
-    fold_of = np.random.default_rng(seed).permutation(n_groups) % k
-    return fold_of[group]
+    return np.asarray(group).reshape(-1)
 
 
 def _fit_term_scales(C: np.ndarray, y: np.ndarray) -> np.ndarray:

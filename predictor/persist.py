@@ -4,7 +4,8 @@
                   schema), its fitted base, its bound, training data hash, metrics, versions,
                   and the sha256 of every other file (an edited file is refused)
     booster.json  the XGBoost model (its own JSON format), when boosted
-    prior/        the source device's predictor, when this one was transferred"""
+    prior/        the source device's predictor, when this one was transferred
+    folds/K/      the CV+ fold models behind the bound (meta.json holds their scores)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from subnets.errors import EdgenasError
 from subnets.space import BaseDims
 
 FORMAT = "edgenas-latency-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CV+ bound (fold models and scores) instead of one conformal factor
 
 
 class PredictorFileError(EdgenasError):
@@ -54,10 +55,15 @@ def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerpr
                        p.prior.fit_info.get("fingerprint", ""), base_id, p.prior.fit_info.get("data_hash", ""),
                        p.prior.fit_info.get("metrics"))
         files["prior/meta.json"] = _sha(folder / "prior" / "meta.json")
+    for k, fold in enumerate(p.folds):
+        save_predictor(fold, folder / "folds" / str(k), device_name, fingerprint, base_id, data_hash)
+        files[f"folds/{k}/meta.json"] = _sha(folder / "folds" / str(k) / "meta.json")
     meta: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": FEATURE_SCHEMA_VERSION,
         "features": list(FEATURES), "device_name": device_name, "device_fingerprint": fingerprint,
-        "base_id": base_id, "phase": p.phase, "dims": p.dims.to_dict(), "alpha": p.alpha, "log_q": p.log_q,
+        "base_id": base_id, "phase": p.phase, "dims": p.dims.to_dict(), "alpha": p.alpha,
+        "scores": None if p.scores is None else p.scores.tolist(),
+        "score_fold": None if p.score_fold is None else p.score_fold.tolist(), "folds": len(p.folds),
         "base_terms": list(BASE_TERMS),
         "base_coef": None if p.base_coef is None else p.base_coef.tolist(),
         "base_scale": None if p.base_scale is None else p.base_scale.tolist(),
@@ -92,6 +98,10 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
         raise PredictorFileError(f"{meta_path} is not valid JSON ({e})", "retrain the predictor") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PredictorFileError(f"{meta_path} is not an edgenas predictor", "retrain with train-predictor")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PredictorFileError(f"{folder} is a predictor of format {meta.get('format_version')}, this edgenas reads "
+                                 f"format {FORMAT_VERSION} (its bound is computed differently)",
+                                 "retrain the predictor with this version (train-predictor)")
     if meta.get("sha256") != _meta_digest(meta):
         raise PredictorFileError(f"{meta_path} was modified after training (its digest differs)",
                                  "retrain, or restore the original file")
@@ -119,7 +129,14 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
     try:
         dims = BaseDims.from_dict(meta["dims"])
         p = LatencyPredictor(dims, meta["phase"], alpha=float(meta["alpha"]))
-        p.log_q = float(meta["log_q"])
+        if meta.get("scores") is not None:
+            p.scores = np.asarray(meta["scores"], dtype=np.float64)
+            p.score_fold = np.asarray(meta["score_fold"], dtype=np.int64)
+            p.folds = [load_predictor(folder / "folds" / str(k), base_id=base_id, phase=phase, override=override)[0]
+                       for k in range(int(meta["folds"]))]
+            if len(p.scores) != len(p.score_fold) or not np.all(np.isfinite(p.scores)) or \
+                    (len(p.score_fold) and int(p.score_fold.max()) >= len(p.folds)):
+                raise ValueError("bound scores malformed")
         p.fit_info = dict(meta.get("fit_info") or {})
         if meta.get("transfer_terms") is not None or meta.get("transfer_coef") is not None:
             if meta.get("transfer_terms") is not None:

@@ -56,6 +56,7 @@ class LatencyObjective:
     # per phase, how its training data was measured (threads, backend, protocol, protocol_record):
     # what verification must reproduce; empty for a predictor that did not record it
     measured_as: dict[str, dict] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # per phase, the predictor's meta digest
 
     @classmethod
     def load(cls, folder: Path, workload: Workload, device: str | None, base_id: str | None,
@@ -71,18 +72,30 @@ class LatencyObjective:
         keys = ("threads", "backend", "protocol", "protocol_record")
         measured_as = {phase: {k: (m.get("metrics") or {}).get(k) for k in keys} for phase, m in
                        (("prefill", meta), ("decode", dmeta))}
-        return cls(pre, dec, workload, meta["device_name"], meta["base_id"], measured_as)
+        return cls(pre, dec, workload, meta["device_name"], meta["base_id"], measured_as,
+                   {"prefill": meta["sha256"], "decode": dmeta["sha256"]})
 
     def predict_both(self, batch: ConfigBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted, upper bound) workload latency in ms: each phase's bound is its
-        prediction times its conformal factor, so one predictor call per phase and point."""
-        import math
+        """(predicted, upper bound) workload latency in ms. The bound sums each phase's CV+
+        bound at alpha/2 (decode's holds for its sampled points together), so it holds for
+        the whole workload with probability >= 1 - 2 alpha (see ``bound``)."""
+        wl = self.workload
+        half = self.prefill.alpha / 2
+        pre = self.prefill.predict(batch, wl.prompt_len, 0)
+        dec = [self.decode.predict(batch, 1, p) for p in wl.decode_points()]
+        mean = wl.total(pre, dec)
+        pre_up = self.prefill.predict_upper(batch, wl.prompt_len, 0, alpha=half)
+        dec_up = [self.decode.predict_upper(batch, 1, p, alpha=half) for p in wl.decode_points()]
+        return mean, wl.total(pre_up, dec_up)
 
-        pre = self.prefill.predict(batch, self.workload.prompt_len, 0)
-        dec = [self.decode.predict(batch, 1, p) for p in self.workload.decode_points()]
-        mean = self.workload.total(pre, dec)
-        upper = self.workload.total(pre * math.exp(self.prefill.log_q), [d * math.exp(self.decode.log_q) for d in dec])
-        return mean, upper
+    def bound(self) -> dict[str, float | bool]:
+        """What the workload bound promises: each phase fails with probability <= 2 (alpha/2),
+        or the widened level; the union of the two failures is the workload's."""
+        half = self.prefill.alpha / 2
+        pre, dec = self.prefill.coverage(half), self.decode.coverage(half)
+        fail = (1 - pre["guaranteed"]) + (1 - dec["guaranteed"] if self.workload.gen_tokens else 0.0)
+        return {"nominal": 1 - self.prefill.alpha, "guaranteed": max(0.0, 1 - fail),
+                "widened": bool(pre["widened"] or dec["widened"])}
 
     def predict(self, batch: ConfigBatch) -> np.ndarray:
         return self.predict_both(batch)[0]

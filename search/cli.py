@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -52,7 +51,7 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
     from predictor.workload import LatencyObjective, Workload
     from search.baselines import compare_at_matched_quality, evaluate_baselines
     from search.pareto import plot_front
-    from search.study import QualityCache, SearchError, run_search
+    from search.study import QualityCache, SearchError, perplexity_cache, run_search
     from search.verify import pick_spread, verify
     from subnets.basemodel import load_base_info
     from subnets.workspace import Workspace
@@ -64,15 +63,21 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
     base_id, _ = load_base_info(args.model)
     objective = LatencyObjective.load(args.predictor, wl, args.device, base_id, args.override)
+    bound = objective.bound()
+    console.print(f"latency bound: holds for a new sub-network's workload with probability >= {bound['guaranteed']:.0%} "
+                  f"(nominal {bound['nominal']:.0%}; CV+ by sub-network, each phase at half the miss rate)")
+    if bound["widened"]:
+        console.print("[yellow]warning:[/] the predictors hold too few sub-networks for the nominal level: the bound is "
+                      "their widest value and guarantees only the level above; profile more sub-networks "
+                      "(profile-device --samples 20) and retrain")
     if ws is None and getattr(args, "supernet", None) is not None:
         from training.recovery import open_supernet
 
         ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
     out: Path = args.out
-    # trained weights answer another quality question: their own study and perplexity cache
-    study_file = "study.db" if ws.base.weights_id is None else \
-        f"study-{hashlib.sha256(ws.base.weights_id.encode()).hexdigest()[:10]}.db"
+    # one file of studies: each named by a digest of what defines its objectives
+    study_file = "study.db"
     out.mkdir(parents=True, exist_ok=True)
     max_params = args.max_params if args.max_params else math.inf
     with progress_bar() as prog:
@@ -92,7 +97,8 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")
-            baselines = evaluate_baselines(ws, objective, QualityCache((out / study_file).with_suffix(".perplexity.jsonl"), ws.perplexity))
+            baselines = evaluate_baselines(ws, objective, QualityCache(perplexity_cache(out / study_file, ws), ws.perplexity))
+    console.print(res.resumed)
 
     (out / "front.json").write_text(json.dumps(res.front, indent=1))
     with (out / "front.csv").open("w", newline="") as f:

@@ -72,6 +72,52 @@ class SearchResult:
     hypervolume: float
     seconds: dict[str, float] = field(default_factory=dict)
     ppl_evaluations: int = 0
+    study_name: str = ""
+    resumed: str = ""  # what happened to the study, for the user: resumed, new, or new because X changed
+
+
+def study_identity(ws: Any, objective: LatencyObjective, algorithm: str, granularity: str, seed: int,
+                   budget_ms: float, max_params: float) -> dict[str, Any]:
+    """Everything that defines the search's objectives and constraints: a study resumes only
+    when all of it is the same (the evaluation budget may grow)."""
+    wl = objective.workload
+    return {"algorithm": algorithm, "granularity": granularity, "seed": seed, "budget_ms": budget_ms,
+            "max_params": None if not math.isfinite(max_params) else max_params,
+            "quality": ws.quality_id(), "device": objective.device_name,
+            "predictor": dict(objective.digests), "workload": [wl.prompt_len, wl.gen_tokens],
+            "space": ws.space.dims.to_dict() | {"neuron_step": ws.space.neuron_step}}
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def open_study(storage: Path, identity: dict[str, Any], sampler: Any) -> tuple[Any, str]:
+    """The study for ``identity`` in ``storage``: resumed when it exists, else created; the
+    note says which, and for a new study what differs from the others in the file."""
+    import optuna
+
+    name = f"{identity['algorithm']}-{identity['granularity']}-s{identity['seed']}-{identity_digest(identity)}"
+    url = f"sqlite:///{storage}"
+    summaries = optuna.get_all_study_summaries(url) if storage.is_file() else []
+    existing = {s.study_name: s for s in summaries}
+    study = optuna.create_study(study_name=name, storage=url, directions=["minimize", "minimize"], sampler=sampler,
+                                load_if_exists=True)
+    if name in existing:
+        return study, f"resumed study {name} ({existing[name].n_trials} trials so far)"
+    study.set_user_attr("identity", identity)
+    diffs = []
+    for s in summaries:
+        other = s.user_attrs.get("identity")
+        if isinstance(other, dict):
+            changed = sorted(k for k in set(identity) | set(other) if identity.get(k) != other.get(k))
+            diffs.append((len(changed), s.study_name, changed))
+    if not diffs:
+        return study, f"new study {name}"
+    _, closest, changed = min(diffs)
+    return study, f"new study {name}: {', '.join(changed)} differ from study {closest} in {storage.name}"
 
 
 def make_sampler(algorithm: str, seed: int, population: int) -> Any:
@@ -98,7 +144,7 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
 
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
                storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
-               study_name: str | None = None, ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (),
+               ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (),
                progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
                max_trials: int | None = None) -> SearchResult:
     """Search until ``evals`` feasible sub-networks have been evaluated for perplexity (the
@@ -118,11 +164,10 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
             f"raise --latency-budget-ms above {floor:.2f}, or shorten --workload",
         )
     storage.parent.mkdir(parents=True, exist_ok=True)
-    name = study_name or f"{algorithm}-{granularity}-s{seed}-b{budget_ms:g}"
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{storage}", directions=["minimize", "minimize"],
-                                sampler=make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))),
-                                load_if_exists=True)
-    quality = QualityCache(storage.with_suffix(".perplexity.jsonl"), ws.perplexity)
+    identity = study_identity(ws, objective, algorithm, granularity, seed, budget_ms, max_params)
+    study, note = open_study(storage, identity, make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))))
+    log.info("%s", note)
+    quality = QualityCache(perplexity_cache(storage, ws), ws.perplexity)
     rng = np.random.default_rng(seed)
     t_pred = t_quality = 0.0
     t0 = time.perf_counter()
@@ -195,4 +240,10 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         hv = hypervolume(ppl_arr, lat_arr, ref_ppl, budget_ms)
     total = time.perf_counter() - t0
     return SearchResult(points, front, hv, {"total": total, "predictor": t_pred, "perplexity": t_quality},
-                        quality.evaluations)
+                        quality.evaluations, study.study_name, note)
+
+
+def perplexity_cache(storage: Path, ws: Any) -> Path:
+    """Perplexities next to the study, keyed by what they depend on (weights, importance,
+    held-out tokens), so another text or token count never reads old values."""
+    return storage.parent / f"perplexity-{ws.quality_id()}.jsonl"

@@ -44,5 +44,18 @@ class Workspace:
     def model(self, config: SubnetConfig) -> Any:
         return build_model(self.weights(config))
 
+    def quality_id(self) -> str:
+        """What a sub-network's perplexity here depends on: the weights, which units the
+        importance keeps, and the held-out tokens (text, tokenizer, count)."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(f"{self.base.base_id}|{self.base.weights_id}".encode())
+        for a in [*self.importance.neuron_scores, *self.importance.head_scores, self.importance.block_influence]:
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        h.update(self.eval_tokens().windows.numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def perplexity(self, config: SubnetConfig) -> float:
         return perplexity(self.model(config), self.eval_tokens())

@@ -94,12 +94,15 @@ def tiny_ws(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         return Workspace.open(tiny_dir, neuron_step=16, eval_budget=256)
 
 
-def _synthetic_latency(ws, phase: str, batch, seq, past):
-    from predictor.features import FEATURES, feature_matrix
+def measured_as(phase: str, threads: int = 2) -> dict:
+    """How a predictor's data was measured, as train-predictor records it: what --verify
+    must reproduce (2 threads here, so a test can tell it from the old hard-coded 1)."""
+    from profiler.protocol import Protocol
+    from subnets.onnx_export import min_ir_version
+    from tests.helpers import FAST_TIMING
 
-    X = feature_matrix(batch, ws.space.dims, phase, seq, past)
-    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
-    return 0.2 + 1e-6 * f["linear_macs"] + 3e-6 * f["attention_macs"] + 0.03 * f["layers"] + 1e-6 * f["lm_head_macs"]
+    p = Protocol(timing=dict(FAST_TIMING), opset=17, ir_version=min_ir_version(17))
+    return {"threads": threads, "backend": "ort-cpu", "protocol": p.digest, "protocol_record": p.to_dict()}
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +113,7 @@ def tiny_predictor(tiny_ws, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from predictor.features import ConfigBatch
     from predictor.model import LatencyPredictor
     from predictor.persist import save_predictor
+    from tests.helpers import roofline_latency
 
     folder = tmp_path_factory.mktemp("pred")
     configs = tiny_ws.space.sample(40, 0)
@@ -118,7 +122,7 @@ def tiny_predictor(tiny_ws, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for phase in ("prefill", "decode"):
         seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
         past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
-        y = _synthetic_latency(tiny_ws, phase, batch, seq, past) * np.exp(rng.normal(0, 0.01, 40))
+        y = roofline_latency(configs, tiny_ws.space.dims, phase, seq, past, 0.01, seed=1, peak=1e6, bw=2e6, launch=0.3)
         p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
-        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic")
+        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic", measured_as(phase))
     return folder

@@ -29,7 +29,7 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     # the search ran on the trained super-network's weights, in a study of its own
     assert (out / "supernet" / "checkpoint" / "model" / "config.json").is_file()
     assert "super-network: 2 steps" in text
-    assert list((out / "search").glob("study-*.db")) and not (out / "search" / "study.db").exists()
+    assert "new study" in text and len(list((out / "search").glob("perplexity-*.jsonl"))) == 1
 
     db = out / "measurements.db"
     assert evaluate_main(["--predictor", str(out / "predictors" / "local" / "decode"), "--db", str(db)]) == 0

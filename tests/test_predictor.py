@@ -14,19 +14,10 @@ from predictor.persist import PredictorFileError, load_predictor, save_predictor
 from subnets.config import SubnetConfig
 from subnets.cost import cost
 from subnets.space import BaseDims, SearchSpace
+from tests.helpers import roofline_latency
 
 DIMS = BaseDims("llama", 30, 576, 9, 3, 64, 1536, 49152, True)
 SPACE = SearchSpace("base@x", DIMS)
-
-
-def synthetic_latency(batch: ConfigBatch, phase: str, seq, past, noise: float, seed: int) -> np.ndarray:
-    """A device whose time is per-MAC compute plus per-layer overhead plus KV traffic, with a
-    mild non-linearity in MLP width (cache effects) the boosted part may learn."""
-    X = feature_matrix(batch, DIMS, phase, seq, past)
-    f = {n: X[:, i] for i, n in enumerate(FEATURES)}
-    t = 0.8 + 6e-9 * f["linear_macs"] + 2e-8 * f["attention_macs"] + 4e-9 * f["lm_head_macs"] + 0.05 * f["layers"]
-    t += 2e-8 * f["kv_bytes"] + 0.2 * (f["neurons_per_layer_mean"] > 1000)
-    return t * np.exp(np.random.default_rng(seed).normal(0, noise, len(t)))
 
 
 def dataset(n: int, phase: str = "prefill", seed: int = 0, noise: float = 0.005):
@@ -35,7 +26,7 @@ def dataset(n: int, phase: str = "prefill", seed: int = 0, noise: float = 0.005)
     rng = np.random.default_rng(seed)
     seq = rng.choice([64, 128, 256], n).astype(float) if phase == "prefill" else np.ones(n)
     past = np.zeros(n) if phase == "prefill" else rng.choice([64, 256, 1024], n).astype(float)
-    return configs, batch, seq, past, synthetic_latency(batch, phase, seq, past, noise, seed + 1)
+    return configs, batch, seq, past, roofline_latency(configs, DIMS, phase, seq, past, noise, seed + 1)
 
 
 def test_features_agree_with_the_cost_model() -> None:
@@ -58,7 +49,8 @@ def test_predictor_learns_a_device_and_beats_linear_in_flops(phase: str) -> None
     _, tb, ts, tp, ty = dataset(60, phase, seed=2)
     model = LatencyPredictor(DIMS, phase).fit(b, s, p, y)
     acc = model.score(tb, ts, tp, ty)
-    assert acc["within_5pct"] >= 0.95 and acc["within_10pct"] == 1.0
+    # a roofline device the model cannot represent exactly (its base is a sum, not a max)
+    assert acc["within_10pct"] >= 0.9 and acc["mape"] < 0.06
     base = LinearInFlops(DIMS, phase).fit(b, s, p, y)
     base_err = np.mean(np.abs(base.predict(tb, ts, tp) / ty - 1))
     assert acc["mape"] < base_err
@@ -100,12 +92,13 @@ def test_transfer_from_another_device_with_few_measurements() -> None:
     transferred = LatencyPredictor(DIMS, "prefill", prior=source).fit(b2, s2, p2, y2)
     scratch = LatencyPredictor(DIMS, "prefill").fit(b2, s2, p2, y2)
     t_acc, s_acc = transferred.score(tb, ts, tp, ty), scratch.score(tb, ts, tp, ty)
-    assert t_acc["within_5pct"] >= 0.9
-    assert t_acc["mape"] <= s_acc["mape"] * 1.5
+    # on the roofline device even the source predictor is ~5% off (it has 150 measurements)
+    assert t_acc["within_10pct"] >= 0.8 and t_acc["mape"] < 0.08
+    assert t_acc["mape"] < s_acc["mape"]  # 20 measurements: transfer beats starting from scratch
     few = LatencyPredictor(DIMS, "prefill", prior=source).fit(ConfigBatch(*(x[:5] for x in (b2.kept, b2.kv_groups,
                                                                                           b2.heads_per_group, b2.neurons))),
                                                                s2[:5], p2[:5], y2[:5])
-    assert few.score(tb, ts, tp, ty)["within_10pct"] >= 0.9  # five measurements of the new device
+    assert few.score(tb, ts, tp, ty)["within_10pct"] >= 0.75  # five measurements of the new device
     assert transferred.transfer_terms is not None and transferred.transfer_terms.max() > 0
 
 
@@ -180,16 +173,25 @@ def test_small_batch_tree_walk_equals_xgboost() -> None:
     np.testing.assert_allclose(model.predict(small, 128, 0), model.predict(big, 128, 0)[:40], rtol=1e-5)
 
 
-def test_internal_folds_hold_out_whole_sub_networks() -> None:
-    """Out-of-fold residuals (and so the conformal bound) come from sub-networks the fold
-    never saw, not from another shape of a sub-network it trained on."""
-    from predictor.model import _group_folds
+def test_bound_scores_hold_out_whole_sub_networks() -> None:
+    """Each CV+ score is one sub-network's, taken by a fold model that never saw any of its
+    shapes; with fewer sub-networks than folds, folds stay whole sub-networks (no row split)."""
+    from predictor.model import _groups
 
     configs = SPACE.sample(30, 5)
     twice = ConfigBatch.from_configs(configs + configs, DIMS.num_layers)  # every sub-network at two shapes
-    folds = _group_folds(twice, 5, seed=0)
-    assert np.array_equal(folds[:30], folds[30:])
-    assert set(folds.tolist()) == set(range(5))
+    g = _groups(twice)
+    assert np.array_equal(g[:30], g[30:]) and len(set(g.tolist())) == 30
+    y = np.exp(np.random.default_rng(0).normal(0, 0.05, 60)) * 10
+    seq = np.r_[np.full(30, 64.0), np.full(30, 128.0)]
+    p = LatencyPredictor(DIMS, "prefill", boost="off").fit(twice, seq, np.zeros(60), y)
+    assert p.scores is not None and len(p.scores) == 30 and len(p.folds) == 5
+    three = ConfigBatch.from_configs(configs[:3] * 4, DIMS.num_layers)  # 3 sub-networks, 12 rows
+    p3 = LatencyPredictor(DIMS, "prefill", boost="off").fit(three, np.repeat([16.0, 32, 64, 128], 3), np.zeros(12),
+                                                             np.linspace(5, 9, 12))
+    assert len(p3.folds) == 3 and len(p3.scores) == 3  # leave one sub-network out, never random rows
+    cov = p3.coverage()
+    assert cov["widened"] and cov["guaranteed"] == 0.5 and cov["nominal"] == 0.9  # 1 - 2/(3+1): stated, not 90%
 
 
 def test_active_choice_near_the_budget_stays_in_the_region() -> None:
@@ -208,3 +210,32 @@ def test_active_choice_near_the_budget_stays_in_the_region() -> None:
     assert np.all(np.abs(lat / (0.4 * full) - 1) <= 0.15 + 1e-9)
     picks = select(m, pool, 5, 128, 0, near=0.4)
     assert len(picks) == 5 and sum(c in region for c in picks) >= min(5, len(region)) - 1
+
+
+def test_workload_bound_covers_new_sub_networks_as_the_search_draws_them() -> None:
+    """Trained on 40 sub-networks at the workload's shapes (as the pipeline profiles), the
+    workload bound holds for fresh sub-networks drawn from the space at least as often as it
+    states, on a device (a roofline) the predictor cannot represent exactly."""
+    from predictor.workload import LatencyObjective, Workload
+
+    wl = Workload(128, 64)
+    points = wl.decode_points()
+    train_cfgs = SPACE.sample(40, 31)
+    tb = ConfigBatch.from_configs(train_cfgs, DIMS.num_layers)
+    pre = LatencyPredictor(DIMS, "prefill").fit(tb, 128, 0, roofline_latency(train_cfgs, DIMS, "prefill", 128, 0, 0.02, 1))
+    rows = ConfigBatch.from_configs(train_cfgs * 3, DIMS.num_layers)
+    past = np.repeat(points, 40)
+    dec = LatencyPredictor(DIMS, "decode").fit(rows, 1, past,
+                                               roofline_latency(train_cfgs * 3, DIMS, "decode", 1, past, 0.02, 2))
+    obj = LatencyObjective(pre, dec, wl, "synthetic", "base@x")
+    new = SPACE.sample(300, 77)
+    nb = ConfigBatch.from_configs(new, DIMS.num_layers)
+    true = wl.total(roofline_latency(new, DIMS, "prefill", 128, 0, 0.02, 3),
+                    [roofline_latency(new, DIMS, "decode", 1, p, 0.02, 4 + i) for i, p in enumerate(points)])
+    _, upper = obj.predict_both(nb)
+    covered = float(np.mean(true <= upper))
+    stated = obj.bound()
+    assert not stated["widened"] and stated["nominal"] == 0.9 and stated["guaranteed"] == pytest.approx(0.8)
+    assert covered >= stated["guaranteed"], covered
+    p_cov = float(np.mean(roofline_latency(new, DIMS, "prefill", 128, 0, 0.02, 3) <= pre.predict_upper(nb, 128, 0)))
+    assert p_cov >= pre.coverage()["guaranteed"]

@@ -65,7 +65,8 @@ def test_search_resumes_from_its_study(tiny_ws, tiny_predictor, tmp_path) -> Non
     second = run_search(tiny_ws, obj, "nsga2", 16, budget, tmp_path / "s.db", seed=2)
     assert len(first.points) == 10 and len(second.points) == 16
     assert {p["trial"] for p in first.points} <= {p["trial"] for p in second.points}
-    cached = (tmp_path / "s.perplexity.jsonl").read_text().splitlines()
+    assert first.resumed.startswith("new study") and second.resumed.startswith("resumed study")
+    cached = next(tmp_path.glob("perplexity-*.jsonl")).read_text().splitlines()
     assert len({json.loads(line)["hash"] for line in cached}) == len(cached)
 
 
@@ -104,9 +105,31 @@ def test_cli_search_writes_front_plot_and_verifies_on_the_device(tiny_dir, tiny_
     assert set(res["baselines"]) == {"full model", "uniform width", "layer dropping"}
     assert len(res["verified"]) == 2 and all(r["measured_ms"] > 0 for r in res["verified"])
     store = Store(tmp_path / "m.db")
-    phases = sorted({(r["phase"], r["seq_len"], r["past_len"]) for r in store.measurement_rows()})
+    rows = list(store.measurement_rows())
+    protocols = store.protocols()
     store.close()
+    phases = sorted({(r["phase"], r["seq_len"], r["past_len"]) for r in rows})
     assert phases == [("decode", 1, 16), ("decode", 1, 19), ("decode", 1, 23), ("prefill", 16, 0)]
+    # measured as the predictor's data was: its threads, back-end and timing protocol
+    assert {(r["threads"], r["backend"]) for r in rows} == {(2, "ort-cpu")}
+    assert {protocols[r["protocol"]].timing["min_time_s"] for r in rows} == {0.03}
+
+
+def test_verify_refuses_a_predictor_that_does_not_say_how_it_was_measured(tiny_ws, tiny_predictor, tmp_path) -> None:
+    import shutil
+
+    from predictor.persist import load_predictor, save_predictor
+    from search.verify import VerifyError, verify
+
+    bare = tmp_path / "bare"
+    for phase in ("prefill", "decode"):
+        p, meta = load_predictor(tiny_predictor / phase)
+        save_predictor(p, bare / phase, meta["device_name"], meta["device_fingerprint"], meta["base_id"], "x")
+    obj = objective(tiny_ws, bare)
+    with pytest.raises(VerifyError, match="does not record how its data was measured") as e:
+        verify(tiny_ws, obj, [{"config": tiny_ws.space.full().to_dict(), "latency_ms": 1.0}], "local", tmp_path / "m.db", 9.0)
+    assert "train-predictor" in e.value.fix
+    shutil.rmtree(bare)
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
@@ -139,3 +162,25 @@ def test_tapered_genome_gives_influential_layers_more_width(tiny_ws) -> None:
     flat = enc.decode(dict(params, taper=0))
     assert len({lc.neurons for lc in flat.layers}) == 1
     assert enc.decode(enc.encode(flat)) == flat  # a uniform config round-trips with taper 0
+
+
+def test_a_search_with_other_objectives_starts_a_new_study(tiny_ws, tiny_predictor, tmp_path) -> None:
+    """Same settings resume; another workload, parameter cap or held-out token count is
+    another question: a new study, and perplexities of other held-out tokens are not reused."""
+    import dataclasses
+
+    budget = 1e9
+    first = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
+    assert first.resumed.startswith("new study") and first.ppl_evaluations == 6
+    other_wl = LatencyObjective.load(tiny_predictor, Workload(32, 8), "local", tiny_ws.base.base_id)
+    second = run_search(tiny_ws, other_wl, "random", 6, budget, tmp_path / "s.db", seed=3)
+    assert "workload" in second.resumed and second.study_name != first.study_name
+    assert len(second.points) == 6 and second.ppl_evaluations == 0  # same perplexities, cached
+    capped = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3,
+                        max_params=1e12)
+    assert "max_params" in capped.resumed
+    fewer_tokens = dataclasses.replace(tiny_ws, eval_budget=128, _eval=None)
+    third = run_search(fewer_tokens, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
+    assert "quality" in third.resumed and third.ppl_evaluations == 6
+    again = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
+    assert again.resumed.startswith("resumed study") and again.study_name == first.study_name
