@@ -3,7 +3,6 @@ predicted-vs-measured plots."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,24 @@ import numpy as np
 
 from predictor.baselines import BASELINES
 from predictor.data import Measurements
+from predictor.estimator import LatencyEstimator, config_table
 from predictor.metrics import accuracy
 from predictor.model import LatencyPredictor
 
-Factory = Callable[[], Any]
-
 
 def group_folds(m: Measurements, k: int, seed: int = 0) -> np.ndarray:
-    """Fold index per measurement; all shapes of one sub-network share a fold (held-out
-    sub-networks, not held-out rows)."""
-    groups = sorted(set(m.subnet_hashes.tolist()))
-    order = np.random.default_rng(seed).permutation(len(groups))
-    fold_of = {groups[i]: int(j % k) for j, i in enumerate(order)}
-    return np.array([fold_of[h] for h in m.subnet_hashes.tolist()])
+    """Fold index per measurement from scikit-learn's ``GroupKFold`` (shuffled by ``seed``):
+    all shapes of one sub-network share a fold (held-out sub-networks, not held-out rows)."""
+    folds = np.zeros(len(m), dtype=np.int64)
+    for f, (_, te) in enumerate(_splitter(k, seed).split(np.zeros(len(m)), groups=m.subnet_hashes)):
+        folds[te] = f
+    return folds
+
+
+def _splitter(k: int, seed: int) -> Any:
+    from sklearn.model_selection import GroupKFold
+
+    return GroupKFold(n_splits=k, shuffle=True, random_state=seed)
 
 
 def choose_folds(m: Measurements, k_max: int) -> int:
@@ -44,23 +48,21 @@ def choose_folds(m: Measurements, k_max: int) -> int:
                     "profile more sub-networks: profile-device --samples 20")
 
 
-def cross_val_predict(make: Factory, m: Measurements, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    folds = group_folds(m, k, seed)
-    pred = np.zeros(len(m))
+def cross_validate(estimator: LatencyEstimator, m: Measurements, k: int = 5,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Out-of-fold predictions (and upper bounds, where the model has them) by sub-network:
+    scikit-learn's ``cross_val_predict`` over ``GroupKFold``, each fold a ``clone``."""
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_predict
+
+    X, cv = config_table(m.batch, m.seq_len, m.past_len), _splitter(k, seed)
+    pred = cross_val_predict(estimator, X, m.y_ms, groups=m.subnet_hashes, cv=cv)
+    if estimator.model != "edgenas":
+        return pred, None
     upper = np.zeros(len(m))
-    has_upper = True
-    for f in range(k):
-        tr, te = folds != f, folds == f
-        if not te.any():
-            continue
-        a, b = m.subset(tr), m.subset(te)
-        model = make().fit(a.batch, a.seq_len, a.past_len, a.y_ms)
-        pred[te] = model.predict(b.batch, b.seq_len, b.past_len)
-        if hasattr(model, "predict_upper"):
-            upper[te] = model.predict_upper(b.batch, b.seq_len, b.past_len)
-        else:
-            has_upper = False
-    return pred, (upper if has_upper else None)
+    for tr, te in cv.split(X, groups=m.subnet_hashes):
+        upper[te] = clone(estimator).fit(X[tr], m.y_ms[tr]).predict_upper(X[te])
+    return pred, upper
 
 
 def compare(m: Measurements, k: int = 5, seed: int = 0,
@@ -68,14 +70,11 @@ def compare(m: Measurements, k: int = 5, seed: int = 0,
     """k-fold (by sub-network) accuracy of the predictor and every baseline, and the
     predictor's out-of-fold predictions (for the plot)."""
     out: dict[str, dict[str, float]] = {}
-
-    def make_pred() -> LatencyPredictor:
-        return LatencyPredictor(m.dims, m.phase, seed=seed, **(predictor_kw or {}))
-
-    pred, upper = cross_val_predict(make_pred, m, k, seed)
+    est = LatencyEstimator(m.dims, m.phase, seed=seed, **(predictor_kw or {}))
+    pred, upper = cross_validate(est, m, k, seed)
     out["edgenas predictor"] = accuracy(m.y_ms, pred, upper)
     for cls in BASELINES:
-        p, _ = cross_val_predict(lambda cls=cls: cls(m.dims, m.phase), m, k, seed)
+        p, _ = cross_validate(LatencyEstimator(m.dims, m.phase, model=cls.name), m, k, seed)
         out[cls.name] = accuracy(m.y_ms, p)
     return out, pred
 

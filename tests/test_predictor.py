@@ -239,3 +239,27 @@ def test_workload_bound_covers_new_sub_networks_as_the_search_draws_them() -> No
     assert covered >= stated["guaranteed"], covered
     p_cov = float(np.mean(roofline_latency(new, DIMS, "prefill", 128, 0, 0.02, 3) <= pre.predict_upper(nb, 128, 0)))
     assert p_cov >= pre.coverage()["guaranteed"]
+
+
+def test_the_predictor_is_a_scikit_learn_estimator() -> None:
+    """GroupKFold, cross_val_score, clone and a pandas table work on it as on any regressor."""
+    import pandas as pd
+    from sklearn.base import clone
+    from sklearn.model_selection import GroupKFold, cross_val_score
+
+    from predictor.estimator import LatencyEstimator, config_table, table_columns
+
+    configs, b, s, p, y = dataset(60, "prefill", seed=13)
+    X = pd.DataFrame(config_table(b, s, p), columns=table_columns(DIMS.num_layers))
+    groups = [c.config_hash() for c in configs]
+    est = LatencyEstimator(DIMS, "prefill", boost="off")
+    scores = cross_val_score(est, X, y, groups=groups, cv=GroupKFold(4), scoring="neg_mean_absolute_percentage_error")
+    assert len(scores) == 4 and all(-0.3 < v <= 0 for v in scores)
+    twin = clone(est).set_params(alpha=0.2)
+    assert twin.get_params()["alpha"] == 0.2 and est.get_params()["alpha"] == 0.1 and not hasattr(twin, "model_")
+    direct = LatencyPredictor(DIMS, "prefill", boost="off").fit(b, s, p, y)
+    np.testing.assert_allclose(est.fit(X, y).predict(X), direct.predict(b, s, p), rtol=1e-9)
+    base = clone(est).set_params(model="linear in FLOPs").fit(X, y)
+    assert base.predict(X).shape == (60,)
+    with pytest.raises(ValueError, match="columns"):
+        est.predict(X.iloc[:, :5])
