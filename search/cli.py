@@ -75,6 +75,10 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
 
         ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
+    if args.verify > 0:  # before the search, not after it: refuse now if verification cannot be honest
+        from search.verify import verification_spec
+
+        verification_spec(objective, ws.space.full().config_hash())
     out: Path = args.out
     # one file of studies: each named by a digest of what defines its objectives
     study_file = "study.db"

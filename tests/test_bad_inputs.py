@@ -52,8 +52,8 @@ def ssh_variant(e: dict, old: str, new: str) -> Path:
     return write(e["tmp"] / "ssh_config2", e["sshd"].ssh_config.read_text().replace(old, new))
 
 
-def search(e: dict, *extra: str) -> list[str]:
-    return ["--device", "local", "--predictor", str(e["pred"]), "--latency-budget-ms", "1000", "--model", e["model"],
+def search(e: dict, *extra: str, predictor: Path | None = None) -> list[str]:
+    return ["--device", "local", "--predictor", str(predictor or e["pred"]), "--latency-budget-ms", "1000", "--model", e["model"],
             "--neuron-step", "16", "--evals", "2", "--out", str(e["tmp"] / "s"), "--quality-tokens", "256", *extra]
 
 
@@ -98,6 +98,16 @@ def edited_predictor(e: dict) -> Path:
     return dst / "prefill"
 
 
+def bare_predictor(e: dict) -> Path:
+    """The test predictors, saved without the record of how their data was measured."""
+    from predictor.persist import load_predictor, save_predictor
+
+    for phase in ("prefill", "decode"):
+        p, meta = load_predictor(e["pred"] / phase)
+        save_predictor(p, e["tmp"] / "bare" / phase, meta["device_name"], meta["device_fingerprint"], meta["base_id"], "x")
+    return e["tmp"] / "bare"
+
+
 def small_store(e: dict) -> Path:
     """A store with 3 measurements of device 'local': too few to train on."""
     from subnets.workspace import Workspace
@@ -138,6 +148,10 @@ CASES: list[tuple[str, str, Case]] = [
     ("text file not UTF-8", "not UTF-8",
      lambda e: (edgenas, export(e, "--text", str(write(e["tmp"] / "t.txt", b"\xff\xfe\xfa"))))),
     ("unsupported opset", "opset 5 is not supported", lambda e: (edgenas, export(e, "--opset", "5"))),
+    ("model folder without weights", "no weights",
+     lambda e: (edgenas, ["space", "--model", str(write(e["tmp"] / "config.json", '{"model_type": "llama"}').parent)])),
+    ("configs file missing", "does not exist", lambda e: (edgenas, export(e, "--config", str(e["tmp"] / "absent.jsonl")))),
+    ("export index out of range", "--index 3 is out of range", lambda e: (edgenas, export(e, "--index", "3"))),
     ("session count below 1", "is not a session count", lambda e: (profile_device, profile(e, "--decode-sessions", "0"))),
     ("unknown host alias", "unknown host 'jetson'",
      lambda e: (profile_device, [a if a != "board" else "jetson" for a in profile(e)])),
@@ -179,6 +193,8 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (search_subnets, [*search(e), "--device", "jetson"])),
     ("unknown search algorithm", "invalid choice: 'annealing'", lambda e: (search_subnets, search(e, "--algorithm", "annealing"))),
     ("malformed workload", "is not 'S,N'", lambda e: (search_subnets, search(e, "--workload", "128"))),
+    ("verifying with a predictor that does not say how it was measured", "does not record how its data was measured",
+     lambda e: (search_subnets, search(e, "--verify", "1", predictor=bare_predictor(e)))),
     ("training data missing", "does not exist", lambda e: (edgenas, train(e, "--data", str(e["tmp"] / "none.txt")))),
     ("training data empty", "holds no text",
      lambda e: (edgenas, train(e, "--data", str(write(e["tmp"] / "empty.txt", "  \n"))))),
