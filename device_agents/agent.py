@@ -88,6 +88,7 @@ class Agent(object):
             self.import_errors["onnxruntime"] = str(e)
         self.sessions = []  # small LRU of (key tuple, OrtSession, load_ms)
         self.companions = {}  # (key, phase, ...) -> OrtSession of a paired sweep's companion
+        self.companion_rss = {}  # companion key -> MB its session added to the resident set
         self.probe = None
 
     # --- helpers ------------------------------------------------------------------------
@@ -275,8 +276,13 @@ class Agent(object):
         cargs = dict(args, key=args["companion"])
         key = self._session_key(cargs)
         if key not in self.companions:
-            sess = self._open_session(cargs, key)[0]
             self.companions = {k: v for k, v in self.companions.items() if k[1] != key[1]}  # one per phase
+            rss = agent_runtime.rss_mb()
+            sess = self._open_session(cargs, key)[0]
+            sess.prepare(sess.make_feeds(self.np, batch, seq_len, past_len, sess.vocab_size, seed=0))
+            sess.run_once()
+            after = agent_runtime.rss_mb()
+            self.companion_rss = {key: max(0.0, after - rss) if rss is not None and after is not None else 0.0}
             self.companions[key] = sess
         sess = self.companions[key]
         sess.prepare(sess.make_feeds(self.np, batch, seq_len, past_len, sess.vocab_size, seed=0))
@@ -339,22 +345,22 @@ class Agent(object):
                           "policy": policy.to_dict(), "peak_rss_mb": agent_runtime.current_peak_rss_mb(),
                           "versions": {"agent": AGENT_VERSION, "python": platform.python_version()}})
             return stats
+        # a companion left resident by an earlier cell is in this cell's peak: subtracted below
+        resident = sum(self.companion_rss.get(k, 0.0) for k in self.companions) if args.get("companion") else 0.0
         sess, load_ms, reused = self._session(args)
         feeds = sess.make_feeds(np, batch, seq_len, past_len, sess.vocab_size, seed=int(args.get("seed", 0)))
         sess.prepare(feeds)
-        companion = self._companion(args, batch, seq_len, past_len) if args.get("companion") else None
+        settings = sess.settings
         try:
-            out = sess.run_once()
-            sess.check_outputs(np, out, batch)
+            sess.check_outputs(np, sess.run_once(), batch)
+            cell_peak = agent_runtime.current_peak_rss_mb()  # before any companion or fresh session adds to it
+            if cell_peak is not None and resident:
+                cell_peak = max(cell_peak - resident, rss0 or 0.0)
+            companion = self._companion(args, batch, seq_len, past_len) if args.get("companion") else None
             t_start = time.perf_counter()
-            times, other, ratios, reason, per_session = self._time_sessions(args, sess, feeds, companion, policy, batch)
-            extra = {}
-            if companion is not None:
-                extra = {"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
-                         "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
-                         "companion_runs": len(other)}
-            if policy.sessions > 1:
-                extra["sessions"] = per_session
+            held = [sess]
+            del sess  # _time_sessions releases it before loading a fresh session: one copy in memory
+            times, other, ratios, reason, per_session = self._time_sessions(args, held, feeds, companion, policy, batch)
             timing_s = time.perf_counter() - t_start
         except AgentError:
             raise
@@ -362,10 +368,12 @@ class Agent(object):
             raise AgentError(agent_runtime.classify_exception(e, "runtime_error"), "run failed: %s" % str(e)[:500])
         after = agent_telemetry.snapshot()
         stats = agent_timing.summarize(times, policy.unstable_cov)
-        stats.update(extra)
+        stats.update(self._level(policy, reason, stats, other, ratios, per_session))
+        if companion is not None:
+            stats.update({"companion_median_ms": agent_timing.percentile(sorted(other), 50) * 1000.0,
+                          "paired_ratio": agent_timing.percentile(sorted(ratios), 50), "companion": args["companion"],
+                          "companion_runs": len(other)})
         reasons = agent_telemetry.throttle_reasons(before, after)
-        # Unstable: widely spread runs, or a median whose interval never narrowed to the target.
-        stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
         stats.update({
             "stop_reason": reason,
             "throttled": bool(reasons),
@@ -373,11 +381,13 @@ class Agent(object):
             "load_ms": load_ms,
             "timing_s": timing_s,
             "session_reused": reused,
-            "peak_rss_mb": agent_runtime.current_peak_rss_mb(),
+            "peak_rss_mb": cell_peak,
+            "companion_rss_mb": resident,
             "peak_rss_is_cell_peak": peak_reset,
+            "peak_rss_while_timing_mb": agent_runtime.current_peak_rss_mb(),
             "rss_before_mb": rss0,
             "raw_ms": [round(t * 1000.0, 4) for t in times],
-            "settings": sess.settings,
+            "settings": settings,
             "policy": policy.to_dict(),
             "telemetry_before": before,
             "telemetry_after": after,
@@ -386,22 +396,58 @@ class Agent(object):
         })
         return stats
 
-    def _time_sessions(self, args, sess, feeds, companion, policy, batch):
+    @staticmethod
+    def _level(policy, reason, stats, other, ratios, per_session):
+        """The cell's median, its interval and the unstable flag, from the statistic that
+        carries the cell's number: per-session medians when timed over several sessions
+        (between-session spread dominates), the ratio's runs when paired."""
+        out = {}
+        if per_session is not None and len(per_session) > 1:
+            key = "paired_ratio" if ratios else "median_ms"
+            level, rel = agent_timing.sessions_ci([e[key] for e in per_session])
+            out["sessions"] = per_session
+            if not ratios:
+                out["median_ms"] = level
+            out["median_rel_ci"] = rel
+            out["pooled_median_ms"] = stats["median_ms"]
+            # the level of a few sessions is uncertain by nature: flag it only when wider than the dispersion bound
+            out["unstable"] = bool(stats["unstable"] or rel > policy.unstable_cov)
+            return out
+        if ratios:
+            r = agent_timing.SortedRuns()
+            for x in ratios:
+                r.add(x)
+            out["median_rel_ci"] = r.rel_ci()
+        rel = out.get("median_rel_ci", stats["median_rel_ci"])
+        # Unstable: widely spread runs, or a number whose interval never narrowed to the target.
+        out["unstable"] = bool(stats["unstable"] or (reason != "converged" and rel > policy.target_rel_ci))
+        return out
+
+    def _time_sessions(self, args, held, feeds, companion, policy, batch):
         """Time the cell in ``policy.sessions`` sessions (the cached one, then fresh loads of
-        the same graph, one at a time), pooling their runs; per-session medians are reported."""
+        the same graph), pooling their runs. Only one session of the cell is in memory at a
+        time: each fresh one replaces the previous (and becomes the cached one), and the LRU's
+        other model is let go first, so a small board does not run out of memory falsely."""
         each = policy.per_session()
+        key = self._session_key(args)
+        if policy.sessions > 1:
+            self.sessions = [e for e in self.sessions if e[0] == key]
         times, other, ratios, reasons, per_session = [], [], [], [], []
         for i in range(policy.sessions):
-            s = sess
             if i > 0:
-                s = self._open_session(args, self._session_key(args))[0]
-                s.prepare(feeds)
-                s.check_outputs(self.np, s.run_once(), batch)
+                self.sessions = [e for e in self.sessions if e[0] != key]
+                held.clear()  # the previous session's last reference: freed before the next loads
+                s, load_ms = self._open_session(args, key)
+                self.sessions.append((key, s, load_ms))
+                held.append(s)
+                del s
+                held[0].prepare(feeds)
+                held[0].check_outputs(self.np, held[0].run_once(), batch)
             if companion is None:
-                t, reason = agent_timing.run_protocol(s.run_once, each)
+                t, reason = agent_timing.run_protocol(held[0].run_once, each)
                 o, r = [], []
             else:
-                t, o, r, reason = agent_timing.run_paired(s.run_once, companion.run_once, each)
+                t, o, r, reason = agent_timing.run_paired(held[0].run_once, companion.run_once, each)
             times += t
             other += o
             ratios += r
@@ -410,9 +456,9 @@ class Agent(object):
             if r:
                 entry["paired_ratio"] = agent_timing.percentile(sorted(r), 50)
             per_session.append(entry)
-            del s  # release a fresh session's memory before the next one loads
+        held.clear()
         reason = next((x for x in reasons if x != "converged"), reasons[0])
-        return times, other, ratios, reason, per_session
+        return times, other, ratios, reason, (per_session if policy.sessions > 1 else None)
 
     def telemetry(self, args):
         return agent_telemetry.snapshot()

@@ -6,8 +6,14 @@ median's interval is distribution-free: the order statistics at ranks n/2 -+ 1.9
 (binomial, normal approximation), so it holds for the skewed, heavy-tailed latencies that
 boards produce."""
 
+import bisect
 import math
 import time
+
+# Two-sided 97.5% Student t quantiles by degrees of freedom: the CI of a level estimated from
+# a few sessions' medians (their spread, not the pooled runs', is the median's variance).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
 
 
 class TimingPolicy(object):
@@ -104,14 +110,50 @@ def summarize(times_s, unstable_cov=0.10):
     }
 
 
-def _stop(times, elapsed, policy):
-    """Why to stop timing now ("converged", "time_cap"), or None to go on."""
-    n = len(times)
-    if n >= policy.min_runs and elapsed >= policy.min_time_s:
-        s = sorted(times)
-        lo, hi = median_ci(s)
-        med = percentile(s, 50)
-        if med > 0 and (hi - lo) / 2.0 / med <= policy.target_rel_ci:
+def t975(df):
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (conservative between
+    tabulated values; 1.96 beyond 30)."""
+    if df > 30:
+        return 1.96
+    return T975[min(k for k in T975 if k >= df)]
+
+
+def sessions_ci(session_medians):
+    """(level, relative half-width of its 95% CI) from per-session medians: the mean of the
+    medians and Student's t over their spread. Runs within a session are not independent
+    draws of the cell's level: where the session's weights landed sets it."""
+    k = len(session_medians)
+    level = sum(session_medians) / k
+    if k < 2 or level <= 0:
+        return level, float("inf")
+    sd = math.sqrt(sum((m - level) ** 2 for m in session_medians) / (k - 1))
+    return level, t975(k - 1) * sd / math.sqrt(k) / level
+
+
+class SortedRuns(object):
+    """Run times kept sorted as they arrive (binary insertion), so the stopping rule reads
+    the median's interval without re-sorting every run after each one."""
+
+    def __init__(self):
+        self.values = []
+
+    def add(self, x):
+        bisect.insort(self.values, x)
+
+    def __len__(self):
+        return len(self.values)
+
+    def rel_ci(self):
+        med = percentile(self.values, 50)
+        lo, hi = median_ci(self.values)
+        return (hi - lo) / 2.0 / med if med > 0 else float("inf")
+
+
+def _stop(runs, n, elapsed, policy):
+    """Why to stop timing now ("converged", "time_cap"), or None to go on; ``runs`` is the
+    SortedRuns whose median must converge (the times, or a paired cell's ratios)."""
+    if n >= policy.min_runs and len(runs) >= 3 and elapsed >= policy.min_time_s:
+        if runs.rel_ci() <= policy.target_rel_ci:
             return "converged"
     if elapsed >= policy.max_time_s and n >= 3:
         return "time_cap"
@@ -131,16 +173,20 @@ def run_protocol(fn, policy, clock=time.perf_counter, timed=None):
         if clock() - start > policy.max_time_s / 2:
             break  # a model so slow that warm-up eats half the cap: measure what is left
     times = []
-    t0 = clock()
+    runs = SortedRuns()
+    elapsed = 0.0  # timed seconds: the bookkeeping between runs is not counted
     reason = "max_runs"
     while len(times) < policy.max_runs:
         if timed is not None:
-            times.append(timed())
+            t = timed()
         else:
             a = clock()
             fn()
-            times.append(clock() - a)
-        reason = _stop(times, clock() - t0, policy)
+            t = clock() - a
+        times.append(t)
+        runs.add(t)
+        elapsed += t
+        reason = _stop(runs, len(times), elapsed, policy)
         if reason:
             break
     return times, reason or "max_runs"
@@ -148,8 +194,8 @@ def run_protocol(fn, policy, clock=time.perf_counter, timed=None):
 
 def run_paired(fn, companion, policy, clock=time.perf_counter, max_block=64):
     """Time ``fn()`` and a fixed ``companion()`` alternately under ``policy`` (convergence
-    judged on ``fn``'s median). Returns (fn's times, companion's times, per-step ratios,
-    stop reason).
+    judged on the median ratio, the number a paired cell reports). Returns (fn's times,
+    companion's times, per-step ratios, stop reason).
 
     A shared board slows every model at once (other tenants' memory traffic, clocks, heat)
     in phases of seconds to minutes. Adjacent runs see the same phase, so their ratio
@@ -173,7 +219,8 @@ def run_paired(fn, companion, policy, clock=time.perf_counter, max_block=64):
     med_a, med_b = percentile(sorted(ta), 50), percentile(sorted(tb), 50)
     k = int(max(1, min(max_block, round(med_b / med_a)))) if med_a > 0 else 1
     times, other, ratios = [], [], []
-    t0 = clock()
+    sorted_ratios = SortedRuns()
+    elapsed = 0.0
     reason = None
     while len(times) < policy.max_runs:
         block = []
@@ -186,9 +233,11 @@ def run_paired(fn, companion, policy, clock=time.perf_counter, max_block=64):
         c = clock()
         times.extend(block)
         other.append(c - b)
+        elapsed += sum(block) + (c - b)
         if c - b > 0:
             ratios.append(sum(block) / len(block) / (c - b))
-        reason = _stop(times, c - t0, policy)
+            sorted_ratios.add(ratios[-1])
+        reason = _stop(sorted_ratios, len(times), elapsed, policy)
         if reason:
             break
     return times, other, ratios, reason or "max_runs"

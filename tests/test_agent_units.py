@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import onnx
+import pytest
 
 from device_agents.agent_onnxprobe import identity_model, probe
 from device_agents.agent_telemetry import (
@@ -342,3 +343,72 @@ def test_a_reconnecting_agent_ends_its_orphan_and_spares_other_sweeps(tmp_path) 
         for p in (orphan, other):
             p.kill()
             p.wait()
+
+
+class _Board:
+    """A clock whose time moves only when a model runs, on a board whose load (other
+    tenants, heat) changes between timing blocks and slows both models alike."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.load = 1.0
+        self.rng = random.Random(1)
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, ms: float, ends_block: bool = False) -> None:
+        self.now += ms * self.load / 1000.0
+        if ends_block:
+            self.load = self.rng.uniform(0.5, 2.0)
+
+
+def test_paired_timing_converges_on_the_ratio_it_reports() -> None:
+    """The load swings both models by 4x, so the raw times never settle; their ratio does,
+    and the ratio is the number a paired cell gives the predictor."""
+    from device_agents.agent_timing import run_paired
+
+    board = _Board()
+    policy = TimingPolicy(warmup_runs=2, warmup_s=0.0, min_runs=10, min_time_s=0.05, max_time_s=5.0,
+                          target_rel_ci=0.005)
+    times, _, ratios, reason = run_paired(lambda: board.run(1.0), lambda: board.run(10.0, ends_block=True), policy,
+                                          clock=board.clock)
+    assert reason == "converged" and len(times) < 200
+    assert max(times) / min(times) > 2.0 and max(ratios) / min(ratios) < 1.0001
+
+
+def test_the_stopping_rule_does_not_resort_every_run(monkeypatch) -> None:
+    """Sorting all runs after each one is O(n^2 log n); the stopping rule keeps them sorted."""
+    import device_agents.agent_timing as at
+
+    calls = []
+    monkeypatch.setattr(at, "sorted", lambda x, **kw: calls.append(1) or __builtins__["sorted"](x, **kw), raising=False)
+    board = _Board()
+    policy = TimingPolicy(warmup_runs=1, warmup_s=0.0, min_runs=10, min_time_s=0.5, max_time_s=2.0, target_rel_ci=1e-9)
+    times, reason = run_protocol(lambda: board.run(1.0 + board.rng.random()), policy, clock=board.clock)
+    assert reason == "time_cap" and len(times) > 500
+    assert len(calls) <= 2
+
+
+def test_a_cell_over_sessions_states_the_spread_between_sessions() -> None:
+    """Three sessions whose levels differ by 6%: the runs pooled look tight (CI < 1%), but the
+    cell's level is only known to the sessions' spread, and that is what it reports."""
+    import random
+    import sys
+
+    from device_agents import AGENT_DIR
+    from device_agents.agent_timing import summarize
+
+    sys.path.insert(0, str(AGENT_DIR))
+    try:
+        import agent
+    finally:
+        sys.path.remove(str(AGENT_DIR))
+    rng = random.Random(0)
+    runs = [lvl * (1 + rng.gauss(0, 0.002)) / 1000.0 for lvl in (10.0, 10.6, 9.4) for _ in range(300)]
+    pooled = summarize(runs)
+    assert pooled["median_rel_ci"] < 0.01
+    per_session = [{"median_ms": m, "runs": 300} for m in (10.0, 10.6, 9.4)]
+    level = agent.Agent._level(TimingPolicy(sessions=3), "converged", pooled, [], [], per_session)
+    assert level["median_ms"] == pytest.approx(10.0)
+    assert level["median_rel_ci"] > 0.1 and level["unstable"]  # t(2) * sd / sqrt(3): ±15%

@@ -48,9 +48,9 @@ def test_ssh_sweep_measures_and_stores(tiny_ws, board, tmp_path) -> None:
     info = json.loads(store.devices()[0]["info"])
     assert info["hello"]["board"]["kind"] == "x86" and info["hello"]["onnxruntime"]["max_opset"] >= 17
     store.close()
-    # the agent wrote only under its folder: a versioned agent dir and verified, graph-only models
+    # the agent wrote only under its folder: a versioned agent dir, its pid record, verified graph-only models
     remote = board["remote"]
-    assert sorted(p.name.split("-")[0] for p in remote.iterdir()) == ["agent", "models"]
+    assert sorted(p.name.split("-")[0] for p in remote.iterdir()) == ["agent", "agents", "models"]
     models = [p for p in (remote / "models").iterdir()]
     assert models and all((m / ".verified").is_file() and (m / "weights.bin").is_file() for m in models)
     assert s.bytes_uploaded < 200_000  # graphs only: the board made its own weights
