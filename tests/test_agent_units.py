@@ -412,3 +412,43 @@ def test_a_cell_over_sessions_states_the_spread_between_sessions() -> None:
     level = agent.Agent._level(TimingPolicy(sessions=3), "converged", pooled, [], [], per_session)
     assert level["median_ms"] == pytest.approx(10.0)
     assert level["median_rel_ci"] > 0.1 and level["unstable"]  # t(2) * sd / sqrt(3): ±15%
+
+
+def test_a_cell_over_fresh_sessions_holds_one_session_in_memory(tiny_ws, tmp_path, monkeypatch) -> None:
+    """Each fresh session of a multi-session cell loads after the previous one (and the
+    LRU's other model) is released: on a small board the old order ran out of memory falsely."""
+    import shutil
+    import weakref
+
+    from device_agents import AGENT_DIR
+    from subnets.onnx_export import ExportOptions, export_subnet
+
+    monkeypatch.syspath_prepend(str(AGENT_DIR))
+    import agent
+    import agent_runtime
+
+    root = tmp_path / "board"
+    (root / "models").mkdir(parents=True)
+    keys = []
+    for c in tiny_ws.space.sample(2, seed=3):
+        ex = export_subnet(tiny_ws.weights(c), tmp_path / "exports", ExportOptions(weights="none"))
+        shutil.copytree(ex.folder, root / "models" / ex.key)
+        (root / "models" / ex.key / ".verified").write_text("{}")
+        keys.append(ex.key)
+    live: weakref.WeakSet = weakref.WeakSet()
+    seen: list[int] = []
+    init = agent_runtime.OrtSession.__init__
+
+    def counting_init(self, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(len(live))
+        init(self, *a, **kw)
+        live.add(self)
+
+    monkeypatch.setattr(agent_runtime.OrtSession, "__init__", counting_init)
+    board = agent.Agent(str(root))
+    timing = {"min_time_s": 0.01, "max_time_s": 0.1, "min_runs": 3, "warmup_s": 0.0, "warmup_runs": 1}
+    board.measure({"key": keys[0], "phase": "prefill", "seq_len": 8, "timing": timing})
+    seen.clear()
+    r = board.measure({"key": keys[1], "phase": "prefill", "seq_len": 8, "timing": dict(timing, sessions=3)})
+    assert len(r["sessions"]) == 3
+    assert seen == [1, 0, 0]  # the first load beside the LRU's other model; fresh ones alone
