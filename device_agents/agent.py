@@ -34,6 +34,7 @@ AGENT_VERSION = "1"
 PROTOCOL = 1
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TOKEN = re.compile(r"^[0-9a-f]{1,32}$")
 
 
 def disk_free_mb(path):
@@ -92,10 +93,14 @@ class Agent(object):
         self.probe = None
 
     # --- helpers ------------------------------------------------------------------------
-    def model_dir(self, key, partial=False):
+    def model_dir(self, key, partial=False, uploader=""):
+        """A model's folder, or the folder one uploader sends it into (``uploader``: that
+        host target's token, so two sweeps sending one model never write into one folder)."""
         if not isinstance(key, str) or not _KEY.match(key):
             raise AgentError("load_error", "invalid model key %r" % (key,))
-        return os.path.join(self.models_dir, key + (".partial" if partial else ""))
+        if uploader and not _TOKEN.match(uploader):
+            raise AgentError("load_error", "invalid uploader token %r" % (uploader,))
+        return os.path.join(self.models_dir, key + ((".partial" + ("-" + uploader if uploader else "")) if partial else ""))
 
     def require_runtime(self):
         missing = [m for m in ("numpy", "onnxruntime") if m in self.import_errors]
@@ -154,7 +159,9 @@ class Agent(object):
         """Check the uploaded files of ``key`` against their sha256 and publish them."""
         key = args["key"]
         files = args["files"]
-        partial, final = self.model_dir(key, True), self.model_dir(key)
+        partial, final = self.model_dir(key, True, args.get("uploader", "")), self.model_dir(key)
+        if os.path.isfile(os.path.join(final, ".verified")) and os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)  # another sweep published it first: keep theirs
         src = partial if os.path.isdir(partial) else final
         bad = []
         for name, digest in sorted(files.items()):
@@ -169,8 +176,13 @@ class Agent(object):
             raise AgentError("load_error", "upload of %s failed verification: %s" % (key, "; ".join(bad)))
         if src == partial:
             if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.rename(partial, final)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(partial, final)
+            except OSError:
+                if not os.path.isfile(os.path.join(final, ".verified")):
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)  # lost a race to an identical upload
         with open(os.path.join(final, ".verified"), "w") as f:
             json.dump(files, f)
         return {"key": key, "verified": sorted(files)}
@@ -190,7 +202,7 @@ class Agent(object):
         if os.path.isfile(target) and os.path.getsize(target) == manifest["weights_bytes"]:
             return {"key": args["key"], "written": False}
         rng = np.random.default_rng(int(args.get("seed", 0)))
-        tmp = target + ".tmp"
+        tmp = "%s.tmp%d" % (target, os.getpid())  # two agents may materialize one model at once
         t0 = time.time()
         try:
             self._write_weights(np, rng, manifest, tmp)
@@ -226,7 +238,9 @@ class Agent(object):
         self.sessions = [s for s in self.sessions if s[0][0] not in keys]
         self.companions = {k: v for k, v in self.companions.items() if k[0] not in keys}
         freed, n = 0, 0
-        for d in dirs + [self.model_dir(k, partial=True) for k in keys]:
+        # another sweep's upload in progress is its own: only ours (and a legacy one) go
+        partials = [self.model_dir(k, True, u) for k in keys for u in {"", args.get("uploader", "")}]
+        for d in dirs + partials:
             if os.path.isdir(d):
                 freed += tree_bytes(d)
                 shutil.rmtree(d, ignore_errors=True)

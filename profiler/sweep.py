@@ -272,7 +272,8 @@ class Profiler:
         if not keys:
             return
         try:
-            r = self.target.call("evict", {"keys": sorted(keys)}, timeout=self.target.timeouts.handshake)
+            r = self.target.call("evict", {"keys": sorted(keys), "uploader": self.target.token[:16]},
+                                 timeout=self.target.timeouts.handshake)
             summary.evicted_bytes += int(r.get("freed_bytes") or 0)
         except (MeasureError, HostError, OSError) as e:
             log.warning("could not delete %d model(s) from %s: %s", len(keys), self.target.spec.name, e)

@@ -175,12 +175,12 @@ class Target:
         if exported.weights_sha256 is not None:
             files.append(exported.weights_file)
         digests = {f: _sha256(exported.folder / f) for f in files}
-        partial = self.join("models", key + ".partial")
+        partial = self.join("models", f"{key}.partial-{self.token[:16]}")
         self.mkdirs(partial)
         for f in files:
             self.put(exported.folder / f, str(PurePosixPath(partial, f)))
             self.bytes_uploaded += (exported.folder / f).stat().st_size
-        self.call("verify", {"key": key, "files": digests}, timeout=self.timeouts.verify)
+        self.call("verify", {"key": key, "files": digests, "uploader": self.token[:16]}, timeout=self.timeouts.verify)
         on_board.add(key)
         return True
 
@@ -200,7 +200,9 @@ class LocalTarget(Target):
         return Path(path).exists()
 
     def put(self, local: Path, remote: str) -> None:
-        shutil.copyfile(local, remote)
+        tmp = f"{remote}.tmp-{self.token[:8]}"  # atomic: a second sweep never sees a half-written file
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, remote)
 
     def write_text(self, remote: str, text: str) -> None:
         Path(remote).write_text(text)

@@ -346,6 +346,28 @@ def export_key(w: SubnetWeights, options: ExportOptions) -> str:
 MANIFEST = "export.json"
 
 
+def _complete(folder: Path, phases: tuple[Phase, ...]) -> bool:
+    try:
+        done = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(p in done.get("graphs", {}) for p in phases)
+
+
+def _publish(tmp: Path, folder: Path, phases: tuple[Phase, ...]) -> None:
+    """Move a finished export into place. Another process exporting the same key (same
+    content) may have published first and may be reading it: then its copy stays."""
+    if _complete(folder, phases):
+        return
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete export of fewer phases
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not _complete(folder, phases):
+            raise
+
+
 def export_subnet(
     w: SubnetWeights,
     root: Path,
@@ -385,9 +407,7 @@ def export_subnet(
         rec = done.to_dict()
         rec["config"] = w.config.to_dict()
         (tmp / MANIFEST).write_text(json.dumps(rec, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        _publish(tmp, folder, phases)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return done

@@ -472,7 +472,9 @@ def test_two_sweeps_of_one_store_never_measure_a_cell_twice(tiny_ws, tmp_path) -
         try:
             results.append(sweep(tiny_ws, "local", db, cs, phases=("prefill", "decode")))
         except Exception as e:
-            errors.append(e)
+            import traceback
+
+            errors.append("".join(traceback.format_exception(e)))
 
     threads = [threading.Thread(target=one) for _ in range(2)]
     for t in threads:
