@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from subnets.clikit import make_parser, run, subparsers
+from subnets.clikit import add_granularity, add_run_config, make_parser, run, subparsers
 from subnets.configio import read_configs
 from subnets.cost import cost
 from subnets.errors import ConfigError
@@ -32,47 +34,59 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ir-version", type=int, default=None, help="ONNX IR version (default: oldest that carries the opset)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("edgenas", "Hardware-aware sub-network search for Llama-family LLMs.")
-    sub = subparsers(p)
-    s = sub.add_parser("space", help="print the search space of a base model")
+def _space_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
     s.add_argument("--json", action="store_true", help="print JSON")
-    s = sub.add_parser("sample", help="print seeded sub-network configs as JSON lines")
+
+
+def _sample_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
-    s.add_argument("--n", type=int, required=True, help="how many configs")
+    s.add_argument("--samples", "--n", dest="n", type=int, required=True, help="how many configs")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--granularity", choices=["uniform", "per-layer"], default="per-layer")
+    add_granularity(s, "what varies between layers")
     s.add_argument("--strategy", choices=["uniform", "stratified"], default="stratified",
                    help="stratified: equal share per parameter-count bin (default)")
     s.add_argument("--random-layers", action="store_true",
                    help="keep a random subset of layers instead of the top-k by block influence")
-    s = sub.add_parser("export", help="extract a sub-network: HF folder + ONNX graphs + summary JSON")
+
+
+def _configs_arg(s: argparse.ArgumentParser, required: bool, help: str) -> None:
+    s.add_argument("--configs", dest="config", required=required, default=None, help=help)
+    s.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
+
+
+def _export_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
     _add_export(s)
-    s.add_argument("--config", required=True, help="config file (JSON or JSON lines; the first config is used unless --index)")
-    s.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
+    _configs_arg(s, True, "configs file (JSON or JSON lines; the first config is used unless --index)")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--no-perplexity", action="store_true", help="skip the perplexity evaluation")
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
     s.add_argument("--supernet", type=Path, default=None,
                    help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
-    s = sub.add_parser("train-supernet", help="recovery training: the base model as a weight-sharing super-network")
-    _add_model(s)
-    from training.cli import add_finetune_args, add_supernet_args
 
+
+def _train_supernet_args(s: argparse.ArgumentParser) -> None:
+    from training.cli import add_supernet_args
+
+    _add_model(s)
     add_supernet_args(s)
-    s = sub.add_parser("finetune", help="fine-tune one sub-network with distillation from the full model")
+
+
+def _finetune_args(s: argparse.ArgumentParser) -> None:
+    from training.cli import add_finetune_args
+
     _add_model(s)
     add_finetune_args(s)
-    s = sub.add_parser("evaluate", help="downstream-task accuracy through lm-evaluation-harness (offline)")
+
+
+def _evaluate_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
     s.add_argument("--model-dir", type=Path, default=None,
                    help="a saved model folder (`edgenas finetune --out`, its hf/ folder, or `edgenas export`'s hf/); "
-                        "default: --model itself, or --config's sub-network of it")
-    s.add_argument("--config", default=None, help="evaluate this sub-network of --model (or of --supernet)")
-    s.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
-    s.add_argument("--supernet", type=Path, default=None, help="take --config's weights from a trained super-network")
+                        "default: --model itself, or --configs' sub-network of it")
+    _configs_arg(s, False, "evaluate this sub-network of --model (or of --supernet)")
+    s.add_argument("--supernet", type=Path, default=None, help="take --configs' weights from a trained super-network")
     s.add_argument("--tasks", nargs="+", required=True,
                    help="lm-eval task names whose data you have locally, or .jsonl files of multiple-choice items "
                         '({"question", "choices", "answer"})')
@@ -80,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="items per task at most")
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--json", action="store_true", help="print JSON")
-    s = sub.add_parser("pipeline", help="the main job: sample, extract, export and evaluate sub-networks")
+
+
+def _pipeline_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
-    s.add_argument("--n", type=int, default=24, help="sampled sub-networks to profile besides the full model")
+    s.add_argument("--samples", "--n", dest="n", type=int, default=24,
+                   help="sampled sub-networks to profile besides the full model")
     s.add_argument("--seed", type=int, default=0)
+    add_granularity(s, "the sampled and searched sub-networks")
     s.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     s.add_argument("--host", default="local", help="device to profile on (default: this machine's CPU)")
     s.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
@@ -99,10 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-steps", type=int, default=0,
                    help="recovery training: train the model as a super-network for N sandwich steps (sampling by the "
                         "device's predicted latency) before the search, which then runs on the trained weights")
-    s = sub.add_parser("measurements", help="summarize or export a measurement store")
+
+
+def _measurements_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
     s.add_argument("--csv", type=Path, default=None, help="write every measurement to this CSV file")
     s.add_argument("--parquet", type=Path, default=None, help="write every measurement to this Parquet file (needs pyarrow)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("edgenas", "Hardware-aware sub-network search for Llama-family LLMs.", run_config=False)
+    sub = subparsers(p)
+    for verb in VERBS:
+        s = sub.add_parser(verb.name, help=verb.help, description=verb.help + (
+            f" (also the console script `{verb.alias}`)" if verb.alias else ""))
+        s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
+        add_run_config(s)
+        verb.add_args(s)
     return p
 
 
@@ -269,7 +300,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return finetune_cmd(args, out_console)
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "train-supernet": cmd_train_supernet, "finetune": cmd_finetune, "measurements": cmd_measurements, "space": cmd_space, "sample": cmd_sample, "export": cmd_export, "pipeline": cmd_pipeline}
+COMMANDS = {}  # filled below, from VERBS
 
 
 def active_configs(args: argparse.Namespace, ws) -> list:
@@ -298,12 +329,11 @@ def active_configs(args: argparse.Namespace, ws) -> list:
     return select(m, pool, args.active, shape[0], shape[1], seed=args.seed, near=args.active_near)
 
 
-def profile_device_main(argv: Sequence[str] | None = None) -> int:
-    """``profile-device``: the profiler's command, plus ``--active`` (which needs the predictor,
-    a layer above the profiler, so it is wired here)."""
-    from profiler.cli import add_profile_args, print_summary, sweep
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    """The profiler's flags, plus ``--active`` (which needs the predictor, a layer above the
+    profiler, so it is wired here)."""
+    from profiler.cli import add_profile_args
 
-    p = make_parser("profile-device", "Measure sub-networks' latency on a device into the measurement store.")
     add_profile_args(p)
     p.add_argument("--active", type=int, default=None, metavar="N",
                    help="measure the N sub-networks the device's measurements so far predict least certainly")
@@ -311,25 +341,107 @@ def profile_device_main(argv: Sequence[str] | None = None) -> int:
                    help="with --active: choose among sub-networks predicted near SHARE x the full model's latency "
                         "(the search's --budget-share), where a latency constraint decides")
 
-    def handle(args: argparse.Namespace) -> int:
-        ws = configs = None
-        if args.active_near is not None and args.active is None:
-            raise ConfigError("--active-near only steers --active", "add --active N, or drop --active-near")
-        if args.active is not None:
-            if args.active < 1:
-                raise ConfigError(f"--active {args.active} is not positive", "ask for at least 1 sub-network")
-            if args.active_near is not None and not 0 < args.active_near <= 1:
-                raise ConfigError(f"--active-near {args.active_near} is not a share of the full model's latency",
-                                  "pass a number in (0, 1], e.g. --active-near 0.85")
-            from subnets.workspace import Workspace
 
-            ws = Workspace.open(args.model, neuron_step=args.neuron_step)
-            configs = active_configs(args, ws)
-        summary, db = sweep(args, ws=ws, configs=configs)
-        print_summary(summary, db)
-        return 0
+def cmd_profile(args: argparse.Namespace) -> int:
+    from profiler.cli import print_summary, sweep
 
-    return run(p, argv, handle)
+    ws = configs = None
+    if args.active_near is not None and args.active is None:
+        raise ConfigError("--active-near only steers --active", "add --active N, or drop --active-near")
+    if args.active is not None:
+        if args.active < 1:
+            raise ConfigError(f"--active {args.active} is not positive", "ask for at least 1 sub-network")
+        if args.active_near is not None and not 0 < args.active_near <= 1:
+            raise ConfigError(f"--active-near {args.active_near} is not a share of the full model's latency",
+                              "pass a number in (0, 1], e.g. --active-near 0.85")
+        from subnets.workspace import Workspace
+
+        ws = Workspace.open(args.model, neuron_step=args.neuron_step)
+        configs = active_configs(args, ws)
+    summary, db = sweep(args, ws=ws, configs=configs)
+    print_summary(summary, db)
+    return 0
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """A function of another package, imported when first called (the CLI starts fast)."""
+    def call(*a: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*a)
+
+    return call
+
+
+def _search(args: argparse.Namespace) -> int:
+    from search.cli import search
+
+    search(args)
+    return 0
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One command: ``edgenas NAME``, and its console script ``alias`` (the same parser)."""
+
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handle: Callable[[argparse.Namespace], int | None]
+    alias: str | None = None
+
+
+VERBS = (
+    Verb("pipeline", "the main job: sample, profile, train predictors, search and verify on one base model",
+         _pipeline_args, cmd_pipeline),
+    Verb("space", "print the search space of a base model", _space_args, cmd_space),
+    Verb("sample", "print seeded sub-network configs as JSON lines", _sample_args, cmd_sample),
+    Verb("export", "extract a sub-network: HF folder + ONNX graphs + summary JSON", _export_args, cmd_export),
+    Verb("profile", "measure sub-networks' latency on a device into the measurement store", _profile_args,
+         cmd_profile, "profile-device"),
+    Verb("measurements", "summarize or export a measurement store", _measurements_args, cmd_measurements),
+    Verb("train-predictor", "train per-phase latency predictors for a device from the measurement store",
+         _lazy("predictor.cli", "add_train_args"), _lazy("predictor.cli", "handle_train"), "train-predictor"),
+    Verb("evaluate-predictor", "score a saved predictor on another store's measurements",
+         _lazy("predictor.cli", "add_evaluate_args"), _lazy("predictor.cli", "handle_evaluate"), "evaluate-predictor"),
+    Verb("predict", "predict latencies of sub-networks with a saved predictor",
+         _lazy("predictor.cli", "add_predict_args"), _lazy("predictor.cli", "handle_predict"), "predict-latency"),
+    Verb("search", "search sub-networks for quality and predicted latency under a budget",
+         _lazy("search.cli", "add_search_args"), _search, "search-subnets"),
+    Verb("train-supernet", "recovery training: the base model as a weight-sharing super-network",
+         _train_supernet_args, cmd_train_supernet),
+    Verb("finetune", "fine-tune one sub-network with distillation from the full model", _finetune_args, cmd_finetune),
+    Verb("evaluate", "downstream-task accuracy through lm-evaluation-harness (offline)", _evaluate_args, cmd_evaluate),
+)
+COMMANDS.update({v.name: v.handle for v in VERBS})
+
+
+def alias_main(name: str, argv: Sequence[str] | None = None) -> int:
+    """A console script: the parser of ``edgenas NAME`` under the script's own name."""
+    verb = next(v for v in VERBS if v.name == name)
+    p = make_parser(verb.alias or f"edgenas {name}", verb.help[:1].upper() + verb.help[1:] + ".")
+    verb.add_args(p)
+    return run(p, argv, verb.handle)
+
+
+def profile_device_main(argv: Sequence[str] | None = None) -> int:
+    return alias_main("profile", argv)
+
+
+def train_predictor_main(argv: Sequence[str] | None = None) -> int:
+    return alias_main("train-predictor", argv)
+
+
+def evaluate_predictor_main(argv: Sequence[str] | None = None) -> int:
+    return alias_main("evaluate-predictor", argv)
+
+
+def predict_latency_main(argv: Sequence[str] | None = None) -> int:
+    return alias_main("predict", argv)
+
+
+def search_subnets_main(argv: Sequence[str] | None = None) -> int:
+    return alias_main("search", argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,7 +48,8 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rich.progress import Progress
 
     ws = Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
-    configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, strategy="stratified",
+    granularity = getattr(args, "granularity", "tapered")
+    configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, granularity=granularity, strategy="stratified",
                                                    layer_ranking=ws.importance.layer_ranking())]
     args.out.mkdir(parents=True, exist_ok=True)
     db = args.out / "measurements.db"
@@ -127,7 +128,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                   f"{args.budget_share:.0%} of it = {budget} ms")
     search_args = argparse.Namespace(
         device=args.host, predictor=pred_dir, latency_budget_ms=budget, workload=args.workload, algorithm="nsga2",
-        evals=args.evals, granularity="tapered", max_params=None, verify=args.verify, host=args.host, db=db,
+        evals=args.evals, granularity=granularity, max_params=None, verify=args.verify, host=args.host, db=db,
         out=args.out / "search", model=args.model, neuron_step=args.neuron_step, seed=args.seed,
         quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False)
     found = search(search_args, console, ws=ws)

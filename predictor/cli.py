@@ -91,11 +91,11 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
     return results
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    p = make_parser("train-predictor", "Train per-phase latency predictors for a device from the measurement store.")
+def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="device name (the --host it was profiled as) or fingerprint")
     p.add_argument("--db", type=Path, default=DEFAULT_DB)
-    p.add_argument("--phase", type=_phases, default=["prefill", "decode"], help="prefill, decode or prefill,decode")
+    p.add_argument("--phases", "--phase", dest="phase", type=_phases, default=["prefill", "decode"],
+                   help="prefill, decode or prefill,decode (default both)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/predictors/DEVICE)")
     p.add_argument("--model", default="smollm2", help="the base model the sub-networks were cut from")
     p.add_argument("--folds", type=int, default=5)
@@ -106,49 +106,57 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                    help="use the measurements of this back-end as stored, e.g. ort-cpu:opt-disabled (default: the most measured)")
     p.add_argument("--no-plot", action="store_true")
 
-    def handle(a: argparse.Namespace) -> int:
-        train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
-              not a.no_plot, a.transfer_from, threads=a.threads, backend=a.backend)
-        return 0
 
-    return run(p, argv, handle)
+def handle_train(a: argparse.Namespace) -> int:
+    train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
+          not a.no_plot, a.transfer_from, threads=a.threads, backend=a.backend)
+    return 0
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    p = make_parser("evaluate-predictor", "Score a saved predictor on another store's measurements.")
+def train_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("train-predictor", "Train per-phase latency predictors for a device from the measurement store.")
+    add_train_args(p)
+    return run(p, argv, handle_train)
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", type=Path, required=True, help="a predictor folder (one phase)")
     p.add_argument("--db", type=Path, required=True)
     p.add_argument("--device", default=None, help="device name in that store (default: the predictor's device name)")
 
-    def handle(a: argparse.Namespace) -> int:
-        from predictor.data import load_measurements
-        from predictor.persist import load_predictor
-        from profiler.errors import StoreError
-        from profiler.store import Store
 
-        pred, meta = load_predictor(a.predictor)
-        if not a.db.is_file():
-            raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
-        store = Store(a.db)
-        try:
-            rec = meta.get("metrics") or {}
-            m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1,
-                                  threads=rec.get("threads"), backend=rec.get("backend"), protocol=rec.get("protocol"))
-        finally:
-            store.close()
-        res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)
-        out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {a.db}",
-                                        {"saved predictor": res}))
-        if m.fingerprint != meta["device_fingerprint"]:
-            out_console.print(f"[yellow]note:[/] the device fingerprint changed ({meta['device_fingerprint']} -> {m.fingerprint}):"
-                              " hardware or runtime differ from training")
-        return 0
+def handle_evaluate(a: argparse.Namespace) -> int:
+    from predictor.data import load_measurements
+    from predictor.persist import load_predictor
+    from profiler.errors import StoreError
+    from profiler.store import Store
 
-    return run(p, argv, handle)
+    pred, meta = load_predictor(a.predictor)
+    if not a.db.is_file():
+        raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
+    store = Store(a.db)
+    try:
+        rec = meta.get("metrics") or {}
+        m = load_measurements(store, a.device or meta["device_name"], meta["phase"], pred.dims, meta["base_id"], minimum=1,
+                              threads=rec.get("threads"), backend=rec.get("backend"), protocol=rec.get("protocol"))
+    finally:
+        store.close()
+    res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)
+    out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {a.db}",
+                                    {"saved predictor": res}))
+    if m.fingerprint != meta["device_fingerprint"]:
+        out_console.print(f"[yellow]note:[/] the device fingerprint changed ({meta['device_fingerprint']} -> {m.fingerprint}):"
+                          " hardware or runtime differ from training")
+    return 0
 
 
-def predict_main(argv: Sequence[str] | None = None) -> int:
-    p = make_parser("predict-latency", "Predict latencies of sub-networks with a saved predictor.")
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("evaluate-predictor", "Score a saved predictor on another store's measurements.")
+    add_evaluate_args(p)
+    return run(p, argv, handle_evaluate)
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", type=Path, required=True)
     p.add_argument("--configs", type=Path, required=True, help="JSON-lines configs")
     p.add_argument("--seq-len", type=int, default=128, help="prefill length")
@@ -156,41 +164,44 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="JSON lines output")
     p.add_argument("--override", action="store_true", help="use a predictor made for another base model")
 
-    def handle(a: argparse.Namespace) -> int:
-        from predictor.features import ConfigBatch
-        from predictor.persist import load_predictor
-        from subnets.configio import read_configs
-        from subnets.errors import ConfigError
-        from subnets.space import SearchSpace
 
-        pred, meta = load_predictor(a.predictor)
-        configs = read_configs(a.configs)
-        space = SearchSpace(meta["base_id"], pred.dims, neuron_step=1)
-        for i, c in enumerate(configs, 1):
-            if c.base_id != meta["base_id"] and not a.override:
-                raise ConfigError(f"{a.configs}, config {i} is for base model {c.base_id!r}; the predictor is for "
-                                  f"{meta['base_id']!r}", "use configs of that base model, or --override")
-            try:
-                space.validate(c if c.base_id == meta["base_id"] else type(c)(meta["base_id"], c.layers))
-            except ConfigError as e:
-                raise ConfigError(f"{a.configs}, config {i}: {e.problem}", e.fix) from None
-        batch = ConfigBatch.from_configs(configs, pred.dims.num_layers)
-        y = pred.predict(batch, a.seq_len, a.past_len)
-        up = pred.predict_upper(batch, a.seq_len, a.past_len)
-        if a.json:
-            for c, v, u in zip(configs, y, up):
-                print(json.dumps({"config_hash": c.config_hash(), "phase": meta["phase"], "latency_ms": float(v),
-                                  "upper_ms": float(u)}))
-        else:
-            t = Table(title=f"{meta['phase']} latency on {meta['device_name']} "
-                            f"({'S=' + str(a.seq_len) if meta['phase'] == 'prefill' else 'P=' + str(a.past_len)})")
-            for col in ("config", "hash", "predicted ms", f"upper ms ({1 - pred.alpha:.0%})"):
-                t.add_column(col)
-            for c, v, u in zip(configs, y, up):
-                t.add_row(c.summary(), c.config_hash()[:10], f"{v:.2f}", f"{u:.2f}")
-            out_console.print(t)
-        return 0
+def handle_predict(a: argparse.Namespace) -> int:
+    from predictor.features import ConfigBatch
+    from predictor.persist import load_predictor
+    from subnets.configio import read_configs
+    from subnets.errors import ConfigError
+    from subnets.space import SearchSpace
 
-    return run(p, argv, handle)
+    pred, meta = load_predictor(a.predictor)
+    configs = read_configs(a.configs)
+    space = SearchSpace(meta["base_id"], pred.dims, neuron_step=1)
+    for i, c in enumerate(configs, 1):
+        if c.base_id != meta["base_id"] and not a.override:
+            raise ConfigError(f"{a.configs}, config {i} is for base model {c.base_id!r}; the predictor is for "
+                              f"{meta['base_id']!r}", "use configs of that base model, or --override")
+        try:
+            space.validate(c if c.base_id == meta["base_id"] else type(c)(meta["base_id"], c.layers))
+        except ConfigError as e:
+            raise ConfigError(f"{a.configs}, config {i}: {e.problem}", e.fix) from None
+    batch = ConfigBatch.from_configs(configs, pred.dims.num_layers)
+    y = pred.predict(batch, a.seq_len, a.past_len)
+    up = pred.predict_upper(batch, a.seq_len, a.past_len)
+    if a.json:
+        for c, v, u in zip(configs, y, up):
+            print(json.dumps({"config_hash": c.config_hash(), "phase": meta["phase"], "latency_ms": float(v),
+                              "upper_ms": float(u)}))
+    else:
+        t = Table(title=f"{meta['phase']} latency on {meta['device_name']} "
+                        f"({'S=' + str(a.seq_len) if meta['phase'] == 'prefill' else 'P=' + str(a.past_len)})")
+        for col in ("config", "hash", "predicted ms", f"upper ms ({1 - pred.alpha:.0%})"):
+            t.add_column(col)
+        for c, v, u in zip(configs, y, up):
+            t.add_row(c.summary(), c.config_hash()[:10], f"{v:.2f}", f"{u:.2f}")
+        out_console.print(t)
+    return 0
 
 
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    p = make_parser("predict-latency", "Predict latencies of sub-networks with a saved predictor.")
+    add_predict_args(p)
+    return run(p, argv, handle_predict)

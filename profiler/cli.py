@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from profiler.errors import StoreError
-from subnets.clikit import make_parser, progress_bar, run
+from subnets.clikit import add_granularity, make_parser, progress_bar, run
 from subnets.errors import ConfigError
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -46,7 +46,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--samples", type=int, default=None, help="sample N sub-networks (stratified by size)")
     src.add_argument("--configs", type=Path, default=None, help="JSON-lines file of sub-network configs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--granularity", choices=["uniform", "per-layer"], default="per-layer")
+    add_granularity(p, "what varies between the sampled sub-networks' layers")
     p.add_argument("--phases", type=_phases, default=("prefill", "decode"))
     p.add_argument("--seq-len", type=_ints, default=(128,), help="prefill lengths, e.g. 64,128")
     p.add_argument("--past-len", type=_ints, default=(128,), help="decode past lengths, e.g. 128,512")

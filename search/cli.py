@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from subnets.clikit import make_parser, progress_bar, run
+from subnets.clikit import add_granularity, make_parser, progress_bar, run
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -29,7 +29,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS, default="nsga2")
     p.add_argument("--evals", type=int, default=100, help="sub-networks evaluated for perplexity (the search's cost; candidates over the budget are "
                    "rejected by the predictor and not counted)")
-    p.add_argument("--granularity", choices=["per-layer", "tapered", "uniform"], default="tapered")
+    add_granularity(p, "the genome searched")
     p.add_argument("--max-params", type=float, default=None, help="hard limit on parameters")
     p.add_argument("--verify", type=int, default=0, help="measure K front points on the device")
     p.add_argument("--host", default=None, help="where --verify measures (default: --device)")

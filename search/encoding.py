@@ -40,7 +40,7 @@ class Encoding:
 
     @property
     def max_taper(self) -> int:
-        return max(1, len(self.neurons) // 4)
+        return self.space.max_taper
 
     def _width_keys(self) -> list[int]:
         return [0] if self.shared else list(range(self.n_layers))
@@ -57,16 +57,14 @@ class Encoding:
         return params
 
     def decode(self, params: dict[str, int]) -> SubnetConfig:
+        if self.granularity == "tapered":
+            return self.space.tapered(self.layer_ranking, int(params["layers"]), int(params["g0"]), int(params["h0"]),
+                                      int(params["n0"]), int(params["taper"]))
         top = self.layer_ranking[: int(params["layers"])]
-        rank = {layer: i for i, layer in enumerate(top)}
-        k = len(top)
         out = []
         for layer in sorted(top):
             key = 0 if self.shared else layer
             n = int(params[f"n{key}"])
-            if self.granularity == "tapered" and k > 1:
-                z = 1.0 - 2.0 * rank[layer] / (k - 1)  # +1 the most influential kept layer, -1 the least
-                n = int(min(len(self.neurons) - 1, max(0, n + round(int(params["taper"]) * z))))
             out.append(LayerChoice(layer, int(params[f"g{key}"]), int(params[f"h{key}"]), self.neurons[n]))
         return SubnetConfig(self.space.base_id, tuple(out))
 

@@ -40,21 +40,45 @@ def progress_bar(*fields: str) -> Progress:
                     console=Console(stderr=True), transient=True)
 
 
-def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def make_parser(prog: str, description: str, run_config: bool = True) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description=description)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    if run_config:
+        add_run_config(p)
     return p
+
+
+def add_run_config(p: argparse.ArgumentParser) -> None:
+    """``--config run.toml``, read before parsing (subnets.runconfig); listed for --help."""
+    p.add_argument("--config", metavar="RUN.toml", dest="run_config", default=None,
+                   help="read this command's flags from a TOML file; flags given here override it")
 
 
 def subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
     return p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
 
+def add_granularity(p: argparse.ArgumentParser, what: str) -> None:
+    """The one granularity vocabulary of every command, with one default."""
+    from subnets.space import DEFAULT_GRANULARITY, GRANULARITIES
+
+    p.add_argument("--granularity", choices=GRANULARITIES, default=DEFAULT_GRANULARITY,
+                   help=f"{what}: tapered (default; top-k layers by influence, one KV-group/head/width triple and a width "
+                        "taper along influence), uniform (no taper) or per-layer (a triple per layer)")
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int | None]) -> int:
+    from subnets.runconfig import expand
+
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(expand(list(sys.argv[1:] if argv is None else argv), parser))
     except SystemExit as e:  # --help, or a usage error (exit status 2): return it, as main() does
         return int(e.code or 0)
+    except EdgenasError as e:  # an unreadable --config run.toml
+        console.print(f"[bold red]error:[/] {escape(e.problem)}", soft_wrap=True, highlight=False)
+        if e.fix:
+            console.print(f"[bold]fix:[/] {escape(e.fix)}", soft_wrap=True, highlight=False)
+        return e.exit_code
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -11,7 +11,12 @@ from typing import Any, Literal
 from subnets.config import LayerChoice, SubnetConfig
 from subnets.errors import ConfigError
 
-Granularity = Literal["uniform", "per-layer"]
+# One vocabulary for every command: "tapered" (the default) is one KV-group/head/width triple
+# for the kept layers plus a width taper along their influence rank; "uniform" the triple
+# alone; "per-layer" an independent triple per layer.
+Granularity = Literal["tapered", "uniform", "per-layer"]
+GRANULARITIES = ("tapered", "uniform", "per-layer")
+DEFAULT_GRANULARITY = "tapered"
 Strategy = Literal["uniform", "stratified"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -104,6 +109,29 @@ class SearchSpace:
     def heads_per_group_choices(self) -> list[int]:
         return list(range(1, self.dims.heads_per_group + 1))
 
+    @property
+    def max_taper(self) -> int:
+        """How many neuron steps a tapered config's widths move away from its middle width."""
+        return max(1, len(self.neuron_choices()) // 4)
+
+    def tapered(self, layer_ranking: Sequence[int], k: int, kv_groups: int, heads_per_group: int, width: int,
+                taper: int) -> SubnetConfig:
+        """The top-``k`` layers of ``layer_ranking`` with one KV-group and head count, and MLP
+        widths ``taper`` steps above the ``width``-th neuron choice for the most influential
+        kept layer to ``taper`` steps below it for the least, linearly in rank: 5 numbers that
+        spend width where the layers matter."""
+        neurons = self.neuron_choices()
+        top = list(layer_ranking[:k])
+        rank = {layer: i for i, layer in enumerate(top)}
+        out = []
+        for layer in sorted(top):
+            n = width
+            if len(top) > 1:
+                z = 1.0 - 2.0 * rank[layer] / (len(top) - 1)  # +1 the most influential kept layer, -1 the least
+                n = int(min(len(neurons) - 1, max(0, width + round(taper * z))))
+            out.append(LayerChoice(layer, kv_groups, heads_per_group, neurons[n]))
+        return SubnetConfig(self.base_id, tuple(out))
+
     def log10_size(self, granularity: Granularity = "per-layer") -> float:
         """Decimal logarithm of the number of distinct sub-networks in the space."""
         per_layer = (
@@ -189,6 +217,10 @@ class SearchSpace:
         subset."""
         n = self.dims.num_layers
         k = rng.randint(self.min_layers, n)
+        if granularity == "tapered":
+            ranking = list(layer_ranking) if layer_ranking is not None else list(range(n))
+            return self.tapered(ranking, k, rng.choice(self.kv_group_choices()), rng.choice(self.heads_per_group_choices()),
+                                rng.randrange(len(self.neuron_choices())), rng.randint(-self.max_taper, self.max_taper))
         if layer_ranking is not None:
             layers = sorted(layer_ranking[:k])
         else:
@@ -199,9 +231,7 @@ class SearchSpace:
                 self.base_id, layers, rng.choice(kv), rng.choice(hpg), rng.choice(neu)
             )
         if granularity != "per-layer":
-            raise ConfigError(
-                f"unknown granularity {granularity!r}", "use 'uniform' or 'per-layer'"
-            )
+            raise ConfigError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
         return SubnetConfig(
             self.base_id,
             tuple(LayerChoice(i, rng.choice(kv), rng.choice(hpg), rng.choice(neu)) for i in layers),

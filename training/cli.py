@@ -66,7 +66,8 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     add_optimization_args(p, "teacher")
-    p.add_argument("--config", required=True, help="the sub-network (JSON or JSON lines; the first unless --index)")
+    p.add_argument("--configs", dest="config", required=True,
+                   help="the sub-network's configs file (JSON or JSON lines; the first unless --index)")
     p.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
     p.add_argument("--supernet", type=Path, default=None, help="start from a trained super-network's weights")
     p.add_argument("--onnx", action="store_true", help="also export the trained sub-network to ONNX (out/onnx/)")
