@@ -111,12 +111,29 @@ def _pipeline_args(s: argparse.ArgumentParser) -> None:
                         "is usable without retraining)")
     s.add_argument("--evals", type=int, default=40, help="perplexity evaluations the search may spend")
     s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
+    s.add_argument("--max-perplexity", default="3x", metavar="PPL|Rx",
+                   help="quality ceiling for the search, a perplexity or a multiple of the full model's (default 3x)")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
     s.add_argument("--min-time", type=float, default=1.0, help="timed seconds per profiling cell at least")
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
     s.add_argument("--train-steps", type=int, default=0,
                    help="recovery training: train the model as a super-network for N sandwich steps (sampling by the "
                         "device's predicted latency) before the search, which then runs on the trained weights")
+
+
+def _report_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("run", type=Path, nargs="?", default=Path("runs/pipeline"),
+                   help="a run folder (the main job's --out; default runs/pipeline)")
+    s.add_argument("--out", type=Path, default=None, help="where to write the page (default RUN/report.html)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgenas.report import write_report
+
+    if not args.run.is_dir():
+        raise ConfigError(f"run folder {args.run} does not exist", "pass the --out folder of `edgenas pipeline`")
+    out_console.print(f"wrote {write_report(args.run, args.out)}")
+    return 0
 
 
 def _measurements_args(s: argparse.ArgumentParser) -> None:
@@ -400,6 +417,7 @@ VERBS = (
     Verb("profile", "measure sub-networks' latency on a device into the measurement store", _profile_args,
          cmd_profile, "profile-device"),
     Verb("measurements", "summarize or export a measurement store", _measurements_args, cmd_measurements),
+    Verb("report", "write a run's self-contained report.html", _report_args, cmd_report),
     Verb("train-predictor", "train per-phase latency predictors for a device from the measurement store",
          _lazy("predictor.cli", "add_train_args"), _lazy("predictor.cli", "handle_train"), "train-predictor"),
     Verb("evaluate-predictor", "score a saved predictor on another store's measurements",

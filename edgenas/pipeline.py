@@ -130,7 +130,11 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         device=args.host, predictor=pred_dir, latency_budget_ms=budget, workload=args.workload, algorithm="nsga2",
         evals=args.evals, granularity=granularity, max_params=None, verify=args.verify, host=args.host, db=db,
         out=args.out / "search", model=args.model, neuron_step=args.neuron_step, seed=args.seed,
-        quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False)
+        quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False,
+        max_perplexity=getattr(args, "max_perplexity", None))
     found = search(search_args, console, ws=ws)
+    from edgenas.report import write_report
+
+    console.print(f"report: {write_report(args.out)}")
     return {"rows": rows, "summary": summary.to_dict(), "predictor": str(pred_dir), "predictor_metrics": metrics,
             "search": {k: found[k] for k in ("hypervolume", "front") if k in found}}

@@ -31,6 +31,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    "rejected by the predictor and not counted)")
     add_granularity(p, "the genome searched")
     p.add_argument("--max-params", type=float, default=None, help="hard limit on parameters")
+    p.add_argument("--max-perplexity", default=None, metavar="PPL|Rx",
+                   help="quality ceiling, a constraint like the budget: a perplexity (e.g. 60) or a multiple of the "
+                        "full model's (e.g. 3x); the plot and --verify keep to it (default: none; plot capped at 10x)")
     p.add_argument("--verify", type=int, default=0, help="measure K front points on the device")
     p.add_argument("--host", default=None, help="where --verify measures (default: --device)")
     p.add_argument("--db", type=Path, default=Path("runs/measurements.db"), help="store --verify adds to")
@@ -46,13 +49,53 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
 
 
+def parse_ceiling(text: str | None, full_ppl: float) -> float:
+    """``--max-perplexity``: a perplexity, or ``Rx`` for R times the full model's."""
+    from search.study import SearchError
+
+    if text is None:
+        return math.inf
+    t = str(text).strip().lower()
+    try:
+        value = float(t[:-1]) * full_ppl if t.endswith("x") else float(t)
+    except ValueError:
+        raise SearchError(f"--max-perplexity {text!r} is neither a perplexity nor a multiple like 3x",
+                          "e.g. --max-perplexity 60, or --max-perplexity 3x (three times the full model's)") from None
+    if not value > 0:
+        raise SearchError(f"--max-perplexity {text!r} is not positive", "e.g. --max-perplexity 3x")
+    return value
+
+
+def useful_ceiling(ceiling: float, full_ppl: float) -> float:
+    """The perplexity up to which front points are worth showing and measuring: the user's
+    ceiling, else ten times the full model's (beyond it a sub-network is broken, not small)."""
+    return ceiling if math.isfinite(ceiling) else 10.0 * full_ppl
+
+
+def front_table(res: Any, full_ppl: float, shown: float, budget_ms: float, device: str, wl: Any) -> Table:
+    """The front sorted by latency, fastest first, with quality relative to the full model;
+    points above the useful ceiling are counted, not listed."""
+    useful = sorted((p for p in res.front if p["perplexity"] <= shown), key=lambda p: p["latency_ms"])
+    hidden = len(res.front) - len(useful)
+    t = Table(title=f"Pareto front: {len(res.front)} of {len(res.points)} trials "
+                    f"({sum(p['feasible'] for p in res.points)} feasible), budget {budget_ms:g} ms on {device}, "
+                    f"workload {wl.prompt_len}+{wl.gen_tokens}; full model perplexity {full_ppl:.1f}"
+                    + (f"; {hidden} point(s) above perplexity {shown:.0f} not listed" if hidden else ""))
+    for c in ("sub-network", "hash", "params (M)", "perplexity", "x full", "predicted ms", "upper ms"):
+        t.add_column(c, justify="left" if c in ("sub-network", "hash") else "right")
+    for p in useful:
+        t.add_row(p["summary"], p["config_hash"][:10], f"{p['params'] / 1e6:.1f}", f"{p['perplexity']:.1f}",
+                  f"{p['perplexity'] / full_ppl:.2f}", f"{p['latency_ms']:.1f}", f"{p['upper_ms']:.1f}")
+    return t
+
+
 def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
 
     from predictor.workload import LatencyObjective, Workload
     from search.baselines import compare_at_matched_quality, evaluate_baselines
     from search.pareto import plot_front
     from search.study import QualityCache, SearchError, perplexity_cache, run_search
-    from search.verify import pick_spread, verify
+    from search.verify import pick_useful, verify
     from subnets.basemodel import load_base_info
     from subnets.workspace import Workspace
 
@@ -95,13 +138,16 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         from search.baselines import baseline_configs
 
         warm = [] if args.algorithm == "random" else [c for cs in baseline_configs(ws).values() for c in cs]
+        quality = QualityCache(perplexity_cache(out / study_file, ws), ws.perplexity)
+        full_ppl = quality(ws.space.full())
+        ceiling = parse_ceiling(getattr(args, "max_perplexity", None), full_ppl)
         res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / study_file,
                          max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress,
-                         warm_start=warm)
+                         warm_start=warm, max_perplexity=ceiling)
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")
-            baselines = evaluate_baselines(ws, objective, QualityCache(perplexity_cache(out / study_file, ws), ws.perplexity))
+            baselines = evaluate_baselines(ws, objective, quality)
     console.print(res.resumed)
 
     (out / "front.json").write_text(json.dumps(res.front, indent=1))
@@ -113,23 +159,18 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
     with (out / "front.jsonl").open("w") as f:
         for p in res.front:
             f.write(json.dumps(p["config"], sort_keys=True, separators=(",", ":")) + "\n")
+    shown = useful_ceiling(ceiling, full_ppl)
     png = plot_front(res.points, res.front, baselines, args.latency_budget_ms, out / "front.png",
-                     f"{base_id} on {objective.device_name}, workload S={wl.prompt_len} N={wl.gen_tokens}, {args.algorithm}")
-
-    t = Table(title=f"Pareto front: {len(res.front)} of {len(res.points)} trials "
-                    f"({sum(p['feasible'] for p in res.points)} feasible), budget {args.latency_budget_ms:g} ms on "
-                    f"{objective.device_name}, workload {wl.prompt_len}+{wl.gen_tokens}")
-    for c in ("sub-network", "hash", "params (M)", "perplexity", "predicted ms", "upper ms"):
-        t.add_column(c, justify="left" if c in ("sub-network", "hash") else "right")
-    for p in res.front:
-        t.add_row(p["summary"], p["config_hash"][:10], f"{p['params'] / 1e6:.1f}", f"{p['perplexity']:.1f}",
-                  f"{p['latency_ms']:.1f}", f"{p['upper_ms']:.1f}")
-    console.print(t)
+                     f"{base_id} on {objective.device_name}, workload S={wl.prompt_len} N={wl.gen_tokens}, {args.algorithm}",
+                     ppl_cap=shown, full_ppl=full_ppl)
+    console.print(front_table(res, full_ppl, shown, args.latency_budget_ms, objective.device_name, wl))
     sec = res.seconds
     console.print(f"hypervolume {res.hypervolume:.1f} (log-perplexity x ms, reference ppl 1e5 and the budget); "
                   f"{res.ppl_evaluations} perplexity evaluations now; predictor {sec['predictor']:.2f} s = "
                   f"{sec['predictor'] / max(sec['total'], 1e-9):.2%} of {sec['total']:.0f} s search time")
-    result: dict[str, Any] = {"front": res.front, "hypervolume": res.hypervolume, "seconds": sec, "plot": str(png)}
+    result: dict[str, Any] = {"front": res.front, "hypervolume": res.hypervolume, "seconds": sec, "plot": str(png),
+                              "full_perplexity": full_ppl, "max_perplexity": None if math.isinf(ceiling) else ceiling,
+                              "study": res.study_name, "bound": bound}
     if baselines:
         cmp_rows = compare_at_matched_quality(res.front, baselines, args.latency_budget_ms)
         bt = Table(title="baselines under the budget: the fastest searched sub-network at least as good")
@@ -144,7 +185,7 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         result["baselines"] = baselines
         result["matched"] = cmp_rows
     if args.verify > 0 and res.front:
-        chosen = pick_spread(res.front, args.verify)
+        chosen = pick_useful(res.front, args.verify, shown)
         rows = verify(ws, objective, chosen, args.host or args.device, args.db, args.latency_budget_ms)
         vt = Table(title=f"verified on {args.host or args.device} (measured workload = prefill + Simpson sum of decode steps)")
         for c in ("sub-network", "perplexity", "predicted ms", "measured ms", "error", "meets budget"):

@@ -37,7 +37,10 @@ def hypervolume(ppl: np.ndarray, lat: np.ndarray, ref_ppl: float, ref_lat: float
 
 
 def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], baselines: dict[str, list[dict[str, Any]]],
-               budget_ms: float | None, path: Path, title: str) -> Path:
+               budget_ms: float | None, path: Path, title: str, ppl_cap: float | None = None,
+               full_ppl: float | None = None) -> Path:
+    """Front, evaluated points and baselines; with ``ppl_cap`` the perplexity axis stops
+    there (points above it are counted in the legend), so the useful range fills the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +61,16 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
             ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], mk + "--", color=col, ms=6, lw=0.8, label=name)
     if budget_ms:
         ax.axvline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
+    if full_ppl:
+        ax.axhline(full_ppl, color="k", lw=0.6, ls="--", label=f"full model, perplexity {full_ppl:.1f}")
     ax.set_yscale("log")
+    if ppl_cap:
+        vals = [p["perplexity"] for p in points if p["feasible"]] + [p["perplexity"] for ps in baselines.values() for p in ps]
+        above = sum(v > ppl_cap for v in vals)
+        low = min([v for v in vals if v > 0] + [full_ppl or ppl_cap]) / 1.15
+        ax.set_ylim(low, ppl_cap * 1.15)
+        if above:
+            ax.plot([], [], " ", label=f"{above} point(s) above perplexity {ppl_cap:.0f} (off the plot)")
     ax.set_xlabel("predicted latency of the workload (ms)")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_title(title, fontsize=9)

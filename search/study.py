@@ -144,12 +144,14 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
 
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
                storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
-               ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (),
+               ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (), max_perplexity: float = math.inf,
                progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
                max_trials: int | None = None) -> SearchResult:
     """Search until ``evals`` feasible sub-networks have been evaluated for perplexity (the
     search's cost: a candidate over the budget is rejected by the predictor in microseconds
-    and does not count), or ``max_trials`` candidates (default 20 x evals) were proposed."""
+    and does not count), or ``max_trials`` candidates (default 20 x evals) were proposed.
+    ``max_perplexity`` is a quality ceiling: a constraint like the budget, known only once a
+    candidate's perplexity is evaluated (so such a candidate costs an evaluation)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -165,6 +167,8 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         )
     storage.parent.mkdir(parents=True, exist_ok=True)
     identity = study_identity(ws, objective, algorithm, granularity, seed, budget_ms, max_params)
+    if math.isfinite(max_perplexity):
+        identity["max_perplexity"] = max_perplexity
     study, note = open_study(storage, identity, make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))))
     log.info("%s", note)
     quality = QualityCache(perplexity_cache(storage, ws), ws.perplexity)
@@ -179,7 +183,7 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     max_trials = max_trials or 20 * evals + 100
     done = done_trials()
     n_done = len(done)
-    n_eval = sum(1 for t in done if t.user_attrs.get("feasible"))
+    n_eval = sum(1 for t in done if t.user_attrs.get("evaluated", t.user_attrs.get("feasible")))
     if n_done == 0:
         # Known-good structured points (the baselines) as the first generation: the search
         # starts from them and improves on them rather than rediscovering them.
@@ -202,19 +206,22 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         lat, up = float(lat_a[0]), float(up_a[0])
         t_pred += time.perf_counter() - a
         n_params = count_params(config, ws.space.dims)
-        feasible = up <= budget_ms and n_params <= max_params
+        evaluate = up <= budget_ms and n_params <= max_params
         trial.set_constraint("latency_upper_ms", up - budget_ms)
         trial.set_constraint("params", (n_params - max_params) if math.isfinite(max_params) else -1.0)
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("upper_ms", up)
         trial.set_user_attr("params", n_params)
-        trial.set_user_attr("feasible", feasible)
         a = time.perf_counter()
-        ppl = quality(config) if feasible else INFEASIBLE_PPL
+        ppl = quality(config) if evaluate else INFEASIBLE_PPL
         t_quality += time.perf_counter() - a
+        feasible = evaluate and ppl <= max_perplexity
+        trial.set_constraint("perplexity", (ppl - max_perplexity) if math.isfinite(max_perplexity) else -1.0)
+        trial.set_user_attr("feasible", feasible)
+        trial.set_user_attr("evaluated", evaluate)
         study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
         n_done += 1
-        n_eval += int(feasible)
+        n_eval += int(evaluate)
         if feasible and (best is None or ppl < best["perplexity"]):
             best = {"perplexity": ppl, "latency_ms": lat, "summary": config.summary()}
         if progress:

@@ -33,6 +33,18 @@ def pick_spread(front: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return [front[i] for i in idx]
 
 
+def pick_useful(front: list[dict[str, Any]], k: int, max_perplexity: float) -> list[dict[str, Any]]:
+    """k front points worth measuring: only those at or under ``max_perplexity``; the best
+    one under the budget first (the point a user would ship), then the rest spread evenly
+    over latency."""
+    useful = sorted((p for p in front if p["perplexity"] <= max_perplexity), key=lambda p: p["latency_ms"])
+    if not useful or k < 1:
+        return []
+    best = min(useful, key=lambda p: p["perplexity"])
+    rest = [p for p in useful if p is not best]
+    return [best, *pick_spread(rest, k - 1)] if k > 1 else [best]
+
+
 def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
     """The sweep settings that reproduce the predictors' recorded measurement settings."""
     wl = objective.workload

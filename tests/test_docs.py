@@ -71,7 +71,7 @@ def test_every_link_resolves_inside_the_repository() -> None:
             if target.startswith(("http://", "https://", "#", "mailto:")):
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
-            if not path.exists() or ROOT not in path.parents and path != ROOT:
+            if not path.exists() or (ROOT not in path.parents and path != ROOT):
                 problems.append(f"{page.name}: link {target} does not resolve")
     assert not problems, "\n".join(problems)
 

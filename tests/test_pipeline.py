@@ -38,3 +38,44 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
                          str(out / "search" / "front.jsonl"), "--seq-len", "16", "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == len(front) and all(x["latency_ms"] > 0 and x["upper_ms"] >= x["latency_ms"] for x in lines)
+
+    # the run's report: one self-contained page with every section, images embedded
+    report = check_report(out / "report.html")
+    assert "verified on the device" in report["headings"]
+    assert edgenas(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
+    assert check_report(tmp_path / "again.html")["headings"] == report["headings"]
+
+
+def check_report(path) -> dict:
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.headings: list[str] = []
+            self.srcs: list[str] = []
+            self.links: list[str] = []
+            self.tables = 0
+            self._h = False
+
+        def handle_starttag(self, tag, attrs):  # type: ignore[no-untyped-def]
+            a = dict(attrs)
+            self._h = tag == "h2"
+            self.tables += tag == "table"
+            if tag in ("img", "script") and a.get("src"):
+                self.srcs.append(a["src"])
+            if tag in ("a", "link") and a.get("href"):
+                self.links.append(a["href"])
+
+        def handle_data(self, data):  # type: ignore[no-untyped-def]
+            if self._h:
+                self.headings.append(data.strip().lower())
+                self._h = False
+
+    page = Page()
+    page.feed(path.read_text())
+    for section in ("device", "latency predictors", "pareto front", "settings and versions"):
+        assert section in page.headings, page.headings
+    assert len(page.srcs) >= 3 and all(s.startswith("data:image/png;base64,") for s in page.srcs)
+    assert not page.links and page.tables >= 4  # nothing to fetch: the page stands alone
+    return {"headings": page.headings}
