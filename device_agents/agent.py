@@ -115,7 +115,8 @@ class Agent(object):
             if self.probe is None:
                 self.probe = agent_onnxprobe.probe(self.ort)
             ort_info = {"version": self.ort.__version__, "providers": self.ort.get_available_providers(),
-                        "max_opset": self.probe[0], "max_ir_version": self.probe[1]}
+                        "max_opset": self.probe[0], "max_ir_version": self.probe[1],
+                        "precisions": agent_onnxprobe.weight_precisions(self.ort)}
         trt_info = {"trtexec": shutil.which("trtexec") or (
             "/usr/src/tensorrt/bin/trtexec" if os.path.isfile("/usr/src/tensorrt/bin/trtexec") else None)}
         try:
@@ -219,15 +220,28 @@ class Agent(object):
             for t in manifest["tensors"]:
                 if t["offset"] > pos:
                     f.write(b"\0" * (t["offset"] - pos))
-                count = t["length"] // 4
-                if t["kind"] == "norm":
-                    arr = (1.0 + 0.02 * rng.standard_normal(count)).astype(np.float32)
-                else:
-                    arr = (0.02 * rng.standard_normal(count)).astype(np.float32)
+                arr = self._random_tensor(np, rng, t)
                 f.write(arr.tobytes())
                 pos = t["offset"] + t["length"]
             if pos < manifest["weights_bytes"]:
                 f.write(b"\0" * (manifest["weights_bytes"] - pos))
+
+    @staticmethod
+    def _random_tensor(np, rng, t):
+        """Seeded stand-in values for one tensor of the manifest, by kind and dtype: never
+        zeros (some kernels shortcut them), quantized values over their whole range."""
+        dtype = np.dtype(t.get("dtype", "float32"))
+        count = t["length"] // dtype.itemsize
+        kind = t["kind"]
+        if kind == "q4":  # two 4-bit values a byte
+            return rng.integers(0, 256, count, dtype=np.uint8)
+        if kind == "q8":
+            return rng.integers(-127, 128, count, dtype=np.int8)
+        if kind == "scale":  # a block's |max| / 7 for weights of sd 0.02
+            return np.abs(0.01 + 0.002 * rng.standard_normal(count)).astype(dtype)
+        if kind == "norm":
+            return (1.0 + 0.02 * rng.standard_normal(count)).astype(dtype)
+        return (0.02 * rng.standard_normal(count)).astype(dtype)
 
     def evict(self, args):
         """Delete models from the board's cache. The profiler calls this once a sub-network's

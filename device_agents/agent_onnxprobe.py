@@ -67,3 +67,22 @@ def probe(ort, max_opset=30, max_ir=20):
             best_ir = ir
             break
     return best_op, best_ir
+
+
+def weight_precisions(ort):
+    """The weight precisions of edgenas graphs this onnxruntime has operators for: fp32
+    always; int8 with DynamicQuantizeLinear and MatMulInteger; int4 with com.microsoft's
+    MatMulNBits (contrib operators, onnxruntime 1.17+). None when the build does not list its
+    operators (the host then lets the first job say)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        names = set((s.domain, s.name) for s in C.get_all_operator_schema())
+    except Exception:
+        return None
+    out = ["fp32"]
+    if ("", "DynamicQuantizeLinear") in names and ("", "MatMulInteger") in names:
+        out.append("int8")
+    if ("com.microsoft", "MatMulNBits") in names:
+        out.append("int4")
+    return out

@@ -64,7 +64,7 @@ def _device_section(run: Path) -> str:
                 ["cores", board.get("cpu_count")], ["memory (MB)", board.get("memory_mb")],
                 ["onnxruntime", f"{ort.get('version')} ({', '.join(ort.get('providers') or [])})"],
                 ["CPU governor", ", ".join(govs) or "-"], ["Python", hello.get("python")]]
-        out.append(_table(["", ""], rows))
+        out.append(_table(["property", "value"], rows))
     out.append(_table(["phase", "measurements", "unstable", "throttled"], [list(r) for r in counts]))
     return "".join(out)
 

@@ -60,7 +60,12 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="trust and record a host key seen for the first time (changed keys are always refused)")
     p.add_argument("--weights", choices=["none", "real"], default="none",
                    help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="engine precision (trt, trtexec)")
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4"], default=None,
+                   help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
+                        "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
+                        "(MatMulNBits)")
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
+                   help="int4 weights: inputs per scale (default 32)")
     p.add_argument("--graph-opt", choices=["all", "extended", "basic", "disabled"], default="all",
                    help="onnxruntime graph optimization level (default all; stored as part of the back-end)")
     p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per cell at least")
@@ -125,6 +130,8 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
         spec_host = replace(spec_host, agent_memory_mb=args.agent_memory_mb)
     if args.connect_timeout:
         spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
+    if (args.backend or spec_host.backend) != "auto":  # before the long model load
+        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision).check_precision()
     store = Store(args.db)  # open before the long model load: a bad store fails fast
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
     configs = configs if configs is not None else configs_for(args, ws)
@@ -137,7 +144,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
                      decode_sessions=args.decode_sessions,
                      weights=args.weights, max_attempts=args.max_attempts,
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
-                     retry_failed=args.retry_failed, precision=args.precision,
+                     retry_failed=args.retry_failed, precision=args.precision, block_size=args.block_size,
                      graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired)
     timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
                         upload_stall=args.upload_timeout,

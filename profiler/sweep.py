@@ -27,6 +27,7 @@ from profiler.store import Job, Store
 from profiler.targets import Target
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
+from subnets.errors import ConfigError
 from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
 from subnets.paths import cache_dir
 
@@ -51,16 +52,43 @@ class SweepSpec:
     # decode step's level moves with where a session's weights land (agent_timing.per_session).
     decode_sessions: int | None = None
     weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
-    precision: str = "fp16"  # TensorRT back-ends only
+    # TensorRT: engine precision fp16 (default) or fp32; onnxruntime: the linear layers'
+    # weights fp32 (default), int8 (MatMulInteger, dynamic activations) or int4 (MatMulNBits)
+    precision: str | None = None
+    block_size: int = 32  # int4 weights: inputs per scale
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
+
+    def check_precision(self) -> None:
+        ok = ("fp16", "fp32") if self.is_tensorrt else ("fp32", "int8", "int4")
+        if self.resolved_precision not in ok:
+            raise ConfigError(f"back-end {self.backend} does not run {self.resolved_precision} here",
+                              f"pass --precision {' or '.join(ok)} with --backend {self.backend}")
+
+    @property
+    def is_tensorrt(self) -> bool:
+        return self.backend in ("trt", "trtexec")
+
+    @property
+    def resolved_precision(self) -> str:
+        return self.precision or ("fp16" if self.is_tensorrt else "fp32")
+
+    @property
+    def weights_precision(self) -> str | None:
+        """The graph's weight precision as recorded (None: fp32 onnxruntime graphs, as before
+        precisions existed; int4 carries its block size)."""
+        p = self.resolved_precision
+        if self.is_tensorrt or p == "fp32":
+            return None
+        return f"int4-b{self.block_size}" if p == "int4" else p
 
     @property
     def backend_tag(self) -> str:
-        """The back-end as stored: TensorRT engines differ by precision and onnxruntime
-        sessions by graph optimization level, so these are part of it."""
-        if self.backend in ("trt", "trtexec"):
-            return f"{self.backend}:{self.precision}"
-        return self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
+        """The back-end as stored: TensorRT engines differ by precision, onnxruntime sessions
+        by graph optimization level and weight precision, so these are part of it."""
+        if self.is_tensorrt:
+            return f"{self.backend}:{self.resolved_precision}"
+        tag = self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
+        return tag if self.weights_precision is None else f"{tag}:{self.weights_precision}"
     opset: int = 17
     max_attempts: int = 3
     reconnect_attempts: int = 4
@@ -90,10 +118,10 @@ class SweepSpec:
     def protocol(self, phase: str, options: ExportOptions, companion: str | None) -> Protocol:
         """Everything besides the cell that decides this phase's numbers (``companion``: the
         paired companion's hash, None for an unpaired cell such as a drift reference)."""
-        trt = self.backend in ("trt", "trtexec")
+        precision = self.resolved_precision if self.is_tensorrt else self.weights_precision
         return Protocol(timing=self.timing_for(phase), weights=self.weights, paired=companion is not None,
                         companion=companion, opset=options.opset, ir_version=options.ir_version,
-                        graph_opt=self.graph_opt, precision=self.precision if trt else None)
+                        graph_opt=self.graph_opt, precision=precision)
 
 
 @dataclass
@@ -183,7 +211,14 @@ def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOption
     if max_ir is not None and ir > max_ir:
         raise HostError(f"the board's onnxruntime takes IR version <= {max_ir}, opset {opset} needs {ir}",
                         "upgrade onnxruntime on the board")
-    return ExportOptions(opset=opset, ir_version=ir, weights=spec.weights)  # type: ignore[arg-type]
+    precision = "fp32" if spec.is_tensorrt else spec.resolved_precision
+    supported = ort.get("precisions")
+    if supported is not None and precision not in supported:
+        raise HostError(f"the board's onnxruntime {ort.get('version')} cannot run {precision} graphs "
+                        f"(it runs {', '.join(supported)}): its operators for them are missing",
+                        "upgrade onnxruntime on the board (int4 needs MatMulNBits, 1.17+), or pass another --precision")
+    return ExportOptions(opset=opset, ir_version=ir, weights=spec.weights,  # type: ignore[arg-type]
+                         precision=precision, block_size=spec.block_size)
 
 
 class Profiler:
@@ -231,7 +266,7 @@ class Profiler:
                 companion = ref.key
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
-                "timing": self.spec.timing_for(phase), "precision": self.spec.precision,
+                "timing": self.spec.timing_for(phase), "precision": self.spec.resolved_precision,
                 "graph_opt": self.spec.graph_opt,
                 # one TensorRT engine per model and phase covers the sweep's whole shape grid
                 "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
@@ -409,6 +444,7 @@ class Profiler:
         if spec.backend == "auto":
             spec.backend = choose_backend(hello)
             log.info("back-end for %s: %s", self.target.spec.name, spec.backend)
+        spec.check_precision()
         fp = device_fingerprint(hello)
         summary = SweepSummary(self.target.spec.name, fp)
         summary.warnings.extend(board_warnings(hello))

@@ -71,12 +71,21 @@ def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
     if base.get("paired") and base.get("companion") != full_hash:
         raise VerifyError("the predictor's measurements were paired with a companion other than the full model",
                           "verify with profile-device --paired and the same companion, then compare by hand")
+    precision, block = _precision(backend, variant, base.get("precision"))
     return SweepSpec(phases=phases, seq_lens=(wl.prompt_len,), past_lens=past or (1,), threads=int(threads),
                      backend=backend, reference_every=0, weights=base.get("weights", "none"),
                      paired=bool(base.get("paired")), graph_opt=base.get("graph_opt", "all"),
-                     precision=base.get("precision") or (variant if backend in ("trt", "trtexec") else "fp16"),
-                     opset=int(base.get("opset", 17)),
+                     precision=precision, block_size=block, opset=int(base.get("opset", 17)),
                      phase_timing={ph: dict(p.get("timing") or {}) for ph, p in zip(phases, pro)})
+
+
+def _precision(backend: str, variant: str, recorded: str | None) -> tuple[str | None, int]:
+    """(SweepSpec precision, int4 block size) from a protocol's recorded precision."""
+    if backend in ("trt", "trtexec"):
+        return recorded or variant or "fp16", 32
+    if recorded and recorded.startswith("int4-b"):
+        return "int4", int(recorded[len("int4-b"):])
+    return recorded, 32
 
 
 def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Path,

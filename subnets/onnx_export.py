@@ -35,6 +35,7 @@ from onnx import TensorProto, helper
 
 from subnets.errors import ExportError
 from subnets.extract import SubnetWeights
+from subnets.quantize import BLOCK_SIZES, PRECISIONS, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,18 @@ class ExportOptions:
     opset: int = 17
     ir_version: int | None = None  # None: the oldest that carries ``opset``
     weights: Literal["real", "none"] = "real"  # "none": graph + manifest only (profiling)
+    # linear layers' weights: fp32, int8 (MatMulInteger with dynamic activation quantization)
+    # or int4 (MatMulNBits, blocks of block_size); embeddings, norms and the LM head stay fp32
+    precision: str = "fp32"
+    block_size: int = 32
 
     def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision {self.precision!r} is not one edgenas exports",
+                              f"use one of {', '.join(PRECISIONS)}")
+        if self.precision == "int4" and self.block_size not in BLOCK_SIZES:
+            raise ExportError(f"int4 block size {self.block_size} is not supported",
+                              f"use one of {', '.join(map(str, BLOCK_SIZES))}")
         top = max_opset()
         if not MIN_OPSET <= self.opset <= top:
             raise ExportError(
@@ -94,7 +105,8 @@ class TensorRecord:
     shape: list[int]
     offset: int
     length: int
-    kind: str  # "linear", "norm", "embed", "bias": how a board fills it when weights are absent
+    kind: str  # "linear", "norm", "embed", "bias", "q4", "q8", "scale": how a board fills it when weights are absent
+    dtype: str = "float32"  # numpy dtype of the stored values
 
 
 @dataclass
@@ -132,10 +144,31 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def plan_weights(w: SubnetWeights) -> list[tuple[str, np.ndarray, str]]:
+def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32) -> list[tuple[str, np.ndarray, str]]:
     """(name, array, kind) for every initializer. Linear weights are stored [in, out] for
-    MatMul; the query projection carries the 1/sqrt(head_dim) attention scale (RoPE is
-    linear, so scaling before it is exact)."""
+    MatMul (or quantized, see ``_quantized``); the query projection carries the
+    1/sqrt(head_dim) attention scale (RoPE is linear, so scaling before it is exact)."""
+    plan = _plan_fp32(w)
+    return plan if precision == "fp32" else _quantized(plan, precision, block_size)
+
+
+def _quantized(plan: list[tuple[str, np.ndarray, str]], precision: str, block_size: int) -> list[tuple[str, np.ndarray, str]]:
+    """Each linear weight as its quantized values (``name.q``) and scales (``name.scale``)."""
+    out = []
+    for name, arr, kind in plan:
+        if kind != "linear":
+            out.append((name, arr, kind))
+            continue
+        if precision == "int4":
+            q, scale, _ = quantize_int4(arr, block_size)
+            out += [(name + ".q", q, "q4"), (name + ".scale", scale, "scale")]
+        else:
+            q, scale, _ = quantize_int8(arr)
+            out += [(name + ".q", q, "q8"), (name + ".scale", scale, "scale")]
+    return out
+
+
+def _plan_fp32(w: SubnetWeights) -> list[tuple[str, np.ndarray, str]]:
     scale = w.head_dim**-0.5
     out: list[tuple[str, np.ndarray, str]] = [("embed", _np(w.embed), "embed")]
     for i, lw in enumerate(w.layers):
@@ -163,7 +196,7 @@ def _layout(plan: list[tuple[str, np.ndarray, str]]) -> list[TensorRecord]:
     recs, off = [], 0
     for name, arr, kind in plan:
         off = (off + _ALIGN - 1) // _ALIGN * _ALIGN
-        recs.append(TensorRecord(name, list(arr.shape), off, arr.nbytes, kind))
+        recs.append(TensorRecord(name, list(arr.shape), off, arr.nbytes, kind, str(arr.dtype)))
         off += arr.nbytes
     return recs
 
@@ -177,7 +210,7 @@ def _write_weights(plan: list[tuple[str, np.ndarray, str]], recs: list[TensorRec
                 pad = b"\0" * (rec.offset - pos)
                 f.write(pad)
                 h.update(pad)
-            mv = memoryview(arr).cast("B")
+            mv = memoryview(np.ascontiguousarray(arr)).cast("B")
             f.write(mv)
             h.update(mv)
             pos = rec.offset + rec.length
@@ -188,8 +221,11 @@ def _write_weights(plan: list[tuple[str, np.ndarray, str]], recs: list[TensorRec
 # graph builder
 # --------------------------------------------------------------------------------------
 class _Graph:
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, precision: str = "fp32", block_size: int = 32) -> None:
         self.opset = opset
+        self.precision, self.block_size = precision, block_size
+        self.shapes: dict[str, list[int]] = {}
+        self._k: dict[str, int] = {}  # in-features of each quantized linear layer
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
@@ -213,8 +249,9 @@ class _Graph:
     def external(self, rec: TensorRecord) -> str:
         t = TensorProto()
         t.name = rec.name
-        t.data_type = TensorProto.FLOAT
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(rec.dtype))
         t.dims.extend(rec.shape)
+        self.shapes[rec.name] = rec.shape
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", WEIGHTS_FILE), ("offset", str(rec.offset)), ("length", str(rec.length))):
             e = t.external_data.add()
@@ -241,7 +278,18 @@ class _Graph:
         return self.op("Mul", [self.op("Div", [x, std]), weight])
 
     def linear(self, x: str, w: str, b: str | None = None) -> str:
-        y = self.op("MatMul", [x, w])
+        if self.precision == "int4":
+            n, k = self.shapes[w + ".q"][0], self._k[w]
+            y = self.op("MatMulNBits", [x, w + ".q", w + ".scale"], domain="com.microsoft", K=k, N=n, bits=4,
+                        block_size=self.block_size)
+        elif self.precision == "int8":
+            xq, xs, xz = (f"{x}_q{self._n}", f"{x}_s{self._n}", f"{x}_z{self._n}")
+            self._n += 1
+            self.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"n{self._n}_dql"))
+            acc = self.op("MatMulInteger", [xq, w + ".q", xz])
+            y = self.op("Mul", [self.op("Mul", [self.op("Cast", [acc], to=TensorProto.FLOAT), xs]), w + ".scale"])
+        else:
+            y = self.op("MatMul", [x, w])
         return self.op("Add", [y, b]) if b else y
 
     def rope(self, x: str, cos: str, sin: str, half: int) -> str:
@@ -252,8 +300,13 @@ class _Graph:
 
 
 def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
-    g = _Graph(options.opset)
+    g = _Graph(options.opset, options.precision, options.block_size)
     names = {r.name: g.external(r) for r in recs}
+    if options.precision != "fp32":  # a linear layer is named by its weight; its parts carry suffixes
+        for r in recs:
+            if r.name.endswith(".q"):
+                names[r.name[:-2]] = r.name[:-2]
+        g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
     hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
     vocab = int(w.embed.shape[0])
     eps = w.rms_norm_eps
@@ -326,7 +379,10 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
     g.op("Unsqueeze", [logits, g.const([1])], "logits")
 
     graph = helper.make_graph(g.nodes, f"edgenas_{phase}", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", options.opset)],
+    opsets = [helper.make_opsetid("", options.opset)]
+    if options.precision == "int4":
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="edgenas", producer_version=str(EXPORTER_VERSION))
     model.ir_version = options.resolved_ir_version
     return model
@@ -335,9 +391,18 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
 # --------------------------------------------------------------------------------------
 # content-addressed export
 # --------------------------------------------------------------------------------------
+def _in_features(w: SubnetWeights, name: str) -> int:
+    """K of linear layer ``l{i}.{proj}``: the input width its weight multiplies."""
+    layer, proj = name.split(".")
+    lw = w.layers[int(layer[1:])]
+    return int(getattr(lw, proj).shape[1])
+
+
 def export_key(w: SubnetWeights, options: ExportOptions) -> str:
     ident = {"exporter": EXPORTER_VERSION, "config": w.config.to_dict(), "opset": options.opset,
              "ir": options.resolved_ir_version, "weights": options.weights}
+    if options.precision != "fp32":
+        ident.update(precision=options.precision, block_size=options.block_size if options.precision == "int4" else None)
     if w.weights_id is not None and options.weights == "real":
         ident["weights_id"] = w.weights_id
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
@@ -389,7 +454,7 @@ def export_subnet(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        plan = plan_weights(w)
+        plan = plan_weights(w, options.precision, options.block_size)
         recs = _layout(plan)
         weights_sha = None
         if options.weights == "real":
@@ -403,7 +468,8 @@ def export_subnet(
         size = recs[-1].offset + recs[-1].length if recs else 0
         done = ExportedSubnet(key, folder, graphs, shas, WEIGHTS_FILE, size, weights_sha,
                               {"opset": options.opset, "ir_version": options.resolved_ir_version,
-                               "weights": options.weights, "exporter": EXPORTER_VERSION}, recs)
+                               "weights": options.weights, "exporter": EXPORTER_VERSION,
+                               "precision": options.precision, "block_size": options.block_size}, recs)
         rec = done.to_dict()
         rec["config"] = w.config.to_dict()
         (tmp / MANIFEST).write_text(json.dumps(rec, indent=1))

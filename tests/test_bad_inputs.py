@@ -170,6 +170,8 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (profile_device, profile(e, inventory=e["sshd"].inventory(e["tmp"] / "i3.toml", "/nonexistent/python3", e["tmp"] / "r3")))),
     ("store of an incompatible version", "incompatible edgenas",
      lambda e: (profile_device, [*profile(e), "--db", str(bad_store(e))])),
+    ("precision the back-end does not run", "does not run int4",
+     lambda e: (profile_device, profile(e, "--backend", "trt", "--precision", "int4"))),
     ("bad shape list", "not a comma-separated list", lambda e: (profile_device, profile(e, "--seq-len", "abc"))),
     ("measurement store missing", "does not exist",
      lambda e: (train_main, ["--device", "local", "--db", str(e["tmp"] / "none.db"), "--model", e["model"]])),

@@ -1,0 +1,106 @@
+"""Weight precision on this CPU: latency of fp32, int8 (dynamic, MatMulInteger) and int4
+(MatMulNBits) onnxruntime graphs of the same sub-networks, side by side in one run, and the
+perplexity each precision costs.
+
+    python benchmarks/precision_speed.py --samples 5 --rounds 3 --threads 1
+
+Latency: each graph in its own session (1 thread), prefill S=128 and decode at past 128 and
+512; the rounds interleave the precisions, and each cell's figure is the median over rounds
+of a 1 s median, so slow phases of the machine hit all precisions alike. Quality: perplexity
+on held-out tokens of torch running exactly the graph's arithmetic (dequantized weights; for
+int8 also the per-tensor uint8 activations)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from subnets.extract import build_model
+from subnets.onnx_export import ExportOptions, export_subnet
+from subnets.quality import perplexity
+from subnets.quantize import dequantized, emulate_dynamic_int8
+from subnets.workspace import Workspace
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def median_ms(sess: ort.InferenceSession, feeds: dict, seconds: float) -> float:
+    for _ in range(3):
+        sess.run(None, feeds)
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        a = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - a) * 1000)
+    return statistics.median(times)
+
+
+def feeds_for(sess: ort.InferenceSession, phase: str, seq: int, past: int) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            out[i.name] = rng.integers(0, 1000, (1, seq if phase == "prefill" else 1))
+        else:  # past_key_values.{i}.key|value [B, G, P, hd]
+            out[i.name] = rng.standard_normal((1, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--samples", type=int, default=5, help="sampled sub-networks besides the full model")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=1.0, help="timed seconds per cell per round")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quality-tokens", type=int, default=2048)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ws = Workspace.open(args.model, eval_budget=args.quality_tokens)
+    configs = [ws.space.full(), *ws.space.sample(args.samples, 3, granularity="tapered",
+                                                 layer_ranking=ws.importance.layer_ranking())]
+    root = Path(tempfile.mkdtemp())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    cells = [("prefill", 128, 0), ("decode", 1, 128), ("decode", 1, 512)]
+    print(f"{'sub-network':34s} {'cell':12s} " + " ".join(f"{p:>9s}" for p in PRECISIONS) + "   int8/fp32 int4/fp32")
+    ratios: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for c in configs:
+        w = ws.weights(c)
+        sessions = {p: {ph: ort.InferenceSession(str(export_subnet(w, root / p, ExportOptions(precision=p)).path(ph)), so,
+                                                 providers=["CPUExecutionProvider"]) for ph in ("prefill", "decode")}
+                    for p in PRECISIONS}
+        for phase, seq, past in cells:
+            feeds = feeds_for(sessions["fp32"][phase], phase, seq, past)
+            per = {p: [] for p in PRECISIONS}
+            for _ in range(args.rounds):
+                for p in PRECISIONS:
+                    per[p].append(median_ms(sessions[p][phase], feeds, args.seconds))
+            med = {p: statistics.median(v) for p, v in per.items()}
+            for p in PRECISIONS:
+                ratios[p].append(med[p] / med["fp32"])
+            cell = f"{phase} S={seq}" if phase == "prefill" else f"decode P={past}"
+            print(f"{c.summary()[:34]:34s} {cell:12s} " + " ".join(f"{med[p]:9.2f}" for p in PRECISIONS)
+                  + f"   {med['int8'] / med['fp32']:9.2f} {med['int4'] / med['fp32']:9.2f}", flush=True)
+    print("geometric mean latency ratio to fp32: " + ", ".join(
+        f"{p} {float(np.exp(np.mean(np.log(v)))):.2f}" for p, v in ratios.items() if p != "fp32"))
+    print("perplexity (held-out, torch on the graph's arithmetic):")
+    for c in configs:
+        row = []
+        for p in PRECISIONS:
+            model = build_model(dequantized(ws.weights(c), p))
+            if p == "int8":
+                emulate_dynamic_int8(model)
+            row.append(perplexity(model, ws.eval_tokens()))
+        print(f"  {c.summary()[:40]:40s} " + "  ".join(f"{p} {v:8.2f}" for p, v in zip(PRECISIONS, row)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
