@@ -60,7 +60,13 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     wl = Workload.parse(args.workload)
     past = tuple(int(p) for p in wl.decode_points()) or (wl.prompt_len,)
+    precision = getattr(args, "precision", "fp32")
+    if precision != "fp32":  # quality as the deployed graph computes it
+        import dataclasses
+
+        ws = dataclasses.replace(ws, precision=precision)
     spec = SweepSpec(phases=("prefill", "decode"), seq_lens=(wl.prompt_len,), past_lens=past, threads=args.threads,
+                     precision=None if precision == "fp32" else precision,
                      reference_every=10, timing={"min_time_s": args.min_time, "max_time_s": max(20.0, 4 * args.min_time)},
                      decode_min_time_s=3 * args.min_time, decode_sessions=3)
     host = resolve_host(args.host)
@@ -131,7 +137,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         evals=args.evals, granularity=granularity, max_params=None, verify=args.verify, host=args.host, db=db,
         out=args.out / "search", model=args.model, neuron_step=args.neuron_step, seed=args.seed,
         quality_tokens=ws.eval_budget, text=args.text, no_baselines=False, override=False,
-        max_perplexity=getattr(args, "max_perplexity", None))
+        max_perplexity=getattr(args, "max_perplexity", None), precision=precision, block_size=32)
     found = search(search_args, console, ws=ws)
     from edgenas.report import write_report
 

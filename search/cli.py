@@ -45,8 +45,30 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
     p.add_argument("--supernet", type=Path, default=None,
                    help="evaluate quality on a trained super-network's weights (`edgenas train-supernet --out`)")
+    p.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="the weight precision the sub-networks are deployed at: quality is measured as that graph "
+                        "computes, and the predictor must be trained on measurements of it (edgenas profile --precision)")
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128], help="int4 weights: inputs per scale")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
+
+
+def check_precision(objective: Any, precision: str, block_size: int) -> None:
+    """The predictors must be of the precision the search deploys at (onnxruntime back-ends:
+    the precision is the back-end tag's last part)."""
+    from search.study import SearchError
+
+    want = {"fp32": None, "int8": "int8", "int4": f"int4-b{block_size}"}[precision]
+    for phase, rec in objective.measured_as.items():
+        tag = str(rec.get("backend") or "")
+        if not tag or tag.startswith(("trt", "trtexec")):
+            continue
+        have = tag.split(":")[-1] if tag.split(":")[-1].startswith(("int8", "int4")) else None
+        if have != want:
+            raise SearchError(f"the {phase} predictor was trained on {tag} measurements, the search asks for "
+                              f"{precision} weights", f"profile with --precision {precision} and train on those "
+                              f"(train-predictor --backend {tag.split(':')[0]}{':' + want if want else ''}), "
+                              f"or search with --precision {have.split('-')[0] if have else 'fp32'}")
 
 
 def parse_ceiling(text: str | None, full_ppl: float) -> float:
@@ -118,6 +140,11 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
 
         ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
+    check_precision(objective, getattr(args, "precision", "fp32"), getattr(args, "block_size", 32))
+    if getattr(args, "precision", "fp32") != "fp32":
+        import dataclasses
+
+        ws = dataclasses.replace(ws, precision=args.precision, block_size=args.block_size, _eval=ws._eval)
     if args.verify > 0:  # before the search, not after it: refuse now if verification cannot be honest
         from search.verify import verification_spec
 

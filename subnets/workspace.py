@@ -24,6 +24,10 @@ class Workspace:
     _eval: EvalTokens | None = None
     eval_text: str | None = None
     eval_budget: int = 4096
+    # the weight precision quality is measured at: a sub-network deployed as int4 is judged by
+    # the int4 graph's arithmetic (subnets.quantize), not by its fp32 weights
+    precision: str = "fp32"
+    block_size: int = 32
 
     @classmethod
     def open(cls, model: str | os.PathLike[str] = "smollm2", neuron_step: int = 64,
@@ -42,7 +46,13 @@ class Workspace:
         return slice_weights(self.base, self.importance, config)
 
     def model(self, config: SubnetConfig) -> Any:
-        return build_model(self.weights(config))
+        """The sub-network in torch, computing what its graph at ``precision`` computes."""
+        if self.precision == "fp32":
+            return build_model(self.weights(config))
+        from subnets.quantize import dequantized, emulate_dynamic_int8
+
+        model = build_model(dequantized(self.weights(config), self.precision, self.block_size))
+        return emulate_dynamic_int8(model) if self.precision == "int8" else model
 
     def quality_id(self) -> str:
         """What a sub-network's perplexity here depends on: the weights, which units the
@@ -52,6 +62,8 @@ class Workspace:
         import numpy as np
 
         h = hashlib.sha256(f"{self.base.base_id}|{self.base.weights_id}".encode())
+        if self.precision != "fp32":  # another precision is another quality question
+            h.update(f"|{self.precision}|{self.block_size}".encode())
         for a in [*self.importance.neuron_scores, *self.importance.head_scores, self.importance.block_influence]:
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
         h.update(self.eval_tokens().windows.numpy().tobytes())

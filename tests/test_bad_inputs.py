@@ -195,6 +195,8 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (search_subnets, [*search(e), "--device", "jetson"])),
     ("unknown search algorithm", "invalid choice: 'annealing'", lambda e: (search_subnets, search(e, "--algorithm", "annealing"))),
     ("malformed workload", "is not 'S,N'", lambda e: (search_subnets, search(e, "--workload", "128"))),
+    ("searching at a precision the predictor was not trained on", "the search asks for int4",
+     lambda e: (search_subnets, search(e, "--precision", "int4"))),
     ("verifying with a predictor that does not say how it was measured", "does not record how its data was measured",
      lambda e: (search_subnets, search(e, "--verify", "1", predictor=bare_predictor(e)))),
     ("training data missing", "does not exist", lambda e: (edgenas, train(e, "--data", str(e["tmp"] / "none.txt")))),

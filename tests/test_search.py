@@ -189,3 +189,34 @@ def test_nsga2_learns_where_the_feasible_region_is(tiny_ws, tiny_predictor, tmp_
         assert {"constraints:latency_upper_ms", "constraints:params"} <= {k for k in attrs if k.startswith("constraints:")}
     early, late = share["nsga2"]
     assert late < early and late < share["random"][1] - 0.1, share
+
+
+def test_a_search_at_int4_uses_int4_predictors_quality_and_verification(tiny_dir, tiny_ws, tmp_path) -> None:
+    """Profile int4 graphs, train on them, search at int4: quality is the int4 graph's, the
+    verification measures int4 graphs; an fp32 predictor is refused for an int4 search."""
+    from rich.console import Console
+
+    import edgenas
+    from profiler.store import Store
+    from search.cli import search
+    from search.study import SearchError
+    from tests.helpers import FAST_TIMING
+
+    db = tmp_path / "int4.db"
+    configs = [tiny_ws.space.full(), *edgenas.sample(tiny_ws, 13, seed=5)]
+    edgenas.profile(tiny_ws, "local", configs, db, seq_lens=(16,), past_lens=(16, 19, 23), timing=FAST_TIMING,
+                    precision="int4", reference_every=0)
+    edgenas.train_predictors(db, "local", tmp_path / "pred", model=str(tiny_dir))
+    console = Console(file=open(tmp_path / "log", "w"))
+    res = search(search_args(tiny_dir, tmp_path / "pred", tmp_path, precision="int4", block_size=32, verify=1,
+                             db=db, granularity="tapered", max_perplexity=None), console, ws=tiny_ws)
+    assert res["verified"] and res["verified"][0]["measured_ms"] > 0
+    store = Store(db)
+    try:
+        assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:int4-b32"}
+    finally:
+        store.close()
+    fp32_ppl = tiny_ws.perplexity(tiny_ws.space.full())
+    assert res["full_perplexity"] != fp32_ppl  # judged as the int4 graph computes
+    with pytest.raises(SearchError, match="trained on ort-cpu:int4-b32 measurements, the search asks for fp32"):
+        search(search_args(tiny_dir, tmp_path / "pred", tmp_path, precision="fp32", block_size=32), console, ws=tiny_ws)
