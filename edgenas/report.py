@@ -105,6 +105,9 @@ def _search_section(run: Path) -> str:
     out.append(f"<p>{len(res.get('front', []))} front points, {len(front)} within the quality ceiling"
                + (f" (perplexity {cap:.0f})" if cap else "") + (f"; full model perplexity {full:.1f}" if full else "")
                + f"; study <code>{_esc(res.get('study'))}</code>.</p>")
+    if not front:
+        out.append("<p class='bad'>No sub-network met both the latency budget and the quality ceiling: raise "
+                   "the budget or the ceiling (--max-perplexity), or recover quality by training (--train-steps).</p>")
     out.append(_table(["sub-network", "perplexity", "predicted ms", "upper ms", "params (M)"],
                       [[p["summary"], _fmt(p["perplexity"]), _fmt(p["latency_ms"]), _fmt(p["upper_ms"]),
                         _fmt(p["params"] / 1e6)] for p in sorted(front, key=lambda p: p["latency_ms"])]))
@@ -112,8 +115,9 @@ def _search_section(run: Path) -> str:
         out.append("<h3>Baselines under the budget</h3>")
         out.append(_table(["baseline", "its sub-network", "perplexity", "ms", "searched ms", "searched ppl", "latency cut"],
                           [[r["baseline"], r["summary"], _fmt(r["baseline_ppl"]), _fmt(r["baseline_ms"]),
-                            _fmt(r["searched_ms"]), _fmt(r["searched_ppl"]),
-                            "-" if r["reduction"] is None else f"{100 * r['reduction']:.0f}%"] for r in res["matched"]]))
+                            _fmt(r.get("searched_ms")), _fmt(r.get("searched_ppl")),
+                            "-" if r.get("reduction") is None else f"{100 * r['reduction']:.0f}%"]
+                           for r in res["matched"]]))
     if res.get("verified"):
         out.append("<h2>Verified on the device</h2>")
         out.append(_table(["sub-network", "perplexity", "predicted ms", "measured ms", "error", "meets budget"],

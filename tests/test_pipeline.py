@@ -79,3 +79,16 @@ def check_report(path) -> dict:
     assert len(page.srcs) >= 3 and all(s.startswith("data:image/png;base64,") for s in page.srcs)
     assert not page.links and page.tables >= 4  # nothing to fetch: the page stands alone
     return {"headings": page.headings}
+
+
+def test_the_report_of_a_search_that_found_nothing(tmp_path) -> None:
+    """A run whose search met no constraint still gets its report, saying so."""
+    from edgenas.report import write_report
+
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(json.dumps({
+        "front": [], "full_perplexity": 33.2, "max_perplexity": 99.6, "study": "s",
+        "matched": [{"baseline": "layer dropping", "summary": "19L", "baseline_ppl": 859.2, "baseline_ms": 923.2,
+                     "searched_ms": None, "reduction": None}]}))
+    text = write_report(tmp_path).read_text()
+    assert "No sub-network met both" in text and "layer dropping" in text
