@@ -442,10 +442,7 @@ class Agent(object):
             out["unstable"] = bool(stats["unstable"] or rel > policy.unstable_cov)
             return out
         if ratios:
-            r = agent_timing.SortedRuns()
-            for x in ratios:
-                r.add(x)
-            out["median_rel_ci"] = r.rel_ci()
+            out["median_rel_ci"] = agent_timing.rel_median_ci(sorted(ratios))
         rel = out.get("median_rel_ci", stats["median_rel_ci"])
         # Unstable: widely spread runs, or a number whose interval never narrowed to the target.
         out["unstable"] = bool(stats["unstable"] or (reason != "converged" and rel > policy.target_rel_ci))

@@ -144,9 +144,14 @@ class SortedRuns(object):
         return len(self.values)
 
     def rel_ci(self):
-        med = percentile(self.values, 50)
-        lo, hi = median_ci(self.values)
-        return (hi - lo) / 2.0 / med if med > 0 else float("inf")
+        return rel_median_ci(self.values)
+
+
+def rel_median_ci(sorted_x):
+    """Half-width of the median's 95% interval relative to the median, of a sorted list."""
+    med = percentile(sorted_x, 50)
+    lo, hi = median_ci(sorted_x)
+    return (hi - lo) / 2.0 / med if med > 0 else float("inf")
 
 
 def _stop(runs, n, elapsed, policy):

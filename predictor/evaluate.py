@@ -51,17 +51,18 @@ def choose_folds(m: Measurements, k_max: int) -> int:
 def cross_validate(estimator: LatencyEstimator, m: Measurements, k: int = 5,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Out-of-fold predictions (and upper bounds, where the model has them) by sub-network:
-    scikit-learn's ``cross_val_predict`` over ``GroupKFold``, each fold a ``clone``."""
+    scikit-learn's ``cross_val_predict`` over ``GroupKFold`` for the baselines; for the
+    predictor, whose fit is the costly one, each fold's ``clone`` is fitted once and gives both."""
     from sklearn.base import clone
     from sklearn.model_selection import cross_val_predict
 
     X, cv = config_table(m.batch, m.seq_len, m.past_len), _splitter(k, seed)
-    pred = cross_val_predict(estimator, X, m.y_ms, groups=m.subnet_hashes, cv=cv)
     if estimator.model != "edgenas":
-        return pred, None
-    upper = np.zeros(len(m))
+        return cross_val_predict(estimator, X, m.y_ms, groups=m.subnet_hashes, cv=cv), None
+    pred, upper = np.zeros(len(m)), np.zeros(len(m))
     for tr, te in cv.split(X, groups=m.subnet_hashes):
-        upper[te] = clone(estimator).fit(X[tr], m.y_ms[tr]).predict_upper(X[te])
+        fitted = clone(estimator).fit(X[tr], m.y_ms[tr])
+        pred[te], upper[te] = fitted.predict(X[te]), fitted.predict_upper(X[te])
     return pred, upper
 
 

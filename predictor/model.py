@@ -244,9 +244,11 @@ class LatencyPredictor:
         return base_pred, (boost_pred if with_boost else base_pred)
 
     def predict(self, batch: ConfigBatch, seq_len: Any, past_len: Any) -> np.ndarray:
-        n = len(batch)
-        shapes = Shapes.of(n, seq_len, past_len)
+        shapes = Shapes.of(len(batch), seq_len, past_len)
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)
+        return self._predict_features(X, batch, shapes)
+
+    def _predict_features(self, X: np.ndarray, batch: ConfigBatch, shapes: Shapes) -> np.ndarray:
         base = self._base_predict(X, batch, shapes)
         return base if self.booster is None else np.exp(np.log(base) + self._margin(X))
 
@@ -256,7 +258,9 @@ class LatencyPredictor:
             raise DataError("this predictor has no bound (it was not fitted with cross-validation folds)",
                             "retrain it with train-predictor")
         a = self.alpha if alpha is None else alpha
-        logs = np.stack([np.log(f.predict(batch, seq_len, past_len)) for f in self.folds])
+        shapes = Shapes.of(len(batch), seq_len, past_len)
+        X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)  # shared by the folds
+        logs = np.stack([np.log(f._predict_features(X, batch, shapes)) for f in self.folds])
         vals = logs[self.score_fold] + self.scores[:, None]
         g = len(self.scores)
         rank = min(math.ceil((1 - a) * (g + 1)), g)  # beyond the scores: the widest there is

@@ -56,9 +56,10 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 def check_precision(objective: Any, precision: str, block_size: int) -> None:
     """The predictors must be of the precision the search deploys at (onnxruntime back-ends:
     the precision is the back-end tag's last part)."""
+    from profiler.sweep import SweepSpec
     from search.study import SearchError
 
-    want = {"fp32": None, "int8": "int8", "int4": f"int4-b{block_size}"}[precision]
+    want = SweepSpec(precision=precision, block_size=block_size).weights_precision
     for phase, rec in objective.measured_as.items():
         tag = str(rec.get("backend") or "")
         if not tag or tag.startswith(("trt", "trtexec")):
@@ -144,7 +145,7 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
     if getattr(args, "precision", "fp32") != "fp32":
         import dataclasses
 
-        ws = dataclasses.replace(ws, precision=args.precision, block_size=args.block_size, _eval=ws._eval)
+        ws = dataclasses.replace(ws, precision=args.precision, block_size=args.block_size)
     if args.verify > 0:  # before the search, not after it: refuse now if verification cannot be honest
         from search.verify import verification_spec
 
