@@ -1,20 +1,25 @@
 """Weight precision on this CPU: latency of fp32, int8 (dynamic, MatMulInteger) and int4
-(MatMulNBits) onnxruntime graphs of the same sub-networks, side by side in one run, and the
-perplexity each precision costs.
+(MatMulNBits) onnxruntime graphs of the same sub-networks, and with ``--llama-cpp DIR`` of
+their GGUF files at F16, Q8_0 and Q4_0 under llama.cpp's llama-bench, side by side in one
+run, and the perplexity each precision costs.
 
-    python benchmarks/precision_speed.py --samples 5 --rounds 3 --threads 1
+    python benchmarks/precision_speed.py --samples 5 --rounds 3 --threads 1 \
+        --llama-cpp ~/.cache/edgenas/llama.cpp/0.3.36/bin
 
 Latency: each graph in its own session (1 thread), prefill S=128 and decode at past 128 and
 512; the rounds interleave the precisions, and each cell's figure is the median over rounds
 of a 1 s median, so slow phases of the machine hit all precisions alike. Quality: perplexity
 on held-out tokens of torch running exactly the graph's arithmetic (dequantized weights; for
-int8 also the per-tensor uint8 activations)."""
+int8 also the per-tensor uint8 activations; for GGUF types the Q8_0-rounded activations of
+llama.cpp's CPU kernels). llama.cpp cells: the median of llama-bench's repetitions (about the
+same timed seconds), prefill ``-p 128``, decode ``-n 1 -d P``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +27,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from device_agents import AGENT_DIR
 from subnets.extract import build_model
+from subnets.gguf_export import GgufOptions, export_gguf
 from subnets.onnx_export import ExportOptions, export_subnet
 from subnets.quality import perplexity
-from subnets.quantize import dequantized, emulate_dynamic_int8
+from subnets.quantize import dequantized, emulate_dynamic_int8, emulate_gguf
 from subnets.workspace import Workspace
 
 PRECISIONS = ("fp32", "int8", "int4")
+GGUF = ("f16", "q8_0", "q4_0")
 
 
 def median_ms(sess: ort.InferenceSession, feeds: dict, seconds: float) -> float:
@@ -53,6 +61,17 @@ def feeds_for(sess: ort.InferenceSession, phase: str, seq: int, past: int) -> di
     return out
 
 
+def llama_bench_ms(bench: str, gguf: Path, phase: str, seq: int, past: int, threads: int, seconds: float) -> float:
+    sys.path.insert(0, str(AGENT_DIR))
+    import agent_llamacpp
+
+    _, first = agent_llamacpp.run_bench(agent_llamacpp.bench_command(bench, str(gguf), phase, seq, past, threads, 3), 600)
+    reps = max(5, int(seconds / statistics.median(first)))
+    _, samples = agent_llamacpp.run_bench(agent_llamacpp.bench_command(bench, str(gguf), phase, seq, past, threads,
+                                                                       reps), 600)
+    return statistics.median(samples) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -61,6 +80,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="timed seconds per cell per round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quality-tokens", type=int, default=2048)
+    ap.add_argument("--llama-cpp", type=Path, default=None, help="folder of llama-bench: add llama.cpp F16/Q8_0/Q4_0")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ws = Workspace.open(args.model, eval_budget=args.quality_tokens)
@@ -70,36 +90,45 @@ def main() -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
     cells = [("prefill", 128, 0), ("decode", 1, 128), ("decode", 1, 512)]
-    print(f"{'sub-network':34s} {'cell':12s} " + " ".join(f"{p:>9s}" for p in PRECISIONS) + "   int8/fp32 int4/fp32")
-    ratios: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    gguf = GGUF if args.llama_cpp else ()
+    bench = str(args.llama_cpp / "llama-bench") if args.llama_cpp else ""
+    names = [*PRECISIONS, *(f"llama.cpp {g}" for g in gguf)]
+    print(f"{'sub-network':34s} {'cell':12s} " + " ".join(f"{p[-9:]:>9s}" for p in names) + "   (ms; ratios below)")
+    ratios: dict[str, list[float]] = {p: [] for p in names}
     for c in configs:
         w = ws.weights(c)
         sessions = {p: {ph: ort.InferenceSession(str(export_subnet(w, root / p, ExportOptions(precision=p)).path(ph)), so,
                                                  providers=["CPUExecutionProvider"]) for ph in ("prefill", "decode")}
                     for p in PRECISIONS}
+        files = {f"llama.cpp {g}": export_gguf(w, root / g, GgufOptions(g), tokenizer_dir=ws.base.path).folder
+                 / "model.gguf" for g in gguf}
         for phase, seq, past in cells:
             feeds = feeds_for(sessions["fp32"][phase], phase, seq, past)
-            per = {p: [] for p in PRECISIONS}
+            per: dict[str, list[float]] = {p: [] for p in names}
             for _ in range(args.rounds):
                 for p in PRECISIONS:
                     per[p].append(median_ms(sessions[p][phase], feeds, args.seconds))
+                for p, f in files.items():
+                    per[p].append(llama_bench_ms(bench, f, phase, seq, past, args.threads, args.seconds))
             med = {p: statistics.median(v) for p, v in per.items()}
-            for p in PRECISIONS:
+            for p in names:
                 ratios[p].append(med[p] / med["fp32"])
             cell = f"{phase} S={seq}" if phase == "prefill" else f"decode P={past}"
-            print(f"{c.summary()[:34]:34s} {cell:12s} " + " ".join(f"{med[p]:9.2f}" for p in PRECISIONS)
-                  + f"   {med['int8'] / med['fp32']:9.2f} {med['int4'] / med['fp32']:9.2f}", flush=True)
+            print(f"{c.summary()[:34]:34s} {cell:12s} " + " ".join(f"{med[p]:9.2f}" for p in names)
+                  + "   " + " ".join(f"{med[p] / med['fp32']:.2f}" for p in names[1:]), flush=True)
     print("geometric mean latency ratio to fp32: " + ", ".join(
         f"{p} {float(np.exp(np.mean(np.log(v)))):.2f}" for p, v in ratios.items() if p != "fp32"))
     print("perplexity (held-out, torch on the graph's arithmetic):")
+    quality = [*PRECISIONS, *gguf]
     for c in configs:
         row = []
-        for p in PRECISIONS:
+        for p in quality:
             model = build_model(dequantized(ws.weights(c), p))
             if p == "int8":
                 emulate_dynamic_int8(model)
+            emulate_gguf(model, p)
             row.append(perplexity(model, ws.eval_tokens()))
-        print(f"  {c.summary()[:40]:40s} " + "  ".join(f"{p} {v:8.2f}" for p, v in zip(PRECISIONS, row)), flush=True)
+        print(f"  {c.summary()[:40]:40s} " + "  ".join(f"{p} {v:8.2f}" for p, v in zip(quality, row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,4 +9,4 @@ from pathlib import Path
 
 AGENT_DIR = Path(__file__).parent
 AGENT_FILES = ("agent.py", "agent_timing.py", "agent_telemetry.py", "agent_runtime.py", "agent_onnxprobe.py",
-               "agent_tensorrt.py", "agent_pidfile.py")
+               "agent_tensorrt.py", "agent_pidfile.py", "agent_llamacpp.py")

@@ -23,6 +23,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import agent_llamacpp
 import agent_onnxprobe
 import agent_pidfile
 import agent_runtime
@@ -67,8 +68,9 @@ def sha256_file(path, chunk=1 << 20):
 
 
 class Agent(object):
-    def __init__(self, root):
+    def __init__(self, root, llama_cpp=None):
         self.root = os.path.abspath(root)
+        self.llama_cpp_hint = llama_cpp
         self.models_dir = os.path.join(self.root, "models")
         if not os.path.isdir(self.models_dir):
             os.makedirs(self.models_dir)
@@ -102,8 +104,8 @@ class Agent(object):
             raise AgentError("load_error", "invalid uploader token %r" % (uploader,))
         return os.path.join(self.models_dir, key + ((".partial" + ("-" + uploader if uploader else "")) if partial else ""))
 
-    def require_runtime(self):
-        missing = [m for m in ("numpy", "onnxruntime") if m in self.import_errors]
+    def require_runtime(self, onnx=True):
+        missing = [m for m in ("numpy", "onnxruntime") if m in self.import_errors and (onnx or m == "numpy")]
         if missing:
             raise AgentError("load_error", "this board's Python lacks %s; install with `%s -m pip install %s`"
                              % (" and ".join(missing), sys.executable, " ".join(missing)))
@@ -133,6 +135,7 @@ class Agent(object):
             "numpy": getattr(self.np, "__version__", None),
             "onnxruntime": ort_info,
             "tensorrt": trt_info,
+            "llama_cpp": agent_llamacpp.info(self.llama_cpp_hint),
             "missing": self.import_errors,
             "board": agent_telemetry.board_info(),
             "telemetry": agent_telemetry.snapshot(),
@@ -191,7 +194,7 @@ class Agent(object):
     def materialize(self, args):
         """Write a graph-only export's weights file on the board: random normal with a fixed
         seed (never zeros, which some kernels shortcut), in the layout the graph expects."""
-        self.require_runtime()
+        self.require_runtime(onnx=False)
         np = self.np
         d = self.model_dir(args["key"])
         manifest_path = os.path.join(d, "export.json")
@@ -206,7 +209,10 @@ class Agent(object):
         tmp = "%s.tmp%d" % (target, os.getpid())  # two agents may materialize one model at once
         t0 = time.time()
         try:
-            self._write_weights(np, rng, manifest, tmp)
+            if manifest.get("options", {}).get("format") == "gguf":
+                agent_llamacpp.materialize_gguf(np, rng, d, manifest, tmp)
+            else:
+                self._write_weights(np, rng, manifest, tmp)
             os.rename(tmp, target)
         except BaseException:
             if os.path.exists(tmp):  # a half-written file on a full disk would keep it full
@@ -356,22 +362,56 @@ class Agent(object):
                       "session_reused": bool(meta.get("cached")), "timing_s": sum(times)})
         return stats
 
+    def _llama_cpp(self, args, policy):
+        """llama.cpp cells: the GGUF file (filled in if shipped as a header), timed by llama-bench."""
+        bench = agent_llamacpp.find_llama_bench(self.llama_cpp_hint)
+        if bench is None:
+            raise AgentError("compile_error", "this board has no llama-bench: build llama.cpp on it (edgenas's "
+                             "scripts/build_llama_cpp.sh) and set llama_cpp = \"/path/to/bin\" in the inventory")
+        if int(args.get("batch", 1)) != 1:
+            raise AgentError("compile_error", "llama-bench times one sequence: use --batch 1 with llama.cpp")
+        d = self.model_dir(args["key"])
+        with open(os.path.join(d, "export.json")) as f:
+            manifest = json.load(f)
+        if manifest.get("options", {}).get("format") != "gguf":
+            raise AgentError("load_error", "model %s is not a GGUF export" % args["key"])
+        self.materialize({"key": args["key"]})
+        t0 = time.perf_counter()
+        times, reason, rec, rounds = agent_llamacpp.time_cell(
+            bench, os.path.join(d, manifest["weights_file"]), args["phase"], int(args.get("seq_len", 1)),
+            int(args.get("past_len", 0)), int(args.get("threads", 1)), policy, int(args.get("gpu_layers", 0)))
+        stats = agent_timing.summarize(times, policy.unstable_cov)
+        stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
+        stats.update({"stop_reason": reason, "load_ms": 0.0, "session_reused": False, "rounds": rounds,
+                      "timing_s": time.perf_counter() - t0, "raw_ms": [round(t * 1000.0, 4) for t in times],
+                      "settings": {"threads": int(args.get("threads", 1)), "gpu_layers": int(args.get("gpu_layers", 0)),
+                                   "llama_bench": bench},
+                      "versions": {"llama_cpp": "%s (build %s)" % (rec.get("build_commit"), rec.get("build_number"))},
+                      "llama_cpp": {k: rec.get(k) for k in ("build_commit", "build_number", "backends", "cpu_info",
+                                                             "gpu_info", "model_type", "model_size", "n_threads",
+                                                             "n_gpu_layers", "flash_attn", "type_k", "type_v")}})
+        return stats
+
     def measure(self, args):
-        self.require_runtime()
+        self.require_runtime(onnx=args.get("backend") != "llama.cpp")  # llama.cpp boards need only numpy
         np = self.np
         policy = agent_timing.TimingPolicy.from_dict(args.get("timing"))
         batch, seq_len, past_len = int(args.get("batch", 1)), int(args.get("seq_len", 1)), int(args.get("past_len", 0))
         before = agent_telemetry.snapshot()
         peak_reset = agent_runtime.reset_peak_rss()
         rss0 = agent_runtime.rss_mb()
-        if args.get("backend") in ("trt", "trtexec"):
-            stats = self._tensorrt(args, policy)
+        if args.get("backend") in ("trt", "trtexec", "llama.cpp"):
+            stats = self._llama_cpp(args, policy) if args["backend"] == "llama.cpp" else self._tensorrt(args, policy)
             after = agent_telemetry.snapshot()
             reasons = agent_telemetry.throttle_reasons(before, after)
+            versions = dict(stats.pop("versions", {}), agent=AGENT_VERSION, python=platform.python_version())
             stats.update({"throttled": bool(reasons), "throttle_reasons": reasons, "telemetry_before": before,
-                          "telemetry_after": after, "raw_ms": [], "settings": {"backend": args["backend"]},
-                          "policy": policy.to_dict(), "peak_rss_mb": agent_runtime.current_peak_rss_mb(),
-                          "versions": {"agent": AGENT_VERSION, "python": platform.python_version()}})
+                          "telemetry_after": after, "raw_ms": stats.get("raw_ms", []),
+                          "settings": dict(stats.get("settings", {}), backend=args["backend"]),
+                          "policy": policy.to_dict(),
+                          # llama-bench's memory is its own process's, not the agent's
+                          "peak_rss_mb": None if args["backend"] == "llama.cpp" else agent_runtime.current_peak_rss_mb(),
+                          "versions": versions})
             return stats
         # a companion left resident by an earlier cell is in this cell's peak: subtracted below
         resident = sum(self.companion_rss.get(k, 0.0) for k in self.companions) if args.get("companion") else 0.0
@@ -532,6 +572,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--root", default=None, help="folder the agent may write under (default: the folder above this file)")
     ap.add_argument("--token", default=None, help="the host's token for this sweep: a new agent ends the old one of the same token")
+    ap.add_argument("--llama-cpp", default=None, help="llama.cpp's llama-bench, or the folder holding it (default: PATH)")
     args = ap.parse_args()
     root = args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ended, others = agent_pidfile.take_over(root, args.token) if args.token else (None, [])
@@ -540,7 +581,7 @@ def main():
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    agent = Agent(root)
+    agent = Agent(root, args.llama_cpp)
     agent.ended_orphan, agent.other_agents = ended, others
     serve(agent, sys.stdin, proto)
 

@@ -64,6 +64,8 @@ def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
     s.add_argument("--supernet", type=Path, default=None,
                    help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
+    s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], default=None,
+                   help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE")
 
 
 def _train_supernet_args(s: argparse.ArgumentParser) -> None:
@@ -244,9 +246,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     ppl = None if args.no_perplexity else perplexity(model, ws.eval_tokens())
     summary = summarize(ws, config, exported, ppl)
     summary["hf_folder"] = str(out / "hf")
+    if args.gguf:
+        summary["gguf"] = str(_export_gguf_file(ws, w, args.gguf, out))
     summary["config"] = config.to_dict()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def _export_gguf_file(ws: Any, w: Any, precision: str, out: Path) -> Path:
+    import shutil
+
+    from subnets.gguf_export import GGUF_FILE, GgufOptions, export_gguf
+
+    done = export_gguf(w, out / ".gguf", GgufOptions(precision), tokenizer_dir=ws.base.path)
+    target = out / f"model.{precision}.gguf"
+    (done.folder / GGUF_FILE).replace(target)
+    shutil.rmtree(out / ".gguf", ignore_errors=True)
+    return target
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:

@@ -52,7 +52,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--past-len", type=_ints, default=(128,), help="decode past lengths, e.g. 128,512")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: inventory, else 1)")
     p.add_argument("--backend", default=None,
-                   help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, or auto (best the board offers)")
+                   help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, llama.cpp (GGUF "
+                        "files timed by the board's llama-bench), or auto (best onnxruntime back-end the board offers)")
     p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"measurement store (default {DEFAULT_DB})")
     p.add_argument("--inventory", type=Path, default=None, help="inventory TOML (default ~/.config/edgenas/inventory.toml)")
     p.add_argument("--ssh-config", type=Path, default=None, help="ssh config (default ~/.ssh/config)")
@@ -60,10 +61,12 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="trust and record a host key seen for the first time (changed keys are always refused)")
     p.add_argument("--weights", choices=["none", "real"], default="none",
                    help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
-    p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4"], default=None,
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0"], default=None,
                    help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
                         "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
-                        "(MatMulNBits)")
+                        "(MatMulNBits); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
+    p.add_argument("--gpu-layers", type=int, default=0,
+                   help="llama.cpp: layers offloaded to the board's GPU (llama-bench -ngl; default 0, CPU only)")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
                    help="int4 weights: inputs per scale (default 32)")
     p.add_argument("--graph-opt", choices=["all", "extended", "basic", "disabled"], default="all",
@@ -131,7 +134,8 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     if args.connect_timeout:
         spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
     if (args.backend or spec_host.backend) != "auto":  # before the long model load
-        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision).check_precision()
+        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired,
+                  batch=getattr(args, "batch", 1)).check()
     store = Store(args.db)  # open before the long model load: a bad store fails fast
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
     configs = configs if configs is not None else configs_for(args, ws)
@@ -145,7 +149,8 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
                      weights=args.weights, max_attempts=args.max_attempts,
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
                      retry_failed=args.retry_failed, precision=args.precision, block_size=args.block_size,
-                     graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired)
+                     graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired,
+                     gpu_layers=args.gpu_layers)
     timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
                         upload_stall=args.upload_timeout,
                         measure=args.measure_timeout or 3 * args.max_time + 120)

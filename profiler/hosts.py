@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 INVENTORY_KEYS = {"hostname", "user", "port", "identity_file", "proxy_jump", "known_hosts", "python",
-                  "remote_dir", "backend", "threads", "connect_timeout", "agent_memory_mb"}
+                  "remote_dir", "backend", "threads", "connect_timeout", "agent_memory_mb", "llama_cpp"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class HostSpec:
     threads: int | None = None
     connect_timeout: float = 15.0
     agent_memory_mb: int | None = None  # ulimit -v for the agent (protects a small board)
+    llama_cpp: str | None = None  # the board's llama.cpp tools folder (or llama-bench), if not on PATH
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -145,7 +146,8 @@ def resolve_host(name: str, inventory: Path | None = None, ssh_config: Path | No
         )
     return replace(spec, backend=str(inv.get("backend", spec.backend)),
                    threads=int(inv["threads"]) if "threads" in inv else None,
-                   agent_memory_mb=int(inv["agent_memory_mb"]) if "agent_memory_mb" in inv else None)
+                   agent_memory_mb=int(inv["agent_memory_mb"]) if "agent_memory_mb" in inv else None,
+                   llama_cpp=str(inv["llama_cpp"]) if "llama_cpp" in inv else None)
 
 
 def _local_root() -> Path:

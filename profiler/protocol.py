@@ -23,10 +23,10 @@ class Protocol:
     weights: str = "none"
     paired: bool = False
     companion: str | None = None  # the paired companion's config hash
-    opset: int = 17
-    ir_version: int = 8
+    opset: int | None = 17  # None: not an ONNX graph (llama.cpp's GGUF)
+    ir_version: int | None = 8
     graph_opt: str = "all"
-    precision: str | None = None  # TensorRT back-ends only
+    precision: str | None = None  # TensorRT's engine precision, or the weights' (int8, int4-b32, q4_0, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

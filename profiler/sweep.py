@@ -28,6 +28,7 @@ from profiler.targets import Target
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import ConfigError
+from subnets.gguf_export import GGUF_PRECISIONS, GgufOptions, export_gguf
 from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
 from subnets.paths import cache_dir
 
@@ -57,9 +58,15 @@ class SweepSpec:
     precision: str | None = None
     block_size: int = 32  # int4 weights: inputs per scale
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
+    gpu_layers: int = 0  # llama.cpp: layers offloaded to the board's GPU (-ngl)
 
-    def check_precision(self) -> None:
-        ok = ("fp16", "fp32") if self.is_tensorrt else ("fp32", "int8", "int4")
+    def check(self) -> None:
+        """Settings the back-end cannot run, refused before anything is measured."""
+        if self.is_llama_cpp and (self.paired or self.batch != 1):
+            raise ConfigError("llama-bench times one sequence at a time, alone",
+                              "drop --paired and --batch with --backend llama.cpp")
+        ok = (("fp16", "fp32") if self.is_tensorrt else GGUF_PRECISIONS if self.is_llama_cpp
+              else ("fp32", "int8", "int4"))
         if self.resolved_precision not in ok:
             raise ConfigError(f"back-end {self.backend} does not run {self.resolved_precision} here",
                               f"pass --precision {' or '.join(ok)} with --backend {self.backend}")
@@ -69,14 +76,22 @@ class SweepSpec:
         return self.backend in ("trt", "trtexec")
 
     @property
+    def is_llama_cpp(self) -> bool:
+        return self.backend == "llama.cpp"
+
+    @property
     def resolved_precision(self) -> str:
-        return self.precision or ("fp16" if self.is_tensorrt else "fp32")
+        if self.precision:
+            return self.precision
+        return "fp16" if self.is_tensorrt else "f16" if self.is_llama_cpp else "fp32"
 
     @property
     def weights_precision(self) -> str | None:
         """The graph's weight precision as recorded (None: fp32 onnxruntime graphs, as before
         precisions existed; int4 carries its block size)."""
         p = self.resolved_precision
+        if self.is_llama_cpp:
+            return p
         if self.is_tensorrt or p == "fp32":
             return None
         return f"int4-b{self.block_size}" if p == "int4" else p
@@ -87,6 +102,8 @@ class SweepSpec:
         by graph optimization level and weight precision, so these are part of it."""
         if self.is_tensorrt:
             return f"{self.backend}:{self.resolved_precision}"
+        if self.is_llama_cpp:  # a GGUF weight type; layers offloaded to a GPU are another back-end
+            return f"llama.cpp:{self.resolved_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
         tag = self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
         return tag if self.weights_precision is None else f"{tag}:{self.weights_precision}"
     opset: int = 17
@@ -115,7 +132,7 @@ class SweepSpec:
             timing["sessions"] = self.decode_sessions
         return timing
 
-    def protocol(self, phase: str, options: ExportOptions, companion: str | None) -> Protocol:
+    def protocol(self, phase: str, options: ExportOptions | GgufOptions, companion: str | None) -> Protocol:
         """Everything besides the cell that decides this phase's numbers (``companion``: the
         paired companion's hash, None for an unpaired cell such as a drift reference)."""
         precision = self.resolved_precision if self.is_tensorrt else self.weights_precision
@@ -198,9 +215,25 @@ def board_warnings(hello: dict[str, Any]) -> list[str]:
     return out
 
 
-def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOptions:
+def board_gguf_options(hello: dict[str, Any], spec: SweepSpec) -> GgufOptions:
+    """llama.cpp sweeps: the board must have llama-bench (and a GPU device to offload to)."""
+    info = hello.get("llama_cpp")
+    if not info:
+        raise HostError("the board has no llama.cpp llama-bench (not on PATH, nor where the inventory's llama_cpp "
+                        "points)", "build llama.cpp on the board (edgenas's scripts/build_llama_cpp.sh does) and set "
+                        "llama_cpp = \"/path/to/llama.cpp/bin\" in its inventory entry, or use --backend ort-cpu")
+    devices = info.get("devices") or ["CPU"]
+    if spec.gpu_layers and devices == ["CPU"]:
+        raise HostError("the board's llama.cpp build has no GPU back-end (devices: CPU)",
+                        "rebuild llama.cpp with -DGGML_CUDA=ON (Jetson) or -DGGML_VULKAN=ON, or drop --gpu-layers")
+    return GgufOptions(precision=spec.resolved_precision, weights=spec.weights)
+
+
+def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOptions | GgufOptions:
     """The newest opset up to ``spec.opset`` that the board's runtime loads, with the oldest IR
-    version that carries it."""
+    version that carries it (GGUF options for llama.cpp)."""
+    if spec.is_llama_cpp:
+        return board_gguf_options(hello, spec)
     ort = hello.get("onnxruntime") or {}
     max_opset, max_ir = ort.get("max_opset"), ort.get("max_ir_version")
     opset = spec.opset if max_opset is None else min(spec.opset, max_opset)
@@ -236,12 +269,16 @@ class Profiler:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this sweep's job leases
 
     # --- pieces -------------------------------------------------------------------------
-    def _export(self, config: SubnetConfig, options: ExportOptions, summary: SweepSummary) -> ExportedSubnet:
+    def _export(self, config: SubnetConfig, options: ExportOptions | GgufOptions, summary: SweepSummary) -> ExportedSubnet:
         h = config.config_hash()
         if h not in self._exports:
             t0 = time.perf_counter()
             root = cache_dir() / "exports" / self.ws.base.base_id.replace("@", "-")
-            self._exports[h] = export_subnet(self.ws.weights(config), root, options)
+            if isinstance(options, GgufOptions):
+                self._exports[h] = export_gguf(self.ws.weights(config), root / "gguf", options,
+                                               tokenizer_dir=self.ws.base.path)
+            else:
+                self._exports[h] = export_subnet(self.ws.weights(config), root, options)
             summary.seconds["export"] += time.perf_counter() - t0
         return self._exports[h]
 
@@ -251,7 +288,7 @@ class Profiler:
         return exported.key if exported is not None else ""
 
     def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,
-                 summary: SweepSummary, options: ExportOptions | None = None) -> dict[str, Any]:
+                 summary: SweepSummary, options: ExportOptions | GgufOptions | None = None) -> dict[str, Any]:
         """One cell; with ``options`` and a paired sweep, timed alternately with the reference."""
         t0 = time.perf_counter()
         if self.target.ensure_model(exported, self._on_board):
@@ -267,7 +304,7 @@ class Profiler:
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
                 "timing": self.spec.timing_for(phase), "precision": self.spec.resolved_precision,
-                "graph_opt": self.spec.graph_opt,
+                "graph_opt": self.spec.graph_opt, "gpu_layers": self.spec.gpu_layers,
                 # one TensorRT engine per model and phase covers the sweep's whole shape grid
                 "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
         if companion is not None:
@@ -314,7 +351,7 @@ class Profiler:
             log.warning("could not delete %d model(s) from %s: %s", len(keys), self.target.spec.name, e)
         self._on_board -= keys
 
-    def _reference(self, options: ExportOptions, device_id: int, summary: SweepSummary) -> None:
+    def _reference(self, options: ExportOptions | GgufOptions, device_id: int, summary: SweepSummary) -> None:
         phase = self.spec.phases[0]
         seq = self.spec.seq_lens[0] if phase == "prefill" else 1
         past = self.spec.past_lens[0] if phase == "decode" else 0
@@ -345,7 +382,7 @@ class Profiler:
             log.warning(msg)
 
     # --- the sweep ----------------------------------------------------------------------
-    def _plan(self, configs: list[SubnetConfig], fp: str, device_id: int, options: ExportOptions,
+    def _plan(self, configs: list[SubnetConfig], fp: str, device_id: int, options: ExportOptions | GgufOptions,
               summary: SweepSummary) -> list[Job]:
         """Register the sweep's jobs (keyed by cell and protocol) and return those to measure."""
         spec = self.spec
@@ -399,7 +436,7 @@ class Profiler:
         t = self.target.timeouts
         return 2.0 * (t.measure + t.upload_stall + t.handshake) + 60.0
 
-    def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions, device_id: int,
+    def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions | GgufOptions, device_id: int,
                  summary: SweepSummary) -> str:
         """Measure one job with retries: "measured", "failed", or "held" when another sweep
         process holds it."""
@@ -444,7 +481,7 @@ class Profiler:
         if spec.backend == "auto":
             spec.backend = choose_backend(hello)
             log.info("back-end for %s: %s", self.target.spec.name, spec.backend)
-        spec.check_precision()
+        spec.check()
         fp = device_fingerprint(hello)
         summary = SweepSummary(self.target.spec.name, fp)
         summary.warnings.extend(board_warnings(hello))

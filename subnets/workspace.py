@@ -49,9 +49,11 @@ class Workspace:
         """The sub-network in torch, computing what its graph at ``precision`` computes."""
         if self.precision == "fp32":
             return build_model(self.weights(config))
-        from subnets.quantize import dequantized, emulate_dynamic_int8
+        from subnets.quantize import GGUF_TYPES, dequantized, emulate_dynamic_int8, emulate_gguf
 
         model = build_model(dequantized(self.weights(config), self.precision, self.block_size))
+        if self.precision in GGUF_TYPES:
+            return emulate_gguf(model, self.precision)
         return emulate_dynamic_int8(model) if self.precision == "int8" else model
 
     def quality_id(self) -> str:

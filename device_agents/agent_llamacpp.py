@@ -1,0 +1,201 @@
+"""llama.cpp cells for the edgenas agent: GGUF files timed by the board's own ``llama-bench``.
+
+llama-bench times what llama.cpp users run (its kernels, its KV cache, its threads) and
+reports every repetition (``samples_ns``). The agent keeps its timing protocol around it:
+llama-bench's own warm-up run, then rounds of repetitions, each round a fresh process (a
+fresh load, as the ONNX path's sessions), pooled until the median's 95% interval is within
+the target and the minimum time and run count are met, or the time cap is hit. A prefill
+cell is ``-p S -d P`` (S prompt tokens after P tokens of context); a decode cell is
+``-n 1 -d P``: one generated token after P tokens of context, the context's state restored
+(untimed) before each repetition.
+
+Python 3.8+, stdlib and numpy only; imports no host code."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from agent_runtime import AgentError
+
+GGML_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+MIN_DECI_BUILD = 4350  # llama.cpp build that loads the per-layer 'deci' architecture
+
+
+def find_llama_bench(hint=None):
+    """llama-bench from ``--llama-cpp`` (the tool or its folder), $EDGENAS_LLAMA_CPP, PATH."""
+    for cand in (hint, os.environ.get("EDGENAS_LLAMA_CPP")):
+        if not cand:
+            continue
+        cand = os.path.expanduser(cand)
+        for p in (cand, os.path.join(cand, "llama-bench"), os.path.join(cand, "bin", "llama-bench")):
+            if os.path.isfile(p) and os.access(p, os.X_OK):
+                return p
+    return shutil.which("llama-bench")
+
+
+def list_devices(bench, timeout=60):
+    """The compute devices the build offers, e.g. ["CPU"] or ["CUDA0", "CPU"]."""
+    try:
+        p = subprocess.run([bench, "--list-devices"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_devices(p.stdout + "\n" + p.stderr)
+
+
+def parse_devices(text):
+    devices = []
+    for line in text.splitlines():
+        m = re.match(r"\s*([A-Za-z][A-Za-z0-9_]*\d*)\s*:\s*\S", line)
+        if m and m.group(1) not in ("Available", "available", "error", "warning", "load_backend"):
+            devices.append(m.group(1))
+    return devices + (["CPU"] if "CPU" not in devices else [])
+
+
+def info(hint=None):
+    """The handshake's llama.cpp entry (None when the board has no llama-bench)."""
+    bench = find_llama_bench(hint)
+    if bench is None:
+        return None
+    return {"llama_bench": bench, "devices": list_devices(bench)}
+
+
+def bench_command(bench, model, phase, seq_len, past_len, threads, reps, gpu_layers=0):
+    cmd = [bench, "-m", model, "-o", "json", "-r", str(int(reps)), "-t", str(int(threads)),
+           "-ngl", str(int(gpu_layers)), "-d", str(int(past_len))]
+    if phase == "prefill":
+        cmd += ["-p", str(int(seq_len)), "-n", "0"]
+    else:
+        cmd += ["-p", "0", "-n", str(max(1, int(seq_len)))]
+    return cmd
+
+
+def parse_bench_json(text):
+    """The one test's record of ``llama-bench -o json`` output; per-token seconds of each
+    repetition (a decode sample covers n_gen tokens)."""
+    start = text.find("[")
+    if start < 0:
+        raise AgentError("runtime_error", "llama-bench printed no JSON: %s" % text[-500:])
+    try:
+        records = json.loads(text[start:])
+    except ValueError as e:
+        raise AgentError("runtime_error", "llama-bench's JSON is unreadable (%s): %s" % (e, text[-300:]))
+    if not records:
+        raise AgentError("runtime_error", "llama-bench ran no test")
+    rec = records[0]
+    per = float(rec.get("n_gen") or 1) if int(rec.get("n_prompt") or 0) == 0 else 1.0
+    return rec, [ns / 1e9 / per for ns in rec.get("samples_ns") or []]
+
+
+_CLASSIFY = (
+    (r"unknown model architecture: '([^']+)'",
+     "compile_error", "this board's llama.cpp does not know the '%s' architecture (per-layer sizes need build "
+     "b%d or later): update llama.cpp on the board" % ("{0}", MIN_DECI_BUILD)),
+    (r"invalid ggml type|unknown ggml type|tensor '[^']+' has invalid ggml type|type \d+ .*not supported",
+     "compile_error", "this board's llama.cpp cannot load the GGUF's weight type: update llama.cpp, or profile "
+     "with another --precision (f16, q8_0)"),
+    (r"failed to allocate|out of memory|cudaMalloc failed|std::bad_alloc",
+     "out_of_memory", "llama.cpp ran out of memory on the board"),
+    (r"error loading model|failed to load model",
+     "load_error", "llama.cpp could not load the GGUF file"),
+)
+
+
+def classify_failure(text):
+    """(error class, message) for a failed llama-bench run, from its output."""
+    for pattern, cls, message in _CLASSIFY:
+        m = re.search(pattern, text)
+        if m:
+            detail = [line for line in text.strip().splitlines() if line.strip()][-3:]
+            return cls, message.format(*m.groups()) + " [llama-bench: %s]" % " | ".join(detail)[-600:]
+    return "runtime_error", "llama-bench failed: %s" % text.strip()[-800:]
+
+
+def run_bench(cmd, timeout):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AgentError("timeout", "llama-bench did not finish in %.0f s" % timeout)
+    except OSError as e:
+        raise AgentError("compile_error", "llama-bench could not start: %s" % e)
+    if p.returncode != 0:
+        text = p.stderr + "\n" + p.stdout
+        if "failed to load model" in text:
+            text = _load_log(cmd, timeout) or text
+        cls, message = classify_failure(text)
+        raise AgentError(cls, message)
+    return parse_bench_json(p.stdout)
+
+
+def _load_log(cmd, timeout):
+    """llama-bench logs why a load failed only when verbose: run it again so (it fails at
+    once, in the load)."""
+    try:
+        p = subprocess.run(cmd + ["-v"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [ln for ln in p.stderr.splitlines() if not ln.startswith(("llama_model_loader: - ", "print_info"))]
+    return "\n".join(lines[-40:])
+
+
+def time_cell(bench, model, phase, seq_len, past_len, threads, policy, gpu_layers=0, timeout=600.0):
+    """Rounds of llama-bench until the protocol is satisfied: (per-token seconds of every
+    repetition, stop reason, the last record, rounds run)."""
+    import agent_timing
+
+    times, rounds, rec, t0 = [], 0, None, time.time()
+    reps = policy.min_runs
+    while True:
+        rec, samples = run_bench(bench_command(bench, model, phase, seq_len, past_len, threads, reps, gpu_layers),
+                                 timeout)
+        times += samples
+        rounds += 1
+        timed = sum(times)
+        enough = len(times) >= policy.min_runs and timed >= policy.min_time_s
+        if enough and agent_timing.rel_median_ci(sorted(times)) <= policy.target_rel_ci:
+            return times, "converged", rec, rounds
+        if timed >= policy.max_time_s or time.time() - t0 >= policy.max_time_s * 3:
+            return times, "max_time", rec, rounds
+        if len(times) >= policy.max_runs:
+            return times, "max_runs", rec, rounds
+        # the next round: about a second of repetitions, no more than the time left needs
+        per = max(timed / len(times), 1e-6)
+        left = max(policy.min_time_s - timed, 1.0)
+        reps = int(min(max(3, min(left, 1.0) / per), 1000))
+
+
+def materialize_gguf(np, rng, folder, manifest, tmp):
+    """The GGUF file of a header-only export: its header, then every tensor filled with
+    seeded values valid for its type (quantized blocks get real scales, not random bits that
+    could be NaN)."""
+    with open(os.path.join(folder, manifest["options"]["header_file"]), "rb") as f:
+        header = f.read()
+    with open(tmp, "wb") as f:
+        f.write(header)
+        pos = len(header)
+        for t in manifest["tensors"]:
+            if t["offset"] > pos:
+                f.write(b"\0" * (t["offset"] - pos))
+            f.write(_stand_in(np, rng, t).tobytes())
+            pos = t["offset"] + t["length"]
+        if pos < manifest["weights_bytes"]:
+            f.write(b"\0" * (manifest["weights_bytes"] - pos))
+
+
+def _stand_in(np, rng, t):
+    kind = t["dtype"]
+    if kind not in GGML_BLOCKS:
+        raise AgentError("load_error", "GGUF tensor %s has type %s, which the agent cannot fill" % (t["name"], kind))
+    size = GGML_BLOCKS[kind][1]
+    nblocks = t["length"] // size
+    if kind in ("f32", "f16"):
+        base = 1.0 if t["kind"] == "norm" else 0.0
+        return (base + 0.02 * rng.standard_normal(nblocks)).astype(np.float32 if kind == "f32" else np.float16)
+    scales = np.abs(0.01 + 0.002 * rng.standard_normal(nblocks)).astype(np.float16).view(np.uint8).reshape(nblocks, 2)
+    if kind == "q8_0":
+        quants = rng.integers(-127, 128, (nblocks, 32), dtype=np.int8).view(np.uint8)
+    else:
+        quants = rng.integers(0, 256, (nblocks, 16), dtype=np.uint8)
+    return np.concatenate([scales, quants], axis=1)

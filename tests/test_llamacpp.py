@@ -1,0 +1,241 @@
+"""The llama.cpp back-end: GGUF export of sub-networks, llama.cpp's own tools on them.
+
+The tests that run llama.cpp use a real build from source (scripts/build_llama_cpp.sh, the
+llama.cpp tree vendored in llama-cpp-python's PyPI source distribution), made once and kept
+in the user cache; .ci/run builds it before the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from device_agents import AGENT_DIR
+from subnets.gguf_export import GgufOptions, export_gguf
+from tests.conftest import _user_cache
+
+sys.path.insert(0, str(AGENT_DIR))
+import agent_llamacpp  # the agent's modules import each other by file name
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+BUILD_COMMIT = "0c1e57098"  # the llama.cpp commit llama-cpp-python 0.3.36 vendors
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """The folder of the built llama.cpp tools (built on first use, ~10 min on 2 cores)."""
+    prefix = Path(_user_cache()) / "llama.cpp" / "0.3.36"
+    if not (prefix / "BUILD_OK").is_file():
+        res = subprocess.run(["bash", str(REPO / "scripts" / "build_llama_cpp.sh"), str(prefix)],
+                             capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr[-3000:]
+    return prefix / "bin"
+
+
+def per_layer(ws, seed: int = 3):
+    return ws.space.sample(4, seed, granularity="per-layer", layer_ranking=ws.importance.layer_ranking())[-1]
+
+
+def _gguf_table(path: Path) -> dict[str, tuple[str, list[int], int]]:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, [int(x) for x in t.shape], int(t.data_offset)) for t in r.tensors}
+
+
+# --- export -------------------------------------------------------------------------------
+def test_a_header_only_export_becomes_the_same_gguf_on_the_board(tiny_ws, tmp_path) -> None:
+    cfg = per_layer(tiny_ws)
+    real = export_gguf(tiny_ws.weights(cfg), tmp_path, GgufOptions("q8_0", "real"), tokenizer_dir=tiny_ws.base.path)
+    head = export_gguf(tiny_ws.weights(cfg), tmp_path, GgufOptions("q8_0", "none"), tokenizer_dir=tiny_ws.base.path)
+    assert head.key != real.key and head.weights_sha256 is None and head.graphs == {"prefill": "header.gguf",
+                                                                                     "decode": "header.gguf"}
+    assert (head.folder / "header.gguf").stat().st_size < real.weights_bytes / 10
+    manifest = json.loads((head.folder / "export.json").read_text())
+    filled = tmp_path / "filled.gguf"
+    agent_llamacpp.materialize_gguf(np, np.random.default_rng(0), str(head.folder), manifest, str(filled))
+    assert filled.stat().st_size == real.weights_bytes == head.weights_bytes
+    assert _gguf_table(filled) == _gguf_table(real.folder / "model.gguf")
+    # per-layer sizes as llama.cpp's per-layer ('deci') architecture reads them
+    import gguf
+
+    fields = gguf.GGUFReader(filled).fields
+    heads = [int(x) for x in fields["deci.attention.head_count"].contents()]
+    assert heads == [lc.kv_groups * lc.heads_per_group for lc in cfg.layers]
+    assert [int(x) for x in fields["deci.feed_forward_length"].contents()] == [lc.neurons for lc in cfg.layers]
+
+
+def test_quantized_gguf_weights_are_the_sliced_weights(tiny_ws, tmp_path) -> None:
+    import gguf
+
+    cfg = tiny_ws.space.full()
+    w = tiny_ws.weights(cfg)
+    errs = {}
+    for prec in ("f32", "q8_0", "q4_0"):
+        e = export_gguf(w, tmp_path / prec, GgufOptions(prec), tokenizer_dir=tiny_ws.base.path)
+        r = gguf.GGUFReader(e.folder / "model.gguf")
+        t = {x.name: x for x in r.tensors}
+        down = t["blk.0.ffn_down.weight"]  # rows of 128 neurons: quantized; hidden 48 is not a multiple of 32
+        assert down.tensor_type.name == prec.upper()
+        assert t["blk.0.ffn_gate.weight"].tensor_type.name == ("F32" if prec == "f32" else "F16")
+        assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+        got = gguf.quants.dequantize(down.data, down.tensor_type).reshape(w.layers[0].down.shape)
+        ref = w.layers[0].down.numpy()
+        errs[prec] = float(np.abs(got - ref).max() / np.abs(ref).max())
+        # Q rows permuted to llama.cpp's adjacent-pair RoPE layout, undone here
+        q = t["blk.0.attn_q.weight"].data.reshape(w.layers[0].q.shape).astype(np.float32)
+        n = w.layers[0].num_heads
+        unperm = q.reshape(n, w.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(q.shape)
+        assert np.allclose(unperm, w.layers[0].q.numpy(), atol=1e-3)
+    assert errs["f32"] == 0 and errs["q8_0"] < 0.01 and errs["q4_0"] < 0.1
+
+
+def test_gguf_precision_is_checked() -> None:
+    from subnets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="q3_k"):
+        GgufOptions("q3_k").validate()
+
+
+# --- the agent's side, on captured llama-bench output -----------------------------------------
+def test_llama_bench_command_lines() -> None:
+    pre = agent_llamacpp.bench_command("lb", "m.gguf", "prefill", 128, 0, 1, 10)
+    dec = agent_llamacpp.bench_command("lb", "m.gguf", "decode", 1, 512, 4, 20, gpu_layers=99)
+    assert pre == ["lb", "-m", "m.gguf", "-o", "json", "-r", "10", "-t", "1", "-ngl", "0", "-d", "0", "-p", "128", "-n", "0"]
+    assert dec[-6:] == ["-d", "512", "-p", "0", "-n", "1"] and dec[dec.index("-ngl") + 1] == "99"
+
+
+def test_llama_bench_json_is_read_per_token() -> None:
+    rec, secs = agent_llamacpp.parse_bench_json((DATA / "llama_bench_decode.json").read_text())
+    assert rec["n_gen"] == 1 and rec["n_depth"] == 128 and rec["build_commit"]
+    assert len(secs) == len(rec["samples_ns"]) and secs[0] == pytest.approx(rec["samples_ns"][0] / 1e9)
+    rec, secs = agent_llamacpp.parse_bench_json((DATA / "llama_bench_prefill.json").read_text())
+    assert rec["n_prompt"] == 128 and secs[0] == pytest.approx(rec["samples_ns"][0] / 1e9)
+
+
+def test_llama_bench_failures_are_classified() -> None:
+    cls, msg = agent_llamacpp.classify_failure((DATA / "llama_bench_unknown_arch.txt").read_text())
+    assert cls == "compile_error" and "update llama.cpp" in msg and "architecture" in msg
+    cls, msg = agent_llamacpp.classify_failure((DATA / "llama_bench_bad_type.txt").read_text())
+    assert cls == "compile_error" and "weight type" in msg
+    assert agent_llamacpp.parse_devices("Available devices:\n  CUDA0: Orin (30000 MiB, 28000 MiB free)\n") == ["CUDA0", "CPU"]
+
+
+# --- real llama.cpp ---------------------------------------------------------------------------
+def _greedy_torch(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([out])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+    return out[len(ids):]
+
+
+def _token_bytes(tokenizer, ids: list[int]) -> bytes:
+    from gguf.vocab import bytes_to_unicode
+
+    inv = {v: k for k, v in bytes_to_unicode().items()}
+    return b"".join(bytes(inv[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in ids)
+
+
+def _parity(ws, cfg, precision: str, prompt: str, llama_cpp: Path, tmp_path: Path, n: int = 12) -> None:
+    """llama.cpp's greedy continuation of ``prompt`` equals torch's, torch computing what
+    llama.cpp computes at ``precision`` (Workspace.precision)."""
+    import dataclasses
+
+    tok = ws.base.tokenizer
+    e = export_gguf(ws.weights(cfg), tmp_path, GgufOptions(precision), tokenizer_dir=ws.base.path)
+    ids = tok(prompt).input_ids
+    eos = {i for i in (tok.eos_token_id,) if i is not None}
+    want = _greedy_torch(dataclasses.replace(ws, precision=precision).model(cfg).eval(), ids, n, eos)
+    res = subprocess.run([str(llama_cpp / "llama-simple"), "-m", str(e.folder / "model.gguf"), "-n", str(n), prompt],
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    assert res.stdout == _token_bytes(tok, ids) + _token_bytes(tok, want) + b"\n", (res.stdout, want)
+
+
+def test_a_tiny_per_layer_gguf_generates_the_tokens_torch_does(tiny_ws, llama_cpp, tmp_path) -> None:
+    _parity(tiny_ws, per_layer(tiny_ws), "f32", "The module returns", llama_cpp, tmp_path)
+
+
+def test_a_per_layer_smollm2_gguf_generates_the_tokens_torch_does(smollm2, llama_cpp, tmp_path) -> None:
+    space = smollm2.space
+    cfg = space.sample(3, 5, granularity="per-layer", layer_ranking=smollm2.importance.layer_ranking())[-1]
+    assert len({lc.neurons for lc in cfg.layers}) > 1 and len(cfg.layers) < space.dims.num_layers
+    _parity(smollm2, cfg, "f32", "The capital of France is", llama_cpp, tmp_path)
+
+
+def test_a_q8_0_smollm2_gguf_generates_the_tokens_of_its_torch_emulation(smollm2, llama_cpp, tmp_path) -> None:
+    import dataclasses
+
+    # lightly cut (a heavily cut one repeats a token with near-ties between the candidates)
+    full = smollm2.space.full()
+    cfg = dataclasses.replace(full, layers=tuple(dataclasses.replace(lc, neurons=lc.neurons - 64 * (i % 3))
+                                                 for i, lc in enumerate(full.layers) if i != 20))
+    _parity(smollm2, cfg, "q8_0", "The capital of France is", llama_cpp, tmp_path)
+
+
+def _run_bench(llama_cpp: Path, model: Path) -> tuple[str, str]:
+    import agent_runtime
+
+    try:
+        agent_llamacpp.run_bench(agent_llamacpp.bench_command(str(llama_cpp / "llama-bench"), str(model), "prefill",
+                                                              8, 0, 1, 1), 120)
+    except agent_runtime.AgentError as err:
+        return err.error_class, err.message
+    return "ok", ""
+
+
+def test_a_gguf_llama_cpp_cannot_load_fails_with_the_fix(tiny_ws, llama_cpp, tmp_path, monkeypatch) -> None:
+    import subnets.gguf_export as ge
+
+    monkeypatch.setattr(ge, "ARCH", "edgenas-future")  # an architecture this build does not know
+    e = export_gguf(tiny_ws.weights(tiny_ws.space.full()), tmp_path / "arch", GgufOptions("f32"),
+                    tokenizer_dir=tiny_ws.base.path)
+    cls, msg = _run_bench(llama_cpp, e.folder / "model.gguf")
+    assert cls == "compile_error" and "'edgenas-future' architecture" in msg and "update llama.cpp" in msg
+    monkeypatch.undo()
+    e = export_gguf(tiny_ws.weights(tiny_ws.space.full()), tmp_path / "type", GgufOptions("f32"),
+                    tokenizer_dir=tiny_ws.base.path)
+    bad = tmp_path / "bad-type.gguf"
+    data = bytearray((e.folder / "model.gguf").read_bytes())
+    name = b"output_norm.weight"  # its tensor-table entry: name, n_dims (u32), dims (u64 each), type (u32)
+    at = data.index(name) + len(name)
+    data[at + 4 + 8: at + 4 + 8 + 4] = (99).to_bytes(4, "little")  # a 1-D tensor's type -> an unknown type id
+    bad.write_bytes(bytes(data))
+    cls, msg = _run_bench(llama_cpp, bad)
+    assert cls == "compile_error" and "weight type" in msg, msg
+
+
+def test_llama_cpp_sweep_over_ssh(tiny_ws, sshd, llama_cpp, tmp_path) -> None:
+    from profiler.store import Store
+    from tests.helpers import sweep
+
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "board", llama_cpp=str(llama_cpp))
+    configs = tiny_ws.space.sample(2, 0, layer_ranking=tiny_ws.importance.layer_ranking())
+    db = tmp_path / "m.db"
+    s = sweep(tiny_ws, "board", db, configs, inv, sshd.ssh_config, backend="llama.cpp", precision="q8_0",
+              keep_models=True)
+    assert s.measured == 4 and not s.failed, s.failed
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    assert {r["backend"] for r in rows} == {"llama.cpp:q8_0"}
+    assert {(r["phase"], r["seq_len"], r["past_len"]) for r in rows} == {("prefill", 16, 0), ("decode", 1, 16)}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["n"] >= 5 and len(json.loads(r["raw_ms"])) == r["n"]
+    hello = json.loads(store.devices()[0]["info"])["hello"]
+    assert hello["llama_cpp"]["llama_bench"].startswith(str(llama_cpp)) and "CPU" in hello["llama_cpp"]["devices"]
+    store.close()
+    assert s.bytes_uploaded < 200_000  # headers only: the board filled in the weights
+    models = list((tmp_path / "board" / "models").iterdir())
+    assert models and all((m / "model.gguf").is_file() and (m / "header.gguf").is_file() for m in models)
+    assert all(json.loads(r["versions"])["llama_cpp"].startswith(BUILD_COMMIT[:9]) for r in rows)
+    assert all(json.loads(r["settings"])["threads"] == 1 for r in rows)
