@@ -23,7 +23,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     from search.study import ALGORITHMS
 
     p.add_argument("--device", required=True, help="the device the predictor is for (and --verify measures on)")
-    p.add_argument("--predictor", type=Path, required=True, help="folder with prefill/ and decode/ predictors")
+    p.add_argument("--predictor", type=Path, nargs="+", required=True,
+                   help="folder with prefill/ and decode/ predictors; with several --precision values, one folder per "
+                        "precision (each is matched by the measurements it was trained on)")
     p.add_argument("--latency-budget-ms", type=float, required=True, help="hard limit on the predicted upper bound")
     p.add_argument("--workload", default="128,64", help="S,N: a prompt of S tokens then N generated (default 128,64)")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="nsga2")
@@ -45,12 +47,62 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
     p.add_argument("--supernet", type=Path, default=None,
                    help="evaluate quality on a trained super-network's weights (`edgenas train-supernet --out`)")
-    p.add_argument("--precision", choices=["fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0"], default="fp32",
-                   help="the weight precision the sub-networks are deployed at: quality is measured as that graph "
-                        "computes, and the predictor must be trained on measurements of it (edgenas profile --precision)")
+    p.add_argument("--precision", type=_precisions, default="fp32",
+                   help="the weight precision the sub-networks are deployed at (fp32, int8, int4 for onnxruntime; f32, "
+                        "f16, q8_0, q4_0 for llama.cpp): quality is measured as that graph computes, and the predictor "
+                        "must be trained on measurements of it (edgenas profile --precision). Several, comma-separated "
+                        "(e.g. q8_0,q4_0, with a --predictor for each): search architecture x precision")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128], help="int4 weights: inputs per scale")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
+
+
+PRECISIONS = ("fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0")
+
+
+def _precisions(text: str) -> str:
+    bad = [p for p in text.split(",") if p not in PRECISIONS]
+    if bad or len(set(text.split(","))) != len(text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct precisions from {', '.join(PRECISIONS)}, "
+                                         "comma-separated")
+    return text
+
+
+def predictor_precision(objective: Any) -> str:
+    """The weight precision a predictor's measurements were of, from their back-end tag."""
+    tags = {str(rec.get("backend") or "") for rec in objective.measured_as.values()}
+    tag = sorted(tags)[0] if tags else ""
+    if tag.startswith("llama.cpp:"):
+        return tag.split(":")[1]
+    last = tag.split(":")[-1]
+    return last.split("-")[0] if last.startswith(("int8", "int4")) else "fp32"
+
+
+def deployments(args: argparse.Namespace, ws: Any, wl: Any, base_id: str) -> list[Any]:
+    """One Deployment per --precision: the workspace judging quality at it, the predictor of it."""
+    import dataclasses
+
+    from predictor.workload import LatencyObjective
+    from search.study import Deployment, SearchError
+
+    precisions = str(getattr(args, "precision", "fp32")).split(",")
+    folders = args.predictor if isinstance(args.predictor, list) else [args.predictor]
+    objectives = [LatencyObjective.load(f, wl, args.device, base_id, args.override) for f in folders]
+    if len(precisions) == 1 and len(objectives) == 1:
+        by_precision = {precisions[0]: objectives[0]}
+    else:
+        by_precision = {predictor_precision(o): o for o in objectives}
+        missing = [p for p in precisions if p not in by_precision]
+        if missing:
+            raise SearchError(f"no predictor for {', '.join(missing)} among --predictor "
+                              f"{' '.join(str(f) for f in folders)} (they are for {', '.join(sorted(by_precision))})",
+                              "pass one predictor folder per --precision, each trained on measurements of it")
+    out = []
+    for p in precisions:
+        check_precision(by_precision[p], p, getattr(args, "block_size", 32))
+        wsp = ws if p == "fp32" else dataclasses.replace(ws, precision=p, block_size=getattr(args, "block_size", 32))
+        out.append(Deployment(p, wsp, by_precision[p]))
+    return out
 
 
 def check_precision(objective: Any, precision: str, block_size: int) -> None:
@@ -123,7 +175,7 @@ def front_table(res: Any, full_ppl: float, shown: float, budget_ms: float, devic
 
 def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
 
-    from predictor.workload import LatencyObjective, Workload
+    from predictor.workload import Workload
     from search.baselines import compare_at_matched_quality, evaluate_baselines
     from search.pareto import plot_front
     from search.study import QualityCache, SearchError, perplexity_cache, run_search
@@ -137,7 +189,13 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
     if not args.latency_budget_ms > 0:
         raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
     base_id, _ = load_base_info(args.model)
-    objective = LatencyObjective.load(args.predictor, wl, args.device, base_id, args.override)
+    if ws is None and getattr(args, "supernet", None) is not None:
+        from training.recovery import open_supernet
+
+        ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
+    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
+    deps = deployments(args, ws, wl, base_id)
+    ws, objective = deps[0].ws, deps[0].objective
     bound = objective.bound()
     console.print(f"latency bound: holds for a new sub-network's workload with probability >= {bound['guaranteed']:.0%} "
                   f"(nominal {bound['nominal']:.0%}; CV+ by sub-network, each phase at half the miss rate)")
@@ -145,20 +203,11 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         console.print("[yellow]warning:[/] the predictors hold too few sub-networks for the nominal level: the bound is "
                       "their widest value and guarantees only the level above; profile more sub-networks "
                       "(profile-device --samples 20) and retrain")
-    if ws is None and getattr(args, "supernet", None) is not None:
-        from training.recovery import open_supernet
-
-        ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
-    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
-    check_precision(objective, getattr(args, "precision", "fp32"), getattr(args, "block_size", 32))
-    if getattr(args, "precision", "fp32") != "fp32":
-        import dataclasses
-
-        ws = dataclasses.replace(ws, precision=args.precision, block_size=args.block_size)
     if args.verify > 0:  # before the search, not after it: refuse now if verification cannot be honest
         from search.verify import verification_spec
 
-        verification_spec(objective, ws.space.full().config_hash())
+        for d in deps:
+            verification_spec(d.objective, ws.space.full().config_hash())
     out: Path = args.out
     # one file of studies: each named by a digest of what defines its objectives
     study_file = "study.db"
@@ -180,11 +229,14 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         ceiling = parse_ceiling(getattr(args, "max_perplexity", None), full_ppl)
         res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / study_file,
                          max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress,
-                         warm_start=warm, max_perplexity=ceiling)
+                         warm_start=warm, max_perplexity=ceiling, deployments=deps)
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")
-            baselines = evaluate_baselines(ws, objective, quality)
+            for d in deps:  # each hand-made baseline at each precision
+                q = quality if d.ws is ws else QualityCache(perplexity_cache(out / study_file, d.ws), d.ws.perplexity)
+                for name, pts in evaluate_baselines(d.ws, d.objective, q).items():
+                    baselines[name if len(deps) == 1 else f"{name} @ {d.precision}"] = pts
     console.print(res.resumed)
 
     (out / "front.json").write_text(json.dumps(res.front, indent=1))
@@ -223,7 +275,11 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         result["matched"] = cmp_rows
     if args.verify > 0 and res.front:
         chosen = pick_useful(res.front, args.verify, shown)
-        rows = verify(ws, objective, chosen, args.host or args.device, args.db, args.latency_budget_ms)
+        rows = []
+        for d in deps:  # each precision measured as its predictor's data was
+            mine = [p for p in chosen if p.get("precision", d.precision) == d.precision]
+            if mine:
+                rows += verify(d.ws, d.objective, mine, args.host or args.device, args.db, args.latency_budget_ms)
         vt = Table(title=f"verified on {args.host or args.device} (measured workload = prefill + Simpson sum of decode steps)")
         for c in ("sub-network", "perplexity", "predicted ms", "measured ms", "error", "meets budget"):
             vt.add_column(c)

@@ -66,6 +66,17 @@ class QualityCache:
 
 
 @dataclass
+class Deployment:
+    """One way to deploy a sub-network: its weight precision, the workspace that judges its
+    quality at that precision, the predictors of its latency there. A search over several is
+    a search over architecture x precision: each candidate is a sub-network and a precision."""
+
+    precision: str
+    ws: Any
+    objective: LatencyObjective
+
+
+@dataclass
 class SearchResult:
     points: list[dict[str, Any]]
     front: list[dict[str, Any]]
@@ -146,19 +157,22 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
                storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
                ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (), max_perplexity: float = math.inf,
                progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-               max_trials: int | None = None) -> SearchResult:
+               max_trials: int | None = None, deployments: Sequence[Deployment] = ()) -> SearchResult:
     """Search until ``evals`` feasible sub-networks have been evaluated for perplexity (the
     search's cost: a candidate over the budget is rejected by the predictor in microseconds
     and does not count), or ``max_trials`` candidates (default 20 x evals) were proposed.
     ``max_perplexity`` is a quality ceiling: a constraint like the budget, known only once a
-    candidate's perplexity is evaluated (so such a candidate costs an evaluation)."""
+    candidate's perplexity is evaluated (so such a candidate costs an evaluation). With several
+    ``deployments`` each candidate is also given a precision, and judged and timed at it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if algorithm not in ALGORITHMS:
         raise SearchError(f"unknown algorithm {algorithm!r}", f"use one of {', '.join(ALGORITHMS)}")
+    deps = {d.precision: d for d in deployments} or {ws.precision: Deployment(ws.precision, ws, objective)}
+    mixed = len(deps) > 1
     enc = Encoding(ws.space, ws.importance.layer_ranking(), granularity)
-    floor, smallest = smallest_latency(objective, enc)
+    floor, smallest = min(smallest_latency(d.objective, enc) for d in deps.values())
     if budget_ms < floor:
         raise SearchError(
             f"latency budget {budget_ms:g} ms is below the smallest sub-network's predicted bound, {floor:.2f} ms "
@@ -169,9 +183,12 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     identity = study_identity(ws, objective, algorithm, granularity, seed, budget_ms, max_params)
     if math.isfinite(max_perplexity):
         identity["max_perplexity"] = max_perplexity
+    if mixed:
+        identity["deployments"] = {k: {"quality": d.ws.quality_id(), "predictor": dict(d.objective.digests)}
+                                   for k, d in sorted(deps.items())}
     study, note = open_study(storage, identity, make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))))
     log.info("%s", note)
-    quality = QualityCache(perplexity_cache(storage, ws), ws.perplexity)
+    qualities = {k: QualityCache(perplexity_cache(storage, d.ws), d.ws.perplexity) for k, d in deps.items()}
     rng = np.random.default_rng(seed)
     t_pred = t_quality = 0.0
     t0 = time.perf_counter()
@@ -188,7 +205,8 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         # Known-good structured points (the baselines) as the first generation: the search
         # starts from them and improves on them rather than rediscovering them.
         for c in warm_start[:evals]:
-            study.enqueue_trial(enc.encode(c), skip_if_exists=True)
+            for k in deps:
+                study.enqueue_trial(enc.encode(c) | ({"precision": k} if mixed else {}), skip_if_exists=True)
     init = max(8, evals // 5)
     while n_eval < evals and n_done < max_trials:
         if algorithm == "local" and n_eval >= init:
@@ -200,9 +218,10 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
                 study.enqueue_trial(enc.mutate(dict(parent.params), rng), skip_if_exists=True)
         trial = study.ask()
         config = enc.decode(enc.suggest(trial))
+        dep = deps[trial.suggest_categorical("precision", sorted(deps))] if mixed else next(iter(deps.values()))
         a = time.perf_counter()
         b = enc.batch([config])
-        lat_a, up_a = objective.predict_both(b)
+        lat_a, up_a = dep.objective.predict_both(b)
         lat, up = float(lat_a[0]), float(up_a[0])
         t_pred += time.perf_counter() - a
         n_params = count_params(config, ws.space.dims)
@@ -212,8 +231,9 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("upper_ms", up)
         trial.set_user_attr("params", n_params)
+        trial.set_user_attr("precision", dep.precision)
         a = time.perf_counter()
-        ppl = quality(config) if evaluate else INFEASIBLE_PPL
+        ppl = qualities[dep.precision](config) if evaluate else INFEASIBLE_PPL
         t_quality += time.perf_counter() - a
         feasible = evaluate and ppl <= max_perplexity
         trial.set_constraint("perplexity", (ppl - max_perplexity) if math.isfinite(max_perplexity) else -1.0)
@@ -223,7 +243,7 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         n_done += 1
         n_eval += int(evaluate)
         if feasible and (best is None or ppl < best["perplexity"]):
-            best = {"perplexity": ppl, "latency_ms": lat, "summary": config.summary()}
+            best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, mixed)}
         if progress:
             progress(n_eval, evals, best)
     if n_eval < evals:
@@ -233,7 +253,9 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     points = []
     for t in done_trials():
         c = SubnetConfig.from_json(t.user_attrs["config"])
-        points.append({"trial": t.number, "config_hash": c.config_hash(), "summary": c.summary(), "config": c.to_dict(),
+        prec = t.user_attrs.get("precision", ws.precision)
+        points.append({"trial": t.number, "config_hash": c.config_hash(), "summary": _summary(c, prec, mixed),
+                       "precision": prec, "config": c.to_dict(),
                        "perplexity": float(t.values[0]), "latency_ms": float(t.values[1]),
                        "upper_ms": float(t.user_attrs["upper_ms"]), "params": int(t.user_attrs["params"]),
                        "feasible": bool(t.user_attrs["feasible"])})
@@ -247,7 +269,11 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         hv = hypervolume(ppl_arr, lat_arr, ref_ppl, budget_ms)
     total = time.perf_counter() - t0
     return SearchResult(points, front, hv, {"total": total, "predictor": t_pred, "perplexity": t_quality},
-                        quality.evaluations, study.study_name, note)
+                        sum(q.evaluations for q in qualities.values()), study.study_name, note)
+
+
+def _summary(config: SubnetConfig, precision: str, mixed: bool) -> str:
+    return f"{config.summary()} @ {precision}" if mixed else config.summary()
 
 
 def perplexity_cache(storage: Path, ws: Any) -> Path:

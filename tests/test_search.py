@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,50 @@ def test_a_search_at_int4_uses_int4_predictors_quality_and_verification(tiny_dir
     assert res["full_perplexity"] != fp32_ppl  # judged as the int4 graph computes
     with pytest.raises(SearchError, match="trained on ort-cpu:int4-b32 measurements, the search asks for fp32"):
         search(search_args(tiny_dir, tmp_path / "pred", tmp_path, precision="fp32", block_size=32), console, ws=tiny_ws)
+
+
+def _int4_predictor(tiny_ws, folder: Path) -> Path:
+    """Predictors of the tiny model as int4 graphs on the synthetic device: the roofline with
+    a quarter of the weight traffic (decode is weight-bound, so int4 is faster there)."""
+    import numpy as np
+
+    from predictor.features import ConfigBatch
+    from predictor.model import LatencyPredictor
+    from predictor.persist import save_predictor
+    from profiler.protocol import Protocol
+    from subnets.onnx_export import min_ir_version
+    from tests.helpers import FAST_TIMING, roofline_latency
+
+    configs = tiny_ws.space.sample(40, 0)
+    batch = ConfigBatch.from_configs(configs, tiny_ws.space.dims.num_layers)
+    rng = np.random.default_rng(0)
+    proto = Protocol(timing=dict(FAST_TIMING), opset=17, ir_version=min_ir_version(17), precision="int4-b32")
+    for phase in ("prefill", "decode"):
+        seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
+        past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
+        y = roofline_latency(configs, tiny_ws.space.dims, phase, seq, past, 0.01, seed=1, peak=1e6, bw=8e6, launch=0.3)
+        p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
+        save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic",
+                       {"threads": 2, "backend": "ort-cpu:int4-b32", "protocol": proto.digest,
+                        "protocol_record": proto.to_dict()})
+    return folder
+
+
+def test_a_search_over_architecture_and_precision(tiny_dir, tiny_ws, tiny_predictor, tmp_path) -> None:
+    from rich.console import Console
+
+    from search.cli import search
+    from search.study import SearchError
+
+    int4 = _int4_predictor(tiny_ws, tmp_path / "pred-int4")
+    args = search_args(tiny_dir, [int4, tiny_predictor], tmp_path, precision="fp32,int4", evals=16, block_size=32)
+    res = search(args, Console(file=open(tmp_path / "log", "w")), ws=tiny_ws)
+    points = json.loads((tmp_path / "search" / "front.json").read_text())
+    assert {p["precision"] for p in points} <= {"fp32", "int4"} and all(" @ " in p["summary"] for p in points)
+    assert {"uniform width @ fp32", "uniform width @ int4", "layer dropping @ int4"} <= set(res["baselines"])
+    # the same sub-network at int4: predicted faster, and judged by the int4 graph's arithmetic
+    full = res["baselines"]["full model @ fp32"][0], res["baselines"]["full model @ int4"][0]
+    assert full[1]["latency_ms"] < full[0]["latency_ms"] and full[1]["perplexity"] != full[0]["perplexity"]
+    with pytest.raises(SearchError, match="no predictor for int8"):
+        search(search_args(tiny_dir, [int4, tiny_predictor], tmp_path, precision="fp32,int8", evals=4, block_size=32),
+               Console(file=open(tmp_path / "log2", "w")), ws=tiny_ws)
