@@ -160,10 +160,8 @@ def time_cell(bench, model, phase, seq_len, past_len, threads, policy, gpu_layer
             return times, "max_time", rec, rounds
         if len(times) >= policy.max_runs:
             return times, "max_runs", rec, rounds
-        # the next round: about a second of repetitions, no more than the time left needs
-        per = max(timed / len(times), 1e-6)
-        left = max(policy.min_time_s - timed, 1.0)
-        reps = int(min(max(3, min(left, 1.0) / per), 1000))
+        # the next round: about a second of repetitions (each round pays a process start and a load)
+        reps = int(min(max(3, len(times) / max(timed, 1e-6)), 1000))
 
 
 def materialize_gguf(np, rng, folder, manifest, tmp):

@@ -246,6 +246,16 @@ def gguf_key(w: SubnetWeights, options: GgufOptions) -> str:
 def _write(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_dir: Path | None) -> list[TensorRecord]:
     """Write the GGUF file (or only its header when weights are "none"); the tensors' records
     with their absolute offsets in the complete file."""
+    writer_log = logging.getLogger("gguf.gguf_writer")  # it announces every file at INFO: one per sub-network
+    level = writer_log.level
+    writer_log.setLevel(logging.WARNING)
+    try:
+        return _write_file(w, options, path, tokenizer_dir)
+    finally:
+        writer_log.setLevel(level)
+
+
+def _write_file(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_dir: Path | None) -> list[TensorRecord]:
     import gguf
 
     plan = tensor_plan(w)
