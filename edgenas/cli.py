@@ -144,6 +144,10 @@ def _measurements_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
     s.add_argument("--csv", type=Path, default=None, help="write every measurement to this CSV file")
     s.add_argument("--parquet", type=Path, default=None, help="write every measurement to this Parquet file (needs pyarrow)")
+    s.add_argument("--merge", type=Path, nargs="+", default=None, metavar="STORE",
+                   help="merge these stores (made on other hosts) into --into: devices by fingerprint, sub-networks by "
+                        "hash, each measured cell once; cells whose medians disagree are reported")
+    s.add_argument("--into", type=Path, default=None, help="the store --merge writes (created if absent)")
 
 
 def build_parser() -> argparse.ArgumentParser:

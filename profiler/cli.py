@@ -134,8 +134,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     if args.connect_timeout:
         spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
     if (args.backend or spec_host.backend) != "auto":  # before the long model load
-        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired,
-                  batch=getattr(args, "batch", 1)).check()
+        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired).check()
     store = Store(args.db)  # open before the long model load: a bad store fails fast
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
     configs = configs if configs is not None else configs_for(args, ws)
@@ -232,9 +231,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(p, argv, handle)
 
 
+def merge_main(args: argparse.Namespace) -> int:
+    from profiler.merge import merge_stores
+
+    if args.into is None:
+        raise StoreError("--merge needs --into, the store to write", "add --into merged.db")
+    r = merge_stores(list(args.merge), args.into)
+    out_console.print(f"merged {len(r.sources)} store(s) into {r.into}: {r.cells_added} cells added, "
+                      f"{r.cells_duplicate} already there (kept once), {r.references_added} reference runs; devices "
+                      f"{r.devices_added} added, {r.devices_matched} matched by fingerprint; {r.subnets_added} "
+                      f"sub-networks added; {r.jobs_pending_added} unmeasured jobs carried over")
+    if r.conflicts:
+        t = Table(title=f"{len(r.conflicts)} cell(s) measured in two stores with medians more than 5% apart (first kept)")
+        for c in ("sub-network", "phase", "S", "P", "back-end", "kept ms", "other ms", "diff"):
+            t.add_column(c)
+        for c in r.conflicts[:40]:
+            t.add_row(c["subnet"][:10], c["phase"], str(c["seq_len"]), str(c["past_len"]), c["backend"],
+                      f"{c['kept_ms']:.2f}", f"{c['other_ms']:.2f}", f"{c['rel_diff']:.1%}")
+        out_console.print(t)
+    return 0
+
+
 def measurements_main(args: argparse.Namespace) -> int:
     from profiler.store import Store
 
+    if getattr(args, "merge", None):
+        return merge_main(args)
     if not args.db.is_file():
         raise StoreError(f"measurement store {args.db} does not exist", "run profile-device first, or pass --db PATH")
     store = Store(args.db)

@@ -179,6 +179,10 @@ CASES: list[tuple[str, str, Case]] = [
     ("board without llama-bench", "the board has no llama.cpp llama-bench",
      lambda e: (profile_device, profile(e, "--backend", "llama.cpp", inventory=e["sshd"].inventory(
          e["tmp"] / "i4.toml", sys.executable, e["tmp"] / "r4", llama_cpp="/nonexistent/llama.cpp/bin")))),
+    ("store merge without a target", "--merge needs --into",
+     lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "a.db")])),
+    ("store merge of a missing store", "does not exist",
+     lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "absent.db"), "--into", str(e["tmp"] / "m.db")])),
     ("bad shape list", "not a comma-separated list", lambda e: (profile_device, profile(e, "--seq-len", "abc"))),
     ("measurement store missing", "does not exist",
      lambda e: (train_main, ["--device", "local", "--db", str(e["tmp"] / "none.db"), "--model", e["model"]])),

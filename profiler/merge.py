@@ -1,0 +1,162 @@
+"""Merging measurement stores made on different hosts into one.
+
+A lab profiles its boards from several laptops; each keeps a store. Merged, they train one
+predictor. Identity travels with the data, not with row ids: devices match by fingerprint,
+sub-networks by config hash, a measured cell by its job key (device fingerprint, sub-network,
+phase, shape, back-end, threads and timing protocol). A cell measured in both stores is kept
+once (the target's, or the first source's); when the two medians differ by more than
+``tolerance`` the pair is reported as a conflict, so a user sees boards or protocols that
+disagree. Sources are read from copies: merging never migrates or changes them."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from profiler.errors import StoreError
+from profiler.store import Store
+
+
+@dataclass
+class MergeReport:
+    into: str
+    sources: list[str]
+    devices_added: int = 0
+    devices_matched: int = 0
+    subnets_added: int = 0
+    cells_added: int = 0
+    cells_duplicate: int = 0
+    references_added: int = 0
+    jobs_pending_added: int = 0
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> int:
+    cols = list(row)
+    cur = db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [row[c] for c in cols])
+    return int(cur.lastrowid or 0)
+
+
+class _Merger:
+    def __init__(self, target: Store, report: MergeReport, tolerance: float) -> None:
+        self.t = target.db
+        self.report = report
+        self.tolerance = tolerance
+
+    def merge(self) -> None:
+        """The attached database ``src`` into the target (within the caller's transaction)."""
+        devices = self._devices()
+        self._subnets()
+        self.t.execute("INSERT OR IGNORE INTO protocols SELECT digest, record FROM src.protocols")
+        jobs = self._jobs(devices)
+        self._measurements(devices, jobs)
+
+    def _devices(self) -> dict[int, int]:
+        out = {}
+        for d in self.t.execute("SELECT * FROM src.devices").fetchall():
+            hit = self.t.execute("SELECT id FROM devices WHERE fingerprint=?", (d["fingerprint"],)).fetchone()
+            if hit:
+                out[d["id"]] = hit[0]
+                self.t.execute("UPDATE devices SET first_seen=MIN(first_seen, ?), last_seen=MAX(last_seen, ?) WHERE id=?",
+                               (d["first_seen"], d["last_seen"], hit[0]))
+                self.report.devices_matched += 1
+            else:
+                out[d["id"]] = _insert(self.t, "devices", {k: d[k] for k in d.keys() if k != "id"})
+                self.report.devices_added += 1
+        return out
+
+    def _subnets(self) -> None:
+        before = self.t.execute("SELECT COUNT(*) FROM subnets").fetchone()[0]
+        self.t.execute("INSERT OR IGNORE INTO subnets SELECT hash, base_id, config, params, summary FROM src.subnets")
+        self.report.subnets_added += self.t.execute("SELECT COUNT(*) FROM subnets").fetchone()[0] - before
+
+    def _jobs(self, devices: dict[int, int]) -> dict[int, tuple[int, bool]]:
+        """Source job id -> (target job id, whether the target had that cell measured already)."""
+        out = {}
+        for j in self.t.execute("SELECT * FROM src.jobs").fetchall():
+            hit = self.t.execute("SELECT id, status FROM jobs WHERE job_key=?", (j["job_key"],)).fetchone()
+            row = {k: j[k] for k in j.keys() if k not in ("id", "owner", "lease_until")}
+            row["device_id"] = devices[j["device_id"]]
+            if hit is None:
+                out[j["id"]] = (_insert(self.t, "jobs", row), False)
+                self.report.jobs_pending_added += int(j["status"] != "done")
+            elif hit[1] != "done" and j["status"] == "done":  # the target's failed or pending cell, measured here
+                self.t.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=? "
+                               "WHERE id=?", (j["updated"], hit[0]))
+                out[j["id"]] = (hit[0], False)
+            else:
+                out[j["id"]] = (hit[0], True)
+        return out
+
+    def _measurements(self, devices: dict[int, int], jobs: dict[int, tuple[int, bool]]) -> None:
+        cols = [r[1] for r in self.t.execute("PRAGMA src.table_info(measurements)") if r[1] != "id"]
+        for m in self.t.execute("SELECT * FROM src.measurements").fetchall():
+            row = {c: m[c] for c in cols}
+            row["device_id"] = devices[m["device_id"]]
+            if m["job_id"] is None:  # a drift reference: kept unless this very one is there
+                dup = self.t.execute("SELECT 1 FROM measurements WHERE job_id IS NULL AND device_id=? AND subnet_hash=? "
+                                     "AND phase=? AND created=? AND median_ms=?",
+                                     (row["device_id"], m["subnet_hash"], m["phase"], m["created"], m["median_ms"]))
+                if dup.fetchone() is None:
+                    _insert(self.t, "measurements", row)
+                    self.report.references_added += 1
+                continue
+            job_id, had = jobs[m["job_id"]]
+            row["job_id"] = job_id
+            if had:
+                self._duplicate(m, job_id)
+                continue
+            _insert(self.t, "measurements", row)
+            self.report.cells_added += 1
+
+    def _duplicate(self, m: sqlite3.Row, job_id: int) -> None:
+        self.report.cells_duplicate += 1
+        kept = self.t.execute("SELECT median_ms FROM measurements WHERE job_id=?", (job_id,)).fetchone()
+        if kept is None:
+            return
+        rel = abs(m["median_ms"] - kept[0]) / kept[0] if kept[0] else 0.0
+        if rel > self.tolerance:
+            self.report.conflicts.append({"subnet": m["subnet_hash"], "phase": m["phase"], "seq_len": m["seq_len"],
+                                          "past_len": m["past_len"], "backend": m["backend"], "kept_ms": kept[0],
+                                          "other_ms": m["median_ms"], "rel_diff": rel})
+
+
+def merge_stores(sources: list[Path], into: Path, tolerance: float = 0.05) -> MergeReport:
+    """Merge ``sources`` into ``into`` (created if absent) in one transaction."""
+    for s in sources:
+        if not Path(s).is_file():
+            raise StoreError(f"measurement store {s} does not exist", "pass the stores' paths to --merge")
+        if Path(s).resolve() == Path(into).resolve():
+            raise StoreError(f"{s} is both a source and the target", "merge into a new file with --into")
+    report = MergeReport(str(into), [str(s) for s in sources])
+    target = Store(into)
+    tmp = Path(tempfile.mkdtemp(prefix="edgenas-merge-"))
+    try:
+        merger = _Merger(target, report, tolerance)
+        for i, s in enumerate(sources):
+            copy = tmp / f"src{i}.db"
+            shutil.copyfile(s, copy)
+            for ext in ("-wal", "-shm"):  # a store still open elsewhere keeps recent rows in its WAL
+                if Path(f"{s}{ext}").is_file():
+                    shutil.copyfile(f"{s}{ext}", f"{copy}{ext}")
+            Store(copy).close()  # brings an older schema up to this one, in the copy
+            target.db.execute("ATTACH DATABASE ? AS src", (str(copy),))
+            try:
+                target.db.execute("BEGIN IMMEDIATE")  # one source wholly merged, or not at all
+                try:
+                    merger.merge()
+                    target.db.execute("COMMIT")
+                except BaseException:
+                    target.db.execute("ROLLBACK")
+                    raise
+            finally:
+                target.db.execute("DETACH DATABASE src")
+    finally:
+        target.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
