@@ -1,5 +1,6 @@
 """Weight precision on this CPU: latency of fp32, int8 (dynamic, MatMulInteger) and int4
-(MatMulNBits) onnxruntime graphs of the same sub-networks, and with ``--llama-cpp DIR`` of
+(MatMulNBits) onnxruntime graphs of the same sub-networks, plain and with onnxruntime's fused
+decoder operators (GroupQueryAttention, SkipSimplifiedLayerNormalization), and with ``--llama-cpp DIR`` of
 their GGUF files at F16, Q8_0 and Q4_0 under llama.cpp's llama-bench, side by side in one
 run, and the perplexity each precision costs.
 
@@ -36,6 +37,9 @@ from subnets.quantize import dequantized, emulate_dynamic_int8, emulate_gguf
 from subnets.workspace import Workspace
 
 PRECISIONS = ("fp32", "int8", "int4")
+# onnxruntime graphs timed: (name, ExportOptions); "fused": onnxruntime's contrib decoder operators
+ORT = (("fp32", ExportOptions()), ("int8", ExportOptions(precision="int8")), ("int4", ExportOptions(precision="int4")),
+       ("fused fp32", ExportOptions(graph="fused")), ("fused int4", ExportOptions(precision="int4", graph="fused")))
 GGUF = ("f16", "q8_0", "q4_0")
 
 
@@ -92,21 +96,21 @@ def main() -> None:
     cells = [("prefill", 128, 0), ("decode", 1, 128), ("decode", 1, 512)]
     gguf = GGUF if args.llama_cpp else ()
     bench = str(args.llama_cpp / "llama-bench") if args.llama_cpp else ""
-    names = [*PRECISIONS, *(f"llama.cpp {g}" for g in gguf)]
+    names = [*(n for n, _ in ORT), *(f"llama.cpp {g}" for g in gguf)]
     print(f"{'sub-network':34s} {'cell':12s} " + " ".join(f"{p[-9:]:>9s}" for p in names) + "   (ms; ratios below)")
     ratios: dict[str, list[float]] = {p: [] for p in names}
     for c in configs:
         w = ws.weights(c)
-        sessions = {p: {ph: ort.InferenceSession(str(export_subnet(w, root / p, ExportOptions(precision=p)).path(ph)), so,
+        sessions = {n: {ph: ort.InferenceSession(str(export_subnet(w, root / n.replace(" ", "-"), o).path(ph)), so,
                                                  providers=["CPUExecutionProvider"]) for ph in ("prefill", "decode")}
-                    for p in PRECISIONS}
+                    for n, o in ORT}
         files = {f"llama.cpp {g}": export_gguf(w, root / g, GgufOptions(g), tokenizer_dir=ws.base.path).folder
                  / "model.gguf" for g in gguf}
         for phase, seq, past in cells:
             feeds = feeds_for(sessions["fp32"][phase], phase, seq, past)
             per: dict[str, list[float]] = {p: [] for p in names}
             for _ in range(args.rounds):
-                for p in PRECISIONS:
+                for p in sessions:
                     per[p].append(median_ms(sessions[p][phase], feeds, args.seconds))
                 for p, f in files.items():
                     per[p].append(llama_bench_ms(bench, f, phase, seq, past, args.threads, args.seconds))

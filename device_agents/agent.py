@@ -118,7 +118,8 @@ class Agent(object):
                 self.probe = agent_onnxprobe.probe(self.ort)
             ort_info = {"version": self.ort.__version__, "providers": self.ort.get_available_providers(),
                         "max_opset": self.probe[0], "max_ir_version": self.probe[1],
-                        "precisions": agent_onnxprobe.weight_precisions(self.ort)}
+                        "precisions": agent_onnxprobe.weight_precisions(self.ort),
+                        "graphs": agent_onnxprobe.graph_variants(self.ort)}
         trt_info = {"trtexec": shutil.which("trtexec") or (
             "/usr/src/tensorrt/bin/trtexec" if os.path.isfile("/usr/src/tensorrt/bin/trtexec") else None)}
         try:

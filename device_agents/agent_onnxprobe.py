@@ -86,3 +86,18 @@ def weight_precisions(ort):
     if ("com.microsoft", "MatMulNBits") in names:
         out.append("int4")
     return out
+
+
+def graph_variants(ort):
+    """The edgenas graph variants this onnxruntime runs: "plain" always; "fused" with
+    com.microsoft's GroupQueryAttention and SkipSimplifiedLayerNormalization and the
+    SimplifiedLayerNormalization contrib operator. None when the build does not list them."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        names = set((s.domain, s.name) for s in C.get_all_operator_schema())
+    except Exception:
+        return None
+    fused = {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization"),
+             ("", "SimplifiedLayerNormalization")}
+    return ["plain", "fused"] if fused <= names else ["plain"]

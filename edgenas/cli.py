@@ -64,6 +64,9 @@ def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
     s.add_argument("--supernet", type=Path, default=None,
                    help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
+    s.add_argument("--graph", choices=["plain", "fused"], default="plain",
+                   help="ONNX graphs with attention in standard operators (plain) or onnxruntime's fused decoder "
+                        "operators (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai ships")
     s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], default=None,
                    help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE")
 
@@ -238,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not 0 <= args.index < len(configs):
         raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
                           f"use --index 0..{len(configs) - 1}")
-    options = ExportOptions(opset=args.opset, ir_version=args.ir_version)
+    options = ExportOptions(opset=args.opset, ir_version=args.ir_version, graph=args.graph)
     options.validate()
     ws = _workspace(args)
     config = ws.space.validate(configs[args.index])

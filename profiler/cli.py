@@ -65,6 +65,9 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
                         "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
                         "(MatMulNBits); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
+    p.add_argument("--graph", choices=["plain", "fused"], default="plain",
+                   help="onnxruntime back-ends: attention in standard operators (plain, default) or onnxruntime's fused "
+                        "decoder operators as onnxruntime-genai deploys (GroupQueryAttention, SkipSimplifiedLayerNormalization)")
     p.add_argument("--gpu-layers", type=int, default=0,
                    help="llama.cpp: layers offloaded to the board's GPU (llama-bench -ngl; default 0, CPU only)")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
@@ -134,7 +137,8 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     if args.connect_timeout:
         spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
     if (args.backend or spec_host.backend) != "auto":  # before the long model load
-        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired).check()
+        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired,
+                  graph=args.graph).check()
     store = Store(args.db)  # open before the long model load: a bad store fails fast
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
     configs = configs if configs is not None else configs_for(args, ws)
@@ -149,7 +153,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
                      reference_every=args.reference_every, drift_threshold=args.drift_threshold,
                      retry_failed=args.retry_failed, precision=args.precision, block_size=args.block_size,
                      graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired,
-                     gpu_layers=args.gpu_layers)
+                     gpu_layers=args.gpu_layers, graph=args.graph)
     timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
                         upload_stall=args.upload_timeout,
                         measure=args.measure_timeout or 3 * args.max_time + 120)

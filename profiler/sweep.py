@@ -59,9 +59,12 @@ class SweepSpec:
     block_size: int = 32  # int4 weights: inputs per scale
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
     gpu_layers: int = 0  # llama.cpp: layers offloaded to the board's GPU (-ngl)
+    graph: str = "plain"  # onnxruntime: "plain" operators, or "fused" contrib decoder operators (GroupQueryAttention)
 
     def check(self) -> None:
         """Settings the back-end cannot run, refused before anything is measured."""
+        if self.graph != "plain" and (self.is_llama_cpp or self.is_tensorrt):
+            raise ConfigError(f"--graph {self.graph} is an onnxruntime graph variant", "drop --graph with this back-end")
         if self.is_llama_cpp and (self.paired or self.batch != 1):
             raise ConfigError("llama-bench times one sequence at a time, alone",
                               "drop --paired and --batch with --backend llama.cpp")
@@ -105,6 +108,8 @@ class SweepSpec:
         if self.is_llama_cpp:  # a GGUF weight type; layers offloaded to a GPU are another back-end
             return f"llama.cpp:{self.resolved_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
         tag = self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
+        if self.graph != "plain":
+            tag = f"{tag}:{self.graph}"
         return tag if self.weights_precision is None else f"{tag}:{self.weights_precision}"
     opset: int = 17
     max_attempts: int = 3
@@ -250,8 +255,13 @@ def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOption
         raise HostError(f"the board's onnxruntime {ort.get('version')} cannot run {precision} graphs "
                         f"(it runs {', '.join(supported)}): its operators for them are missing",
                         "upgrade onnxruntime on the board (int4 needs MatMulNBits, 1.17+), or pass another --precision")
+    graphs = ort.get("graphs")
+    if graphs is not None and spec.graph not in graphs:
+        raise HostError(f"the board's onnxruntime {ort.get('version')} lacks the fused decoder operators "
+                        "(GroupQueryAttention, SkipSimplifiedLayerNormalization)",
+                        "upgrade onnxruntime on the board (1.17 or newer), or pass --graph plain")
     return ExportOptions(opset=opset, ir_version=ir, weights=spec.weights,  # type: ignore[arg-type]
-                         precision=precision, block_size=spec.block_size)
+                         precision=precision, block_size=spec.block_size, graph=spec.graph)
 
 
 class Profiler:

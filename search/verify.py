@@ -73,7 +73,8 @@ def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
                           "verify with profile-device --paired and the same companion, then compare by hand")
     precision, block = _precision(backend, variant, base.get("precision"))
     ngl = [int(v[3:]) for v in variant.split(":") if v.startswith("ngl")]
-    return SweepSpec(gpu_layers=ngl[0] if ngl else 0, phases=phases, seq_lens=(wl.prompt_len,), past_lens=past or (1,), threads=int(threads),
+    return SweepSpec(gpu_layers=ngl[0] if ngl else 0, graph="fused" if "fused" in variant.split(":") else "plain",
+                     phases=phases, seq_lens=(wl.prompt_len,), past_lens=past or (1,), threads=int(threads),
                      backend=backend, reference_every=0, weights=base.get("weights", "none"),
                      paired=bool(base.get("paired")), graph_opt=base.get("graph_opt", "all"),
                      precision=precision, block_size=block, opset=int(base.get("opset") or 17),

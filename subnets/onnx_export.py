@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -40,6 +40,7 @@ from subnets.quantize import BLOCK_SIZES, PRECISIONS, quantize_int4, quantize_in
 log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = 1
+GRAPHS = ("plain", "fused")
 MIN_OPSET = 13  # Unsqueeze/Slice with axes as inputs, Softmax over one axis
 WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
@@ -73,8 +74,13 @@ class ExportOptions:
     # what onnxruntime-genai builds for CPUs: here it halved a SmolLM2 decode step (31.1 ->
     # 16.3 ms, 1 thread) where 0 (fp32 compute) ran at fp32 speed. 0 computes exactly.
     accuracy_level: int = 4
+    # "plain": attention in standard operators; "fused": onnxruntime's contrib decoder operators
+    # (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai deploys
+    graph: str = "plain"
 
     def validate(self) -> None:
+        if self.graph not in GRAPHS:
+            raise ExportError(f"graph variant {self.graph!r} is not one edgenas exports", "use plain or fused")
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision {self.precision!r} is not one edgenas exports",
                               f"use one of {', '.join(PRECISIONS)}")
@@ -311,6 +317,10 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
             if r.name.endswith(".q"):
                 names[r.name[:-2]] = r.name[:-2]
         g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
+    if options.graph == "fused":
+        from subnets.onnx_fused import build_fused_graph
+
+        return _model(g, *build_fused_graph(g, w, names, phase), phase, options)
     hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
     vocab = int(w.embed.shape[0])
     eps = w.rms_norm_eps
@@ -381,10 +391,13 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
     lm = names.get("lm_head", names["embed"])
     logits = g.op("Gemm", [flat, lm], transB=1)
     g.op("Unsqueeze", [logits, g.const([1])], "logits")
+    return _model(g, inputs, outputs, phase, options)
 
+
+def _model(g: _Graph, inputs: list[Any], outputs: list[Any], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, f"edgenas_{phase}", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", options.opset)]
-    if options.precision == "int4":
+    if options.precision == "int4" or options.graph == "fused":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="edgenas", producer_version=str(EXPORTER_VERSION))
@@ -411,6 +424,8 @@ def export_key(w: SubnetWeights, options: ExportOptions) -> str:
                      accuracy_level=options.accuracy_level if int4 else None)
     if w.weights_id is not None and options.weights == "real":
         ident["weights_id"] = w.weights_id
+    if options.graph != "plain":
+        ident["graph"] = options.graph
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -476,7 +491,7 @@ def export_subnet(
                               {"opset": options.opset, "ir_version": options.resolved_ir_version,
                                "weights": options.weights, "exporter": EXPORTER_VERSION,
                                "precision": options.precision, "block_size": options.block_size,
-                               "accuracy_level": options.accuracy_level}, recs)
+                               "accuracy_level": options.accuracy_level, "graph": options.graph}, recs)
         rec = done.to_dict()
         rec["config"] = w.config.to_dict()
         (tmp / MANIFEST).write_text(json.dumps(rec, indent=1))

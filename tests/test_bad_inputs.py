@@ -183,6 +183,8 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "a.db")])),
     ("store merge of a missing store", "does not exist",
      lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "absent.db"), "--into", str(e["tmp"] / "m.db")])),
+    ("fused graph with llama.cpp", "is an onnxruntime graph variant",
+     lambda e: (profile_device, profile(e, "--backend", "llama.cpp", "--graph", "fused"))),
     ("bad shape list", "not a comma-separated list", lambda e: (profile_device, profile(e, "--seq-len", "abc"))),
     ("measurement store missing", "does not exist",
      lambda e: (train_main, ["--device", "local", "--db", str(e["tmp"] / "none.db"), "--model", e["model"]])),

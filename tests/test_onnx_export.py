@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -39,7 +41,7 @@ def session(path) -> ort.InferenceSession:
 
 
 def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: str = "fp32", block_size: int = 32,
-                 accuracy_level: int = 0) -> None:
+                 accuracy_level: int = 0, graph: str = "plain") -> None:
     """The graph against torch running exactly the graph's arithmetic: for int4 the same
     dequantized weights, for int8 those and per-tensor uint8 activations (emulated). int4 at
     accuracy level 4 quantizes activations per block too: checked at int8's tolerance."""
@@ -50,9 +52,10 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     if precision == "int8":
         emulate_dynamic_int8(model)
     exp = export_subnet(w, root, ExportOptions(opset=opset, precision=precision, block_size=block_size,
-                                               accuracy_level=accuracy_level))
+                                               accuracy_level=accuracy_level, graph=graph))
     precision = "int4-acc4" if precision == "int4" and accuracy_level == 4 else precision
-    onnx.checker.check_model(str(exp.path("prefill")))
+    if graph == "plain":  # the fused graph's SimplifiedLayerNormalization is onnxruntime's, unknown to onnx
+        onnx.checker.check_model(str(exp.path("prefill")))
     x = torch.randint(0, base.dims.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     pre = session(exp.path("prefill")).run(None, {"input_ids": x.numpy()})
     with torch.no_grad():
@@ -166,3 +169,49 @@ def test_opset_and_ir_version_are_selectable(tiny_base, tiny_importance, tmp_pat
         ExportOptions(opset=9).validate()
     with pytest.raises(ExportError, match="cannot carry opset 21"):
         ExportOptions(opset=21, ir_version=7).validate()
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """A tiny Llama with head size 16: onnxruntime's GroupQueryAttention needs a multiple of 16."""
+    base = load_base_model(make_tiny_model(tmp_path_factory.mktemp("t16") / "tiny16", hidden=64, heads=4, kv_heads=2,
+                                           head_dim=16))
+    tokens = tokenize(stdlib_docstrings("calibration", 20_000), base.tokenizer, budget=512, window=128)
+    return base, compute_importance(base, tokens)
+
+
+@pytest.mark.parametrize(("precision", "level"), [("fp32", 0), ("int4", 0)])
+def test_the_fused_graph_computes_what_torch_does(tiny16, tmp_path, precision, level) -> None:
+    """GroupQueryAttention (RoPE, mask and KV append inside) and SkipSimplifiedLayerNormalization,
+    per layer with its own head and KV-head counts: prefill and three decode steps as torch."""
+    base, imp = tiny16
+    per_layer = SubnetConfig(base.base_id, (LayerChoice(0, 1, 2, 64), LayerChoice(2, 2, 1, 128), LayerChoice(3, 2, 2, 32)))
+    for config in (base.space().full(), per_layer):
+        check_parity(base, imp, config, tmp_path, 17, precision, accuracy_level=level, graph="fused")
+    w = slice_weights(base, imp, per_layer)
+    exp = export_subnet(w, tmp_path / "f", ExportOptions(graph="fused"))
+    ops = [n.op_type for n in onnx.load(str(exp.path("decode")), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 3 and ops.count("SkipSimplifiedLayerNormalization") == 6
+    assert "Softmax" not in ops and "Concat" not in ops
+
+
+def test_the_fused_graph_refuses_a_head_size_it_cannot_run(tiny_base, tiny_importance, tmp_path) -> None:
+    w = slice_weights(tiny_base, tiny_importance, tiny_base.space().full())  # head size 8
+    with pytest.raises(ExportError, match="divisible by 16"):
+        export_subnet(w, tmp_path, ExportOptions(graph="fused"))
+
+
+def test_a_fused_graph_sweep_is_its_own_back_end(tiny16, tmp_path) -> None:
+    from profiler.store import Store
+    from subnets.workspace import Workspace
+    from tests.helpers import sweep
+
+    base, imp = tiny16
+    ws = Workspace(base, imp, base.space(16), eval_budget=256)
+    db = tmp_path / "m.db"
+    s = sweep(ws, "local", db, ws.space.sample(2, 0), graph="fused")
+    assert s.measured == 4 and not s.failed, s.failed
+    store = Store(db)
+    assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:fused"}
+    assert "fused" in json.loads(store.devices()[0]["info"])["hello"]["onnxruntime"]["graphs"]
+    store.close()
