@@ -25,6 +25,7 @@ from profiler.agent_client import AgentClient, AgentProcess
 from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.hosts import HostSpec, resolve_host
 from subnets.onnx_export import MANIFEST, ExportedSubnet
+from subnets.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ class Timeouts:
     measure: float = 300.0  # one measure verb, session load included
     verify: float = 120.0
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Target:
@@ -175,7 +169,7 @@ class Target:
         if exported.weights_sha256 is not None:
             files.append(exported.weights_file)
         files = list(dict.fromkeys(files))  # a GGUF file serves both phases (and holds the weights)
-        digests = {f: _sha256(exported.folder / f) for f in files}
+        digests = {f: sha256_file(exported.folder / f) for f in files}
         partial = self.join("models", f"{key}.partial-{self.token[:16]}")
         self.mkdirs(partial)
         for f in files:

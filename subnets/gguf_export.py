@@ -36,6 +36,7 @@ import torch
 from subnets.errors import ConfigError
 from subnets.extract import SubnetWeights
 from subnets.onnx_export import MANIFEST, ExportedSubnet, TensorRecord
+from subnets.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +292,6 @@ def _write_file(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_di
     return records
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def export_gguf(w: SubnetWeights, root: Path, options: GgufOptions | None = None,
                 tokenizer_dir: Path | None = None) -> ExportedSubnet:
@@ -317,7 +311,7 @@ def export_gguf(w: SubnetWeights, root: Path, options: GgufOptions | None = None
         fname = GGUF_FILE if options.weights == "real" else HEADER_FILE
         # the header carries the tokenizer too: llama-bench draws its tokens from the vocabulary
         records = _write(w, options, tmp / fname, tokenizer_dir)
-        sha = _sha256(tmp / fname)
+        sha = sha256_file(tmp / fname)
         total = records[-1].offset + records[-1].length
         done = ExportedSubnet(key, folder, {"prefill": fname, "decode": fname}, {"prefill": sha, "decode": sha},
                               GGUF_FILE, total, sha if options.weights == "real" else None,

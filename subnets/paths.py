@@ -1,7 +1,9 @@
-"""Where edgenas keeps its caches (converted base models, importance, exports)."""
+"""Where edgenas keeps its caches (converted base models, importance, exports), and the
+content hash files are known by."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,3 +19,11 @@ def cache_dir() -> Path:
         root = (Path(xdg) if xdg else Path.home() / ".cache") / "edgenas"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
