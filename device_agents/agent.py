@@ -382,7 +382,7 @@ class Agent(object):
             bench, os.path.join(d, manifest["weights_file"]), args["phase"], int(args.get("seq_len", 1)),
             int(args.get("past_len", 0)), int(args.get("threads", 1)), policy, int(args.get("gpu_layers", 0)))
         stats = agent_timing.summarize(times, policy.unstable_cov)
-        stats["unstable"] = bool(stats["unstable"] or (reason != "converged" and stats["median_rel_ci"] > policy.target_rel_ci))
+        stats.update(self._level(policy, reason, stats, [], [], None))
         stats.update({"stop_reason": reason, "load_ms": 0.0, "session_reused": False, "rounds": rounds,
                       "timing_s": time.perf_counter() - t0, "raw_ms": [round(t * 1000.0, 4) for t in times],
                       "settings": {"threads": int(args.get("threads", 1)), "gpu_layers": int(args.get("gpu_layers", 0)),

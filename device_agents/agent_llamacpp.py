@@ -91,8 +91,8 @@ def parse_bench_json(text):
 
 _CLASSIFY = (
     (r"unknown model architecture: '([^']+)'",
-     "compile_error", "this board's llama.cpp does not know the '%s' architecture (per-layer sizes need build "
-     "b%d or later): update llama.cpp on the board" % ("{0}", MIN_DECI_BUILD)),
+     "compile_error", "this board's llama.cpp does not know the '{0}' architecture (per-layer sizes need build "
+     "b" + str(MIN_DECI_BUILD) + " or later): update llama.cpp on the board"),
     (r"invalid ggml type|unknown ggml type|tensor '[^']+' has invalid ggml type|type \d+ .*not supported",
      "compile_error", "this board's llama.cpp cannot load the GGUF's weight type: update llama.cpp, or profile "
      "with another --precision (f16, q8_0)"),

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from subnets.clikit import add_granularity, make_parser, progress_bar, run
+from subnets.quantize import GGUF_TYPES
+from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -57,7 +59,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="store_true", help="use a predictor made for another device or base model")
 
 
-PRECISIONS = ("fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0")
+PRECISIONS = (*ONNX_PRECISIONS, *GGUF_TYPES)
 
 
 def _precisions(text: str) -> str:
@@ -110,9 +112,8 @@ def check_precision(objective: Any, precision: str, block_size: int) -> None:
     the precision is the back-end tag's last part)."""
     from profiler.sweep import SweepSpec
     from search.study import SearchError
-    from subnets.gguf_export import GGUF_PRECISIONS
 
-    gguf = precision in GGUF_PRECISIONS
+    gguf = precision in GGUF_TYPES
     want = precision if gguf else SweepSpec(precision=precision, block_size=block_size).weights_precision
     for phase, rec in objective.measured_as.items():
         tag = str(rec.get("backend") or "")

@@ -37,6 +37,7 @@ from subnets.errors import ConfigError
 from subnets.extract import SubnetWeights
 from subnets.onnx_export import MANIFEST, ExportedSubnet, TensorRecord
 from subnets.paths import sha256_file
+from subnets.quantize import GGUF_TYPES as GGUF_PRECISIONS  # llama.cpp's names for the weight types written
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ GGUF_EXPORTER_VERSION = 1
 ARCH = "deci"
 GGUF_FILE = "model.gguf"
 HEADER_FILE = "header.gguf"
-# llama.cpp's names for the weight types this exporter writes
-GGUF_PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
-# the build that added the deci architecture to llama.cpp (PR 10028, b4350)
-MIN_LLAMA_CPP_BUILD = 4350
 
 
 @dataclass
