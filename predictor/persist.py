@@ -83,6 +83,15 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _current_protocol_digest(metrics: dict[str, Any]) -> None:
+    """Stores digest a protocol as this version does (defaults filled in, store schema 4), so
+    a predictor trained before that finds its measurements under the digest they now carry."""
+    from profiler.protocol import Protocol
+
+    if metrics.get("protocol_record"):
+        metrics["protocol"] = Protocol.from_dict(metrics["protocol_record"]).digest
+
+
 def load_predictor(folder: Path, device: str | None = None, base_id: str | None = None, phase: str | None = None,
                    override: bool = False) -> tuple[LatencyPredictor, dict[str, Any]]:
     """Load and check a predictor; refuse one for another device, base model, phase or
@@ -126,6 +135,7 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
             raise PredictorFileError(
                 f"{folder} predicts {what} {have[0]!r}, not {want!r}",
                 f"train a predictor for {want!r} (train-predictor), or pass --override to use it anyway")
+    _current_protocol_digest(meta.get("metrics") or {})
     try:
         dims = BaseDims.from_dict(meta["dims"])
         p = LatencyPredictor(dims, meta["phase"], alpha=float(meta["alpha"]))

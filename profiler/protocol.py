@@ -15,6 +15,16 @@ from typing import Any
 
 # Measurements written before the protocol was recorded (store schema 2 and older).
 UNRECORDED = "unrecorded"
+# The agent's timing defaults (device_agents/agent_timing.Policy): a record that leaves one out
+# is timed exactly as one that sends the default, so both must be one protocol.
+TIMING_DEFAULTS: dict[str, Any] = {"warmup_runs": 3, "warmup_s": 0.2, "min_runs": 10, "min_time_s": 1.0,
+                                   "max_time_s": 20.0, "max_runs": 100000, "target_rel_ci": 0.02,
+                                   "unstable_cov": 0.10, "sessions": 1}
+
+
+def normalized_timing(timing: dict[str, Any]) -> dict[str, Any]:
+    out = {**TIMING_DEFAULTS, **timing}
+    return {k: type(TIMING_DEFAULTS[k])(v) if k in TIMING_DEFAULTS else v for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,9 @@ class Protocol:
     ir_version: int | None = 8
     graph_opt: str = "all"
     precision: str | None = None  # TensorRT's engine precision, or the weights' (int8, int4-b32, q4_0, ...)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timing", normalized_timing(self.timing))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,7 +55,7 @@ class Protocol:
     def describe(self) -> str:
         t = self.timing
         parts = [f"min {t.get('min_time_s', 'default')} s"]
-        if t.get("sessions"):
+        if t.get("sessions", 1) > 1:
             parts.append(f"{t['sessions']} sessions")
         parts += ["paired" if self.paired else "unpaired", f"weights {self.weights}", f"opset {self.opset}"]
         return ", ".join(parts)

@@ -7,6 +7,7 @@ loses no finished measurement, and rerunning the same command resumes where it s
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from profiler.errors import ErrorClass, StoreError
 from profiler.fingerprint import device_fingerprint
 from profiler.protocol import UNRECORDED, Protocol
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
@@ -89,7 +90,41 @@ def _migrate_2(db: sqlite3.Connection) -> None:
         db.execute("UPDATE devices SET fingerprint=? WHERE id=?", (fp, dev_id))
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """v4 digests protocols with the agent's timing defaults filled in (``normalized_timing``):
+    a sweep that left a default out and one that sent it timed alike and are now one protocol.
+    Records, measurements and jobs move to the new digests; where two jobs of one cell meet,
+    the measured one keeps the key (the other stays under its old key, done or not)."""
+    fps = dict(db.execute("SELECT id, fingerprint FROM devices").fetchall())
+    for old, record in db.execute("SELECT digest, record FROM protocols").fetchall():
+        proto = Protocol.from_dict(json.loads(record))
+        new = proto.digest
+        if new == old:
+            continue
+        db.execute("INSERT OR IGNORE INTO protocols VALUES(?,?)", (new, json.dumps(proto.to_dict())))
+        db.execute("DELETE FROM protocols WHERE digest=?", (old,))
+        db.execute("UPDATE measurements SET protocol=? WHERE protocol=?", (new, old))
+        jobs = db.execute("SELECT id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
+                          "status FROM jobs WHERE protocol=? ORDER BY status='done' DESC, id", (old,)).fetchall()
+        for jid, dev, h, phase, batch, seq, past, backend, threads, _status in jobs:
+            key = job_key(fps.get(dev, ""), h, phase, batch, seq, past, backend, threads, new)
+            taken = db.execute("SELECT id, status FROM jobs WHERE job_key=?", (key,)).fetchone()
+            if taken is not None and taken[1] != "done" and not db.execute(
+                    "SELECT 1 FROM measurements WHERE job_id=?", (taken[0],)).fetchone():
+                db.execute("DELETE FROM jobs WHERE id=?", (taken[0],))
+                taken = None
+            db.execute("UPDATE jobs SET protocol=?" + (", job_key=?" if taken is None else "") + " WHERE id=?",
+                       (new, key, jid) if taken is None else (new, jid))
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
+
+
+def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
+            backend: str, threads: int, protocol: str) -> str:
+    """The identity of one cell under one protocol: a rerun finds its jobs by it."""
+    ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}|{protocol}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ reference sub-network is re-measured every N jobs to catch drift (thermal, other
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.fingerprint import device_fingerprint
 from profiler.protocol import Protocol
-from profiler.store import Job, Store
+from profiler.store import Job, Store, job_key
 from profiler.targets import Target
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
@@ -186,12 +185,6 @@ class SweepSummary:
         d = asdict(self)
         d["subnets_per_hour"] = self.subnets_per_hour
         return d
-
-
-def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
-            backend: str, threads: int, protocol: str) -> str:
-    ident = f"{fingerprint}|{config_hash}|{phase}|{batch}|{seq_len}|{past_len}|{backend}|{threads}|{protocol}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 def choose_backend(hello: dict[str, Any]) -> str:

@@ -383,7 +383,7 @@ def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
     with sqlite3.connect(db) as c:
         cols = {r[1] for r in c.execute("PRAGMA table_info(measurements)")}
         assert {"paired_ratio", "companion_ms", "protocol"} <= cols
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
 
 
 def test_a_schema_2_store_keeps_every_measurement_and_merges_backend_devices(tmp_path) -> None:
@@ -440,6 +440,37 @@ def test_a_rerun_with_other_timing_or_pairing_measures_anew_and_training_never_m
         assert m.protocol_record is not None and m.protocol_record["timing"]["min_time_s"] in (0.03, 0.05)
     finally:
         store.close()
+
+
+def test_a_default_left_out_is_the_same_protocol_and_old_digests_migrate(tiny_ws, tmp_path) -> None:
+    """The main job's sweep sends fewer timing keys than ``edgenas profile``; the agent fills
+    in its defaults, so both are one protocol: a resume with the defaults spelled out finds
+    every cell done, also in a store written when digests covered only the keys sent."""
+    import hashlib
+
+    from profiler.protocol import Protocol
+    from profiler.store import job_key
+
+    assert Protocol(timing={"min_time_s": 2}).digest == Protocol(
+        timing={"min_time_s": 2.0, "target_rel_ci": 0.02, "sessions": 1}).digest
+    db, cs = tmp_path / "m.db", tiny_ws.space.sample(2, seed=5)
+    assert sweep(tiny_ws, "local", db, cs, phases=("prefill",)).measured == 2
+    with sqlite3.connect(db) as c:  # back to schema 3: digests of the timing keys as sent
+        (digest, record), = c.execute("SELECT digest, record FROM protocols").fetchall()
+        raw = dict(json.loads(record), timing=dict(FAST_TIMING))
+        old = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
+        c.execute("UPDATE protocols SET digest=?, record=?", (old, json.dumps(raw)))
+        c.execute("UPDATE measurements SET protocol=?", (old,))
+        fp = c.execute("SELECT fingerprint FROM devices").fetchone()[0]
+        for jid, h, ph, b, s, p, be, t in c.execute("SELECT id, subnet_hash, phase, batch, seq_len, past_len, "
+                                                   "backend, threads FROM jobs").fetchall():
+            c.execute("UPDATE jobs SET protocol=?, job_key=? WHERE id=?", (old, job_key(fp, h, ph, b, s, p, be, t, old), jid))
+        c.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    assert old != digest
+    again = sweep(tiny_ws, "local", db, cs, phases=("prefill",), timing=dict(FAST_TIMING, target_rel_ci=0.02, sessions=1))
+    assert again.already_done == 2 and again.measured == 0
+    with sqlite3.connect(db) as c:
+        assert {r[0] for r in c.execute("SELECT protocol FROM measurements")} == {digest}
 
 
 def test_one_board_through_two_backends_is_one_device(tiny_ws, tmp_path) -> None:
