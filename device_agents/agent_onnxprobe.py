@@ -70,8 +70,8 @@ def probe(ort, max_opset=30, max_ir=20):
 
 
 def weight_precisions(ort):
-    """The weight precisions of edgenas graphs this onnxruntime has operators for: fp32
-    always; int8 with DynamicQuantizeLinear and MatMulInteger; int4 with com.microsoft's
+    """The weight precisions of edgenas graphs this onnxruntime has operators for: fp32 and
+    fp16 always; int8 with DynamicQuantizeLinear and MatMulInteger; int4 with com.microsoft's
     MatMulNBits (contrib operators, onnxruntime 1.17+). None when the build does not list its
     operators (the host then lets the first job say)."""
     try:
@@ -80,7 +80,7 @@ def weight_precisions(ort):
         names = set((s.domain, s.name) for s in C.get_all_operator_schema())
     except Exception:
         return None
-    out = ["fp32"]
+    out = ["fp32", "fp16"]  # fp16: native kernels where the CPU has them, casts around fp32 ones elsewhere
     if ("", "DynamicQuantizeLinear") in names and ("", "MatMulInteger") in names:
         out.append("int8")
     if ("com.microsoft", "MatMulNBits") in names:

@@ -139,8 +139,8 @@ class OrtSession(object):
                     raise AgentError("runtime_error", "input %s has an unknown dynamic axis %r" % (name, d))
             if "int64" in typ:
                 feeds[name] = rng.randint(0, vocab_size, size=dims).astype(np.int64)
-            else:
-                feeds[name] = rng.standard_normal(dims).astype(np.float32)
+            else:  # a KV cache, of the graph's precision
+                feeds[name] = rng.standard_normal(dims).astype(np.float16 if "float16" in typ else np.float32)
         return feeds
 
     def prepare(self, feeds):

@@ -116,7 +116,7 @@ def _pipeline_args(s: argparse.ArgumentParser) -> None:
                         "is usable without retraining)")
     s.add_argument("--evals", type=int, default=40, help="perplexity evaluations the search may spend")
     s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
-    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+    s.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
                    help="weights of the deployed graphs (onnxruntime): profiled, predicted and judged for quality at it")
     s.add_argument("--max-perplexity", default="3x", metavar="PPL|Rx",
                    help="quality ceiling for the search, a perplexity or a multiple of the full model's (default 3x)")

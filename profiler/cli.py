@@ -64,7 +64,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0"], default=None,
                    help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
                         "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
-                        "(MatMulNBits); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
+                        "(MatMulNBits), or fp16 (the whole graph in half precision); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
     p.add_argument("--graph", choices=["plain", "fused"], default="plain",
                    help="onnxruntime back-ends: attention in standard operators (plain, default) or onnxruntime's fused "
                         "decoder operators as onnxruntime-genai deploys (GroupQueryAttention, SkipSimplifiedLayerNormalization)")

@@ -30,6 +30,7 @@ from subnets.errors import ConfigError
 from subnets.gguf_export import GGUF_PRECISIONS, GgufOptions, export_gguf
 from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
 from subnets.paths import cache_dir
+from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class SweepSpec:
     decode_sessions: int | None = None
     weights: str = "none"  # "none": graph only, the board materializes weights; "real": ship them
     # TensorRT: engine precision fp16 (default) or fp32; onnxruntime: the linear layers'
-    # weights fp32 (default), int8 (MatMulInteger, dynamic activations) or int4 (MatMulNBits)
+    # weights fp32 (default), int8 (MatMulInteger, dynamic activations) or int4 (MatMulNBits),
+    # or the whole graph in fp16
     precision: str | None = None
     block_size: int = 32  # int4 weights: inputs per scale
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
@@ -68,7 +70,7 @@ class SweepSpec:
             raise ConfigError("llama-bench times one sequence at a time, alone",
                               "drop --paired and --batch with --backend llama.cpp")
         ok = (("fp16", "fp32") if self.is_tensorrt else GGUF_PRECISIONS if self.is_llama_cpp
-              else ("fp32", "int8", "int4"))
+              else ONNX_PRECISIONS)
         if self.resolved_precision not in ok:
             raise ConfigError(f"back-end {self.backend} does not run {self.resolved_precision} here",
                               f"pass --precision {' or '.join(ok)} with --backend {self.backend}")
@@ -185,6 +187,18 @@ class SweepSummary:
         d = asdict(self)
         d["subnets_per_hour"] = self.subnets_per_hour
         return d
+
+
+def tag_precision(tag: str) -> str | None:
+    """The weights' precision a back-end tag records (``SweepSpec.backend_tag``): a GGUF type
+    for llama.cpp, ``int8``/``int4-b32``/``fp16`` for onnxruntime, None for fp32 onnxruntime
+    graphs and TensorRT engines (whose tag carries the engine's precision instead)."""
+    parts = tag.split(":")
+    if parts[0] == "llama.cpp":
+        return parts[1] if len(parts) > 1 else None
+    if parts[0] in ("trt", "trtexec"):
+        return None
+    return parts[-1] if parts[-1].startswith(("int8", "int4", "fp16")) else None
 
 
 def choose_backend(hello: dict[str, Any]) -> str:

@@ -50,7 +50,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supernet", type=Path, default=None,
                    help="evaluate quality on a trained super-network's weights (`edgenas train-supernet --out`)")
     p.add_argument("--precision", type=_precisions, default="fp32",
-                   help="the weight precision the sub-networks are deployed at (fp32, int8, int4 for onnxruntime; f32, "
+                   help="the weight precision the sub-networks are deployed at (fp32, fp16, int8, int4 for onnxruntime; f32, "
                         "f16, q8_0, q4_0 for llama.cpp): quality is measured as that graph computes, and the predictor "
                         "must be trained on measurements of it (edgenas profile --precision). Several, comma-separated "
                         "(e.g. q8_0,q4_0, with a --predictor for each): search architecture x precision")
@@ -73,11 +73,9 @@ def _precisions(text: str) -> str:
 def predictor_precision(objective: Any) -> str:
     """The weight precision a predictor's measurements were of, from their back-end tag."""
     tags = {str(rec.get("backend") or "") for rec in objective.measured_as.values()}
-    tag = sorted(tags)[0] if tags else ""
-    if tag.startswith("llama.cpp:"):
-        return tag.split(":")[1]
-    last = tag.split(":")[-1]
-    return last.split("-")[0] if last.startswith(("int8", "int4")) else "fp32"
+    from profiler.sweep import tag_precision
+
+    return (tag_precision(sorted(tags)[0] if tags else "") or "fp32").split("-")[0]
 
 
 def deployments(args: argparse.Namespace, ws: Any, wl: Any, base_id: str) -> list[Any]:
@@ -110,7 +108,7 @@ def deployments(args: argparse.Namespace, ws: Any, wl: Any, base_id: str) -> lis
 def check_precision(objective: Any, precision: str, block_size: int) -> None:
     """The predictors must be of the precision the search deploys at (onnxruntime back-ends:
     the precision is the back-end tag's last part)."""
-    from profiler.sweep import SweepSpec
+    from profiler.sweep import SweepSpec, tag_precision
     from search.study import SearchError
 
     gguf = precision in GGUF_TYPES
@@ -119,14 +117,13 @@ def check_precision(objective: Any, precision: str, block_size: int) -> None:
         tag = str(rec.get("backend") or "")
         if not tag or tag.startswith(("trt", "trtexec")):
             continue
+        have = tag_precision(tag)
         if tag.startswith("llama.cpp") or gguf:
-            have = tag.split(":")[1] if tag.startswith("llama.cpp:") else None
             if have != want:
                 raise SearchError(f"the {phase} predictor was trained on {tag} measurements, the search asks for "
                                   f"{precision} weights", f"search with --precision {have or 'fp32'}, or profile with "
                                   f"--backend llama.cpp --precision {precision} and train on those")
             continue
-        have = tag.split(":")[-1] if tag.split(":")[-1].startswith(("int8", "int4")) else None
         if have != want:
             raise SearchError(f"the {phase} predictor was trained on {tag} measurements, the search asks for "
                               f"{precision} weights", f"profile with --precision {precision} and train on those "

@@ -67,7 +67,9 @@ class ExportOptions:
     ir_version: int | None = None  # None: the oldest that carries ``opset``
     weights: Literal["real", "none"] = "real"  # "none": graph + manifest only (profiling)
     # linear layers' weights: fp32, int8 (MatMulInteger with dynamic activation quantization)
-    # or int4 (MatMulNBits, blocks of block_size); embeddings, norms and the LM head stay fp32
+    # or int4 (MatMulNBits, blocks of block_size); embeddings, norms and the LM head stay fp32.
+    # fp16: every weight, activation, KV cache and the logits in half precision, the graph
+    # onnxruntime-genai builds for GPUs (and ARM CPUs with fp16 arithmetic)
     precision: str = "fp32"
     block_size: int = 32
     # int4: MatMulNBits' accuracy_level. 4 multiplies in int8 (activations quantized per block),
@@ -159,6 +161,8 @@ def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32
     MatMul (or quantized, see ``_quantized``); the query projection carries the
     1/sqrt(head_dim) attention scale (RoPE is linear, so scaling before it is exact)."""
     plan = _plan_fp32(w)
+    if precision == "fp16":
+        return [(name, arr.astype(np.float16), kind) for name, arr, kind in plan]
     return plan if precision == "fp32" else _quantized(plan, precision, block_size)
 
 
@@ -234,6 +238,9 @@ class _Graph:
     def __init__(self, opset: int, precision: str = "fp32", block_size: int = 32, accuracy_level: int = 4) -> None:
         self.opset = opset
         self.precision, self.block_size, self.accuracy_level = precision, block_size, accuracy_level
+        # the activations' type: fp16 graphs compute, cache and answer in half precision
+        self.float = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        self.np_float: type = np.float16 if precision == "fp16" else np.float32
         self.shapes: dict[str, list[int]] = {}
         self._k: dict[str, int] = {}  # in-features of each quantized linear layer
         self.nodes: list[onnx.NodeProto] = []
@@ -276,16 +283,27 @@ class _Graph:
     def slice(self, x: str, start: int, end: int, axis: int) -> str:
         return self.op("Slice", [x, self.const([start]), self.const([end]), self.const([axis])])
 
+    def fconst(self, value: object) -> str:
+        """A constant of the activations' type."""
+        return self.const(value, self.np_float)
+
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern onnxruntime fuses into
-        # SimplifiedLayerNormalization.
+        # SimplifiedLayerNormalization. In fp16 the statistics are computed in fp32, as that
+        # operator's stash_type does: a residual of a few hundred squares past fp16's 65504.
+        half = self.float == TensorProto.FLOAT16
+        if half:
+            x = self.op("Cast", [x], to=TensorProto.FLOAT)
         sq = self.op("Pow", [x, self.const(2.0, np.float32)])
         if self.opset >= 18:
             mean = self.op("ReduceMean", [sq, self.const([-1])], keepdims=1)
         else:
             mean = self.op("ReduceMean", [sq], axes=[-1], keepdims=1)
         std = self.op("Sqrt", [self.op("Add", [mean, self.const(eps, np.float32)])])
-        return self.op("Mul", [self.op("Div", [x, std]), weight])
+        normed = self.op("Div", [x, std])
+        if half:
+            normed = self.op("Cast", [normed], to=TensorProto.FLOAT16)
+        return self.op("Mul", [normed, weight])
 
     def linear(self, x: str, w: str, b: str | None = None) -> str:
         if self.precision == "int4":
@@ -312,7 +330,7 @@ class _Graph:
 def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
     g = _Graph(options.opset, options.precision, options.block_size, options.accuracy_level)
     names = {r.name: g.external(r) for r in recs}
-    if options.precision != "fp32":  # a linear layer is named by its weight; its parts carry suffixes
+    if options.precision in ("int8", "int4"):  # a linear layer is named by its weight; its parts carry suffixes
         for r in recs:
             if r.name.endswith(".q"):
                 names[r.name[:-2]] = r.name[:-2]
@@ -324,7 +342,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
     hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
     vocab = int(w.embed.shape[0])
     eps = w.rms_norm_eps
-    f32 = TensorProto.FLOAT
+    f32 = g.float
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence" if phase == "prefill" else 1])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, vocab])]
 
@@ -334,19 +352,20 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
         pos = g.op("Range", [g.const(0), seq, g.const(1)])
         kpos = g.unsqueeze(pos, [0])
         qpos = g.unsqueeze(pos, [1])
-        mask = g.op("Where", [g.op("Greater", [kpos, qpos]), g.const(np.finfo(np.float32).min, np.float32),
-                              g.const(0.0, np.float32)])
+        mask = g.op("Where", [g.op("Greater", [kpos, qpos]), g.fconst(np.finfo(g.np_float).min), g.fconst(0.0)])
     else:
         past = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"]), g.const(2)], axis=0)
         pos = g.op("Reshape", [past, g.const([1])])
         mask = None
-    posf = g.unsqueeze(g.op("Cast", [pos], to=f32), [1])
+    posf = g.unsqueeze(g.op("Cast", [pos], to=TensorProto.FLOAT), [1])  # angles in fp32 at any precision
     freqs = g.op("Mul", [posf, g.const(w.inv_freq.numpy()[None, :], np.float32)])
     emb = g.op("Concat", [freqs, freqs], axis=1)
     cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
     if w.rope_scaling != 1.0:
         s = g.const(w.rope_scaling, np.float32)
         cos, sin = g.op("Mul", [cos, s]), g.op("Mul", [sin, s])
+    if g.float != TensorProto.FLOAT:
+        cos, sin = g.op("Cast", [cos], to=g.float), g.op("Cast", [sin], to=g.float)
 
     x = g.op("Gather", [names["embed"], "input_ids"], axis=0)
     for i, lw in enumerate(w.layers):

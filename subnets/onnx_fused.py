@@ -52,7 +52,7 @@ def _lengths(g: Any, phase: str) -> tuple[str, str]:
 
 def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str) -> tuple[list[Any], list[Any]]:
     """Fill ``g`` (an ``onnx_export._Graph``) with the fused decoder; return (inputs, outputs)."""
-    f32 = TensorProto.FLOAT
+    f32 = g.float
     hd, d, eps = w.head_dim, w.hidden_size, w.rms_norm_eps
     if hd % 16:
         from subnets.errors import ExportError
@@ -63,7 +63,7 @@ def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str) -> tupl
                                             ["batch", "sequence" if phase == "prefill" else 1])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, int(w.embed.shape[0])])]
     cos, sin = _rope_caches(w)
-    cos_c, sin_c = g.const(cos, np.float32), g.const(sin, np.float32)
+    cos_c, sin_c = g.fconst(cos), g.fconst(sin)
     seqlens, total = _lengths(g, phase)
     x = g.op("Gather", [names["embed"], "input_ids"], axis=0)
     residual, pending = x, None  # pending: the sub-layer output still to be added to residual

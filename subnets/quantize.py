@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -67,6 +67,8 @@ def dequantized(w: Any, precision: str, block_size: int = 32) -> Any:
 
     if precision in ("fp32", "f32"):
         return w
+    if precision == "fp16":
+        return _half(w)
     if precision in GGUF_TYPES:
         return _gguf_dequantized(w, precision)
     scale = w.head_dim ** -0.5
@@ -81,6 +83,30 @@ def dequantized(w: Any, precision: str, block_size: int = 32) -> Any:
             new[name] = torch.from_numpy(deq).t().contiguous().to(t.dtype) / s
         layers.append(dataclasses.replace(lw, **new))
     return dataclasses.replace(w, layers=layers)
+
+
+def _half(w: Any) -> Any:
+    """Every tensor of ``w`` rounded to fp16 (an fp16 graph stores all of them so)."""
+    import dataclasses
+
+    import torch
+
+    def r(t: Any) -> Any:
+        return None if t is None else t.to(torch.float16).to(t.dtype)
+
+    layers = [dataclasses.replace(lw, **{f.name: r(getattr(lw, f.name)) for f in dataclasses.fields(lw)
+                                         if isinstance(getattr(lw, f.name), torch.Tensor)}) for lw in w.layers]
+    return dataclasses.replace(w, layers=layers, embed=r(w.embed), final_norm=r(w.final_norm), lm_head=r(w.lm_head))
+
+
+def emulate(model: Any, precision: str) -> Any:
+    """Make ``model`` (built from ``dequantized(w, precision)``) compute what the runtime
+    computes at ``precision`` besides its weights: int8's dynamically quantized activations,
+    llama.cpp's Q8_0/F16-rounded activations, fp16's half-precision activations (rounded at
+    every linear layer's input, the dominant rounding). Returns ``model``."""
+    if precision == "int8":
+        return emulate_dynamic_int8(model)
+    return emulate_gguf(model, "f16" if precision == "fp16" else precision)
 
 
 def emulate_dynamic_int8(model: Any) -> Any:

@@ -49,12 +49,9 @@ class Workspace:
         """The sub-network in torch, computing what its graph at ``precision`` computes."""
         if self.precision == "fp32":
             return build_model(self.weights(config))
-        from subnets.quantize import GGUF_TYPES, dequantized, emulate_dynamic_int8, emulate_gguf
+        from subnets.quantize import dequantized, emulate
 
-        model = build_model(dequantized(self.weights(config), self.precision, self.block_size))
-        if self.precision in GGUF_TYPES:
-            return emulate_gguf(model, self.precision)
-        return emulate_dynamic_int8(model) if self.precision == "int8" else model
+        return emulate(build_model(dequantized(self.weights(config), self.precision, self.block_size)), self.precision)
 
     def quality_id(self) -> str:
         """What a sub-network's perplexity here depends on: the weights, which units the

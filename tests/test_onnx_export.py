@@ -26,7 +26,7 @@ from tests.tiny import make_tiny_model
 # int4 at accuracy level 4 (int8 compute, activations quantized per block; the default)
 # against torch on the dequantized weights: observed 2.2% of the logits' range.
 ATOL = 1e-4
-REL = {"int8": 0.02, "int4-acc4": 0.05}
+REL = {"int8": 0.02, "int4-acc4": 0.05, "fp16": 0.02}
 
 
 def close(actual, desired, precision: str) -> None:
@@ -45,12 +45,10 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     """The graph against torch running exactly the graph's arithmetic: for int4 the same
     dequantized weights, for int8 those and per-tensor uint8 activations (emulated). int4 at
     accuracy level 4 quantizes activations per block too: checked at int8's tolerance."""
-    from subnets.quantize import dequantized, emulate_dynamic_int8
+    from subnets.quantize import dequantized, emulate
 
     w = slice_weights(base, imp, config)
-    model = build_model(dequantized(w, precision, block_size))
-    if precision == "int8":
-        emulate_dynamic_int8(model)
+    model = emulate(build_model(dequantized(w, precision, block_size)), precision)
     exp = export_subnet(w, root, ExportOptions(opset=opset, precision=precision, block_size=block_size,
                                                accuracy_level=accuracy_level, graph=graph))
     precision = "int4-acc4" if precision == "int4" and accuracy_level == 4 else precision
@@ -60,13 +58,15 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     pre = session(exp.path("prefill")).run(None, {"input_ids": x.numpy()})
     with torch.no_grad():
         ref = model(x, use_cache=True)
+    pre = [a.astype(np.float32) for a in pre]
     close(pre[0][:, 0], ref.logits[:, -1].numpy(), precision)
     cache = ref.cache if hasattr(ref, "cache") else ref.past_key_values
     for i in range(len(config.layers)):
         close(pre[1 + 2 * i], cache.layers[i].keys.numpy(), precision)
         close(pre[2 + 2 * i], cache.layers[i].values.numpy(), precision)
     # three decode steps, each fed the previous step's present KV
-    feeds = {f"past_key_values.{i}.{kv}": pre[1 + 2 * i + j] for i in range(len(config.layers)) for j, kv in enumerate(("key", "value"))}
+    dtype = np.float16 if precision == "fp16" else np.float32
+    feeds = {f"past_key_values.{i}.{kv}": pre[1 + 2 * i + j].astype(dtype) for i in range(len(config.layers)) for j, kv in enumerate(("key", "value"))}
     dec = session(exp.path("decode"))
     for step in range(3):
         nxt = torch.tensor([[5 + step], [7 + step]])
@@ -74,7 +74,7 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
         with torch.no_grad():
             ref = model(nxt, cache=cache, use_cache=True)
         cache = ref.cache if hasattr(ref, "cache") else ref.past_key_values
-        close(out[0][:, 0], ref.logits[:, -1].numpy(), precision)
+        close(out[0][:, 0].astype(np.float32), ref.logits[:, -1].numpy(), precision)
         assert out[1].shape == (2, config.layers[0].kv_groups, 18 + step, base.dims.head_dim)
         feeds = {f"past_key_values.{i}.{kv}": out[1 + 2 * i + j] for i in range(len(config.layers)) for j, kv in enumerate(("key", "value"))}
 
@@ -89,7 +89,7 @@ def test_onnxruntime_matches_torch(tiny_base, tiny_importance, tmp_path, opset: 
 
 
 @pytest.mark.parametrize(("precision", "block_size", "level"), [("int8", 32, 0), ("int4", 32, 0), ("int4", 128, 0),
-                                                                ("int4", 32, 4)])
+                                                                ("int4", 32, 4), ("fp16", 32, 0)])
 def test_quantized_graphs_compute_their_stated_arithmetic(tiny_base, tiny_importance, tmp_path, precision,
                                                           block_size, level) -> None:
     """int4 (MatMulNBits) and int8 (dynamic, MatMulInteger) graphs match torch on the same
@@ -180,7 +180,7 @@ def tiny16(tmp_path_factory):
     return base, compute_importance(base, tokens)
 
 
-@pytest.mark.parametrize(("precision", "level"), [("fp32", 0), ("int4", 0)])
+@pytest.mark.parametrize(("precision", "level"), [("fp32", 0), ("int4", 0), ("fp16", 0)])
 def test_the_fused_graph_computes_what_torch_does(tiny16, tmp_path, precision, level) -> None:
     """GroupQueryAttention (RoPE, mask and KV append inside) and SkipSimplifiedLayerNormalization,
     per layer with its own head and KV-head counts: prefill and three decode steps as torch."""
