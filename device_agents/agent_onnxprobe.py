@@ -100,4 +100,4 @@ def graph_variants(ort):
         return None
     fused = {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization"),
              ("", "SimplifiedLayerNormalization")}
-    return ["plain", "fused"] if fused <= names else ["plain"]
+    return ["plain", "fused", "fused-shared"] if fused <= names else ["plain"]

@@ -135,9 +135,13 @@ class OrtSession(object):
                     dims.append(seq_len)
                 elif d == "past_sequence":
                     dims.append(past_len)
+                elif d in ("total_sequence", "max_sequence"):  # a shared KV buffer: just long enough
+                    dims.append(past_len + seq_len)
                 else:
                     raise AgentError("runtime_error", "input %s has an unknown dynamic axis %r" % (name, d))
-            if "int64" in typ:
+            if name == "attention_mask":
+                feeds[name] = np.ones(dims, dtype=np.int64)
+            elif "int64" in typ:
                 feeds[name] = rng.randint(0, vocab_size, size=dims).astype(np.int64)
             else:  # a KV cache, of the graph's precision
                 feeds[name] = rng.standard_normal(dims).astype(np.float16 if "float16" in typ else np.float32)
@@ -147,7 +151,10 @@ class OrtSession(object):
         """Bind inputs once so the timed call is the model alone; on GPU back-ends IOBinding
         keeps inputs and outputs on the device, so no host-device copy is timed."""
         if self.backend == "ort-cpu":
-            self._feeds = feeds
+            if any("max_sequence" in shape for _, shape, _ in self.inputs):
+                self._binding = self._shared_kv_binding(feeds)
+            else:
+                self._feeds = feeds
             return
         binding = self.sess.io_binding()
         for name, arr in feeds.items():
@@ -155,6 +162,24 @@ class OrtSession(object):
         for name in self.outputs:
             binding.bind_output(name, "cuda", 0)
         self._binding = binding
+
+    def _shared_kv_binding(self, feeds):
+        """onnxruntime-genai's past_present_share_buffer: each layer's past buffer is bound as
+        its present output too, so GroupQueryAttention appends in place (every timed step
+        writes the same slot: the lengths come from attention_mask)."""
+        binding = self.sess.io_binding()
+        values = {}
+        for name, arr in feeds.items():
+            values[name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+            binding.bind_ortvalue_input(name, values[name])
+        for name in self.outputs:
+            past = name.replace("present.", "past_key_values.", 1)
+            if name.startswith("present.") and past in values:
+                binding.bind_ortvalue_output(name, values[past])
+            else:
+                binding.bind_output(name)
+        self._values = values  # the buffers live as long as the binding
+        return binding
 
     def run_once(self):
         if self._binding is not None:

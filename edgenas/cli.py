@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from subnets.clikit import add_granularity, add_run_config, make_parser, run, subparsers
+from subnets.clikit import add_granularity, add_graph, add_run_config, make_parser, run, subparsers
 from subnets.configio import read_configs
 from subnets.cost import cost
 from subnets.errors import ConfigError
@@ -64,9 +64,7 @@ def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text", default=None, help="held-out text file for perplexity (default: stdlib docstrings)")
     s.add_argument("--supernet", type=Path, default=None,
                    help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
-    s.add_argument("--graph", choices=["plain", "fused"], default="plain",
-                   help="ONNX graphs with attention in standard operators (plain) or onnxruntime's fused decoder "
-                        "operators (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai ships")
+    add_graph(s, "the ONNX graphs")
     s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], default=None,
                    help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE")
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from profiler.errors import StoreError
-from subnets.clikit import add_granularity, make_parser, progress_bar, run
+from subnets.clikit import add_granularity, add_graph, make_parser, progress_bar, run
 from subnets.errors import ConfigError
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -65,9 +65,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
                         "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
                         "(MatMulNBits), or fp16 (the whole graph in half precision); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
-    p.add_argument("--graph", choices=["plain", "fused"], default="plain",
-                   help="onnxruntime back-ends: attention in standard operators (plain, default) or onnxruntime's fused "
-                        "decoder operators as onnxruntime-genai deploys (GroupQueryAttention, SkipSimplifiedLayerNormalization)")
+    add_graph(p, "onnxruntime back-ends")
     p.add_argument("--gpu-layers", type=int, default=0,
                    help="llama.cpp: layers offloaded to the board's GPU (llama-bench -ngl; default 0, CPU only)")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],

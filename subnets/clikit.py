@@ -104,3 +104,14 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Ca
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+
+
+def add_graph(p: argparse.ArgumentParser, what: str) -> None:
+    """``--graph``: which ONNX decoder graph (``onnx_export.GRAPHS``)."""
+    from subnets.onnx_export import GRAPHS
+
+    p.add_argument("--graph", choices=GRAPHS, default="plain",
+                   help=f"{what}: attention in standard operators (plain, default); onnxruntime's fused decoder operators "
+                        "as onnxruntime-genai deploys (fused: GroupQueryAttention, SkipSimplifiedLayerNormalization); "
+                        "those with its in-place KV buffer, past and present bound to one preallocated buffer "
+                        "(fused-shared)")

@@ -40,7 +40,7 @@ from subnets.quantize import BLOCK_SIZES, PRECISIONS, quantize_int4, quantize_in
 log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = 1
-GRAPHS = ("plain", "fused")
+GRAPHS = ("plain", "fused", "fused-shared")
 MIN_OPSET = 13  # Unsqueeze/Slice with axes as inputs, Softmax over one axis
 WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
@@ -77,12 +77,14 @@ class ExportOptions:
     # 16.3 ms, 1 thread) where 0 (fp32 compute) ran at fp32 speed. 0 computes exactly.
     accuracy_level: int = 4
     # "plain": attention in standard operators; "fused": onnxruntime's contrib decoder operators
-    # (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai deploys
+    # (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai deploys;
+    # "fused-shared": those with onnxruntime-genai's past_present_share_buffer KV cache (one
+    # preallocated buffer per layer, appended in place; see onnx_fused)
     graph: str = "plain"
 
     def validate(self) -> None:
         if self.graph not in GRAPHS:
-            raise ExportError(f"graph variant {self.graph!r} is not one edgenas exports", "use plain or fused")
+            raise ExportError(f"graph variant {self.graph!r} is not one edgenas exports", f"use {', '.join(GRAPHS)}")
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision {self.precision!r} is not one edgenas exports",
                               f"use one of {', '.join(PRECISIONS)}")
@@ -335,10 +337,10 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
             if r.name.endswith(".q"):
                 names[r.name[:-2]] = r.name[:-2]
         g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
-    if options.graph == "fused":
+    if options.graph != "plain":
         from subnets.onnx_fused import build_fused_graph
 
-        return _model(g, *build_fused_graph(g, w, names, phase), phase, options)
+        return _model(g, *build_fused_graph(g, w, names, phase, shared=options.graph == "fused-shared"), phase, options)
     hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
     vocab = int(w.embed.shape[0])
     eps = w.rms_norm_eps
@@ -416,7 +418,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
 def _model(g: _Graph, inputs: list[Any], outputs: list[Any], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, f"edgenas_{phase}", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", options.opset)]
-    if options.precision == "int4" or options.graph == "fused":
+    if options.precision == "int4" or options.graph != "plain":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="edgenas", producer_version=str(EXPORTER_VERSION))

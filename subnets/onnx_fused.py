@@ -14,8 +14,14 @@ onnxruntime-genai's model builder emits, uses onnxruntime's contrib operators:
 Inputs and outputs are the plain graph's (``input_ids``, ``past_key_values.{i}.key|value`` as
 [B, kv_heads, P, head_dim] with rotated keys; ``logits``, ``present.{i}.*``), so the agent
 times both alike; GroupQueryAttention's sequence lengths are computed in the graph from the
-shapes. The KV cache is appended inside the operator (past and present separate buffers; the
-in-place shared buffer of onnxruntime-genai needs a fixed maximum length and is not emitted)."""
+shapes, and it copies the past into a new present buffer every step.
+
+``shared=True`` is onnxruntime-genai's ``past_present_share_buffer``: the decode graph's
+``past_key_values.{i}.*`` are preallocated buffers [B, kv_heads, M, head_dim] (M, the
+maximum length, at least the total) that the runtime binds as ``present.{i}.*`` too, so the
+operator writes the new token's key and value in place and copies nothing; the lengths come
+from an ``attention_mask`` [B, total] input, as onnxruntime-genai feeds it. The prefill graph
+is the unshared one (its present is the prompt's cache, copied into the buffers once)."""
 
 from __future__ import annotations
 
@@ -36,6 +42,14 @@ def _rope_caches(w: Any) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
+def _mask_lengths(g: Any) -> tuple[str, str]:
+    """seqlens_k and total_sequence_length from ``attention_mask`` [B, total], as
+    onnxruntime-genai computes them: the buffers' shape says nothing of the length."""
+    seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)
+    return g.op("Cast", [seqlens], to=TensorProto.INT32), g.op("Cast", [total], to=TensorProto.INT32)
+
+
 def _lengths(g: Any, phase: str) -> tuple[str, str]:
     """GroupQueryAttention's seqlens_k ([B] int32, total length - 1) and total_sequence_length
     (int32 scalar), from the shapes of the inputs."""
@@ -50,8 +64,10 @@ def _lengths(g: Any, phase: str) -> tuple[str, str]:
     return seqlens, g.op("Reshape", [total32, g.const([], np.int64)])
 
 
-def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str) -> tuple[list[Any], list[Any]]:
-    """Fill ``g`` (an ``onnx_export._Graph``) with the fused decoder; return (inputs, outputs)."""
+def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str,
+                      shared: bool = False) -> tuple[list[Any], list[Any]]:
+    """Fill ``g`` (an ``onnx_export._Graph``) with the fused decoder; return (inputs, outputs).
+    ``shared``: the decode graph appends to preallocated buffers in place (module docstring)."""
     f32 = g.float
     hd, d, eps = w.head_dim, w.hidden_size, w.rms_norm_eps
     if hd % 16:
@@ -64,7 +80,11 @@ def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str) -> tupl
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, int(w.embed.shape[0])])]
     cos, sin = _rope_caches(w)
     cos_c, sin_c = g.fconst(cos), g.fconst(sin)
-    seqlens, total = _lengths(g, phase)
+    shared = shared and phase == "decode"
+    if shared:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]))
+    seqlens, total = _mask_lengths(g) if shared else _lengths(g, phase)
+    past_dim = "max_sequence" if shared else "past_sequence"
     x = g.op("Gather", [names["embed"], "input_ids"], axis=0)
     residual, pending = x, None  # pending: the sub-layer output still to be added to residual
     for i, lw in enumerate(w.layers):
@@ -75,10 +95,10 @@ def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str) -> tupl
         v = g.linear(h, names[p + "v"], names.get(p + "v_bias"))
         pk, pv = (f"past_key_values.{i}.key", f"past_key_values.{i}.value") if phase == "decode" else ("", "")
         if phase == "decode":
-            inputs += [helper.make_tensor_value_info(n, f32, ["batch", lw.num_kv_heads, "past_sequence", hd])
+            inputs += [helper.make_tensor_value_info(n, f32, ["batch", lw.num_kv_heads, past_dim, hd])
                        for n in (pk, pv)]
         kname, vname = f"present.{i}.key", f"present.{i}.value"
-        total_dim = "sequence" if phase == "prefill" else "total_sequence"
+        total_dim = "sequence" if phase == "prefill" else past_dim if shared else "total_sequence"
         outputs += [helper.make_tensor_value_info(n, f32, ["batch", lw.num_kv_heads, total_dim, hd])
                     for n in (kname, vname)]
         attn = f"attn_{i}"

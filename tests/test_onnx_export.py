@@ -195,6 +195,38 @@ def test_the_fused_graph_computes_what_torch_does(tiny16, tmp_path, precision, l
     assert "Softmax" not in ops and "Concat" not in ops
 
 
+def test_the_shared_kv_buffer_is_appended_in_place(tiny16, tmp_path) -> None:
+    """fused-shared: the decode graph's past and present are one preallocated buffer per layer
+    (bound so), GroupQueryAttention writes each step's key and value into it in place, and
+    the logits are torch's."""
+    base, imp = tiny16
+    config = SubnetConfig(base.base_id, (LayerChoice(0, 1, 2, 64), LayerChoice(2, 2, 1, 128), LayerChoice(3, 2, 2, 32)))
+    w = slice_weights(base, imp, config)
+    exp = export_subnet(w, tmp_path, ExportOptions(graph="fused-shared"))
+    x = torch.randint(0, base.dims.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    pre = session(exp.path("prefill")).run(None, {"input_ids": x[:, :16].numpy()})
+    dec, max_len = session(exp.path("decode")), 32
+    binding, buffers = dec.io_binding(), []
+    for i in range(len(config.layers)):
+        for j, kv in enumerate(("key", "value")):
+            buf = np.zeros((1, pre[1 + 2 * i + j].shape[1], max_len, base.dims.head_dim), np.float32)
+            buf[:, :, :16] = pre[1 + 2 * i + j]
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(buf))
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffers[-1])
+            binding.bind_ortvalue_output(f"present.{i}.{kv}", buffers[-1])
+    binding.bind_output("logits")
+    for pos in range(16, 20):
+        binding.bind_cpu_input("input_ids", x[:, pos:pos + 1].numpy())
+        binding.bind_cpu_input("attention_mask", np.ones((1, pos + 1), np.int64))
+        dec.run_with_iobinding(binding)
+    with torch.no_grad():
+        ref = build_model(w)(x, use_cache=True)
+    close(binding.get_outputs()[-1].numpy()[:, 0], ref.logits[:, -1].numpy(), "fp32")
+    cache = ref.cache if hasattr(ref, "cache") else ref.past_key_values
+    close(buffers[0].numpy()[:, :, :20], cache.layers[0].keys.numpy(), "fp32")
+    assert binding.get_outputs()[0].data_ptr() == buffers[0].data_ptr()
+
+
 def test_the_fused_graph_refuses_a_head_size_it_cannot_run(tiny_base, tiny_importance, tmp_path) -> None:
     w = slice_weights(tiny_base, tiny_importance, tiny_base.space().full())  # head size 8
     with pytest.raises(ExportError, match="divisible by 16"):
@@ -209,9 +241,10 @@ def test_a_fused_graph_sweep_is_its_own_back_end(tiny16, tmp_path) -> None:
     base, imp = tiny16
     ws = Workspace(base, imp, base.space(16), eval_budget=256)
     db = tmp_path / "m.db"
-    s = sweep(ws, "local", db, ws.space.sample(2, 0), graph="fused")
-    assert s.measured == 4 and not s.failed, s.failed
+    for graph in ("fused", "fused-shared"):
+        s = sweep(ws, "local", db, ws.space.sample(2, 0), graph=graph)
+        assert s.measured == 4 and not s.failed, s.failed
     store = Store(db)
-    assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:fused"}
+    assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:fused", "ort-cpu:fused-shared"}
     assert "fused" in json.loads(store.devices()[0]["info"])["hello"]["onnxruntime"]["graphs"]
     store.close()
