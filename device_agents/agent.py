@@ -33,6 +33,8 @@ from agent_runtime import AgentError
 
 AGENT_VERSION = "1"
 PROTOCOL = 1
+# GGUF back-ends: llama-bench, and the Python binding (llama-cpp-python)
+LLAMA_CPP_BACKENDS = ("llama.cpp", "llama.cpp-py")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TOKEN = re.compile(r"^[0-9a-f]{1,32}$")
@@ -363,23 +365,41 @@ class Agent(object):
                       "session_reused": bool(meta.get("cached")), "timing_s": sum(times)})
         return stats
 
-    def _llama_cpp(self, args, policy):
-        """llama.cpp cells: the GGUF file (filled in if shipped as a header), timed by llama-bench."""
-        bench = agent_llamacpp.find_llama_bench(self.llama_cpp_hint)
-        if bench is None:
-            raise AgentError("compile_error", "this board has no llama-bench: build llama.cpp on it (edgenas's "
-                             "scripts/build_llama_cpp.sh) and set llama_cpp = \"/path/to/bin\" in the inventory")
+    def _gguf_file(self, args):
+        """The GGUF file of a cell (filled in first if it was shipped as a header)."""
         if int(args.get("batch", 1)) != 1:
-            raise AgentError("compile_error", "llama-bench times one sequence: use --batch 1 with llama.cpp")
+            raise AgentError("compile_error", "llama.cpp cells time one sequence: use --batch 1 with llama.cpp")
         d = self.model_dir(args["key"])
         with open(os.path.join(d, "export.json")) as f:
             manifest = json.load(f)
         if manifest.get("options", {}).get("format") != "gguf":
             raise AgentError("load_error", "model %s is not a GGUF export" % args["key"])
         self.materialize({"key": args["key"]})
+        return os.path.join(d, manifest["weights_file"])
+
+    def _llama_binding(self, args, policy):
+        """llama.cpp cells through the Python binding, timed by the agent's own protocol."""
+        model = self._gguf_file(args)
+        times, reason, load_s, settings = agent_llamacpp.time_binding_cell(
+            model, args["phase"], int(args.get("seq_len", 1)), int(args.get("past_len", 0)),
+            int(args.get("threads", 1)), policy, int(args.get("gpu_layers", 0)), self.llama_cpp_hint)
+        stats = agent_timing.summarize(times, policy.unstable_cov)
+        stats.update(self._level(policy, reason, stats, [], [], None))
+        stats.update({"stop_reason": reason, "load_ms": load_s * 1000.0, "session_reused": False,
+                      "timing_s": sum(times), "raw_ms": [round(t * 1000.0, 4) for t in times], "settings": settings,
+                      "versions": {"llama_cpp_python": settings["binding"]}})
+        return stats
+
+    def _llama_cpp(self, args, policy):
+        """llama.cpp cells: the GGUF file (filled in if shipped as a header), timed by llama-bench."""
+        bench = agent_llamacpp.find_llama_bench(self.llama_cpp_hint)
+        if bench is None:
+            raise AgentError("compile_error", "this board has no llama-bench: build llama.cpp on it (edgenas's "
+                             "scripts/build_llama_cpp.sh) and set llama_cpp = \"/path/to/bin\" in the inventory")
+        model = self._gguf_file(args)
         t0 = time.perf_counter()
         times, reason, rec, rounds = agent_llamacpp.time_cell(
-            bench, os.path.join(d, manifest["weights_file"]), args["phase"], int(args.get("seq_len", 1)),
+            bench, model, args["phase"], int(args.get("seq_len", 1)),
             int(args.get("past_len", 0)), int(args.get("threads", 1)), policy, int(args.get("gpu_layers", 0)))
         stats = agent_timing.summarize(times, policy.unstable_cov)
         stats.update(self._level(policy, reason, stats, [], [], None))
@@ -394,15 +414,17 @@ class Agent(object):
         return stats
 
     def measure(self, args):
-        self.require_runtime(onnx=args.get("backend") != "llama.cpp")  # llama.cpp boards need only numpy
+        gguf = args.get("backend") in LLAMA_CPP_BACKENDS
+        self.require_runtime(onnx=not gguf)  # llama.cpp boards need only numpy
         np = self.np
         policy = agent_timing.TimingPolicy.from_dict(args.get("timing"))
         batch, seq_len, past_len = int(args.get("batch", 1)), int(args.get("seq_len", 1)), int(args.get("past_len", 0))
         before = agent_telemetry.snapshot()
         peak_reset = agent_runtime.reset_peak_rss()
         rss0 = agent_runtime.rss_mb()
-        if args.get("backend") in ("trt", "trtexec", "llama.cpp"):
-            stats = self._llama_cpp(args, policy) if args["backend"] == "llama.cpp" else self._tensorrt(args, policy)
+        if args.get("backend") in ("trt", "trtexec") or gguf:
+            run = {"llama.cpp": self._llama_cpp, "llama.cpp-py": self._llama_binding}.get(args["backend"], self._tensorrt)
+            stats = run(args, policy)
             after = agent_telemetry.snapshot()
             reasons = agent_telemetry.throttle_reasons(before, after)
             versions = dict(stats.pop("versions", {}), agent=AGENT_VERSION, python=platform.python_version())

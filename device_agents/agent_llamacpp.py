@@ -1,4 +1,5 @@
-"""llama.cpp cells for the edgenas agent: GGUF files timed by the board's own ``llama-bench``.
+"""llama.cpp cells for the edgenas agent: GGUF files timed by the board's own ``llama-bench``,
+or through llama.cpp's Python binding (llama-cpp-python) where that is what the board has.
 
 llama-bench times what llama.cpp users run (its kernels, its KV cache, its threads) and
 reports every repetition (``samples_ns``). The agent keeps its timing protocol around it:
@@ -9,7 +10,13 @@ cell is ``-p S -d P`` (S prompt tokens after P tokens of context); a decode cell
 ``-n 1 -d P``: one generated token after P tokens of context, the context's state restored
 (untimed) before each repetition.
 
-Python 3.8+, stdlib and numpy only; imports no host code."""
+The binding runs in the agent's process, so its cells get the agent's own protocol
+(``agent_timing.run_protocol``: warm-up, timed runs until the median's interval narrows): a
+prefill cell evaluates S tokens after P of context, a decode cell one token after P, the
+context's cache truncated back to P before each run (the binding's ``Llama.eval`` drops
+cache entries past ``n_tokens``), so every run is the same step.
+
+Python 3.8+, stdlib and numpy only (and llama_cpp for the binding); imports no host code."""
 
 import json
 import os
@@ -54,12 +61,109 @@ def parse_devices(text):
     return devices + (["CPU"] if "CPU" not in devices else [])
 
 
-def info(hint=None):
-    """The handshake's llama.cpp entry (None when the board has no llama-bench)."""
-    bench = find_llama_bench(hint)
-    if bench is None:
+def parse_version(text):
+    """A llama.cpp tool's ``--version``: {"version", "build", "commit", "compiler", "target"}
+    (what it prints: "version: 0.5.0-dev (build 1, commit 0c1e57098)" or, before 2025,
+    "version: 4350 (5f0db95)"; then "built with GNU 12.2.0 for Linux x86_64")."""
+    out = {}
+    m = re.search(r"version:\s*(\S+)\s*\(build\s*(\d+),\s*commit\s*(\w+)\)", text)
+    if m:
+        out.update(version=m.group(1), build=int(m.group(2)), commit=m.group(3))
+    else:
+        m = re.search(r"version:\s*(\d+)\s*\((\w+)\)", text)
+        if m:
+            out.update(version=m.group(1), build=int(m.group(1)), commit=m.group(2))
+    m = re.search(r"built with (.+?) for ([^\r\n]+)", text)
+    if m:
+        out.update(compiler=m.group(1).strip(), target=m.group(2).strip())
+    return out or None
+
+
+def backends_of(devices):
+    """The ggml back-ends a build offers, from its devices: CPU always, then CUDA, Metal,
+    Vulkan, ... (device names are the back-end's name and an index)."""
+    out = ["CPU"]
+    for d in devices or []:
+        name = re.sub(r"\d+$", "", d)
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def bench_version(bench, timeout=60):
+    try:
+        p = subprocess.run([bench, "--version"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    return {"llama_bench": bench, "devices": list_devices(bench)}
+    return parse_version(p.stdout + "\n" + p.stderr)
+
+
+def binding_paths(hint=None):
+    """Where a llama_cpp package may lie besides the Python path: ``python/`` next to the
+    tools' folder, as scripts/build_llama_cpp.sh installs it."""
+    out = []
+    for cand in (hint, os.environ.get("EDGENAS_LLAMA_CPP")):
+        if cand:
+            cand = os.path.expanduser(cand)
+            folder = os.path.dirname(cand) if os.path.isfile(cand) else cand
+            out += [os.path.join(folder, "python"), os.path.join(os.path.dirname(folder), "python")]
+    return [p for p in out if os.path.isdir(os.path.join(p, "llama_cpp"))]
+
+
+def import_binding(hint=None):
+    """The llama_cpp module (llama-cpp-python), or raise AgentError saying why not."""
+    import sys
+
+    try:
+        import llama_cpp
+
+        return llama_cpp
+    except ImportError as e:
+        first = e
+    except Exception as e:  # the package is there but its native library is not
+        raise AgentError("compile_error", "llama-cpp-python is installed but does not load: %s" % str(e)[:300])
+    for p in binding_paths(hint):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+        try:
+            import llama_cpp
+
+            return llama_cpp
+        except Exception as e:
+            raise AgentError("compile_error", "llama-cpp-python under %s does not load: %s" % (p, str(e)[:300]))
+    raise AgentError("compile_error", "this board has no llama.cpp Python binding (%s): `pip install "
+                     "llama-cpp-python` on it, or profile with --backend llama.cpp (llama-bench)" % first)
+
+
+def binding_info(hint=None):
+    """The handshake's entry for the binding: version, native library's system info (its
+    CPU features and back-ends), GPU offload; None without one, {"error": ...} if broken."""
+    try:
+        llama_cpp = import_binding(hint)
+    except AgentError as e:
+        return None if "has no llama.cpp Python binding" in e.message else {"error": e.message}
+    out = {"version": getattr(llama_cpp, "__version__", None), "path": os.path.dirname(llama_cpp.__file__)}
+    try:
+        out["system_info"] = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+        out["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception as e:
+        out["error"] = str(e)[:300]
+    return out
+
+
+def info(hint=None):
+    """The handshake's llama.cpp entry: llama-bench with the build it reports (version,
+    commit, compiler) and its devices and back-ends, and the Python binding; None when the
+    board has neither."""
+    bench = find_llama_bench(hint)
+    binding = binding_info(hint)
+    if bench is None and binding is None:
+        return None
+    out = {"llama_bench": bench, "devices": None, "backends": None, "build": None, "binding": binding}
+    if bench is not None:
+        devices = list_devices(bench)
+        out.update(devices=devices, backends=backends_of(devices), build=bench_version(bench))
+    return out
 
 
 def bench_command(bench, model, phase, seq_len, past_len, threads, reps, gpu_layers=0):
@@ -162,6 +266,62 @@ def time_cell(bench, model, phase, seq_len, past_len, threads, policy, gpu_layer
             return times, "max_runs", rec, rounds
         # the next round: about a second of repetitions (each round pays a process start and a load)
         reps = int(min(max(3, len(times) / max(timed, 1e-6)), 1000))
+
+
+def _load(llama_cpp, model, n_ctx, threads, gpu_layers):
+    """A Llama over ``model``; a failed load is classified from llama.cpp's log (captured by
+    loading once more, verbosely, as for llama-bench)."""
+    import contextlib
+    import io
+
+    kw = dict(model_path=model, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=int(threads),
+              n_threads_batch=int(threads), n_gpu_layers=int(gpu_layers))
+    try:
+        return llama_cpp.Llama(verbose=False, **kw)
+    except Exception as e:
+        first = str(e)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(log):
+            llama_cpp.Llama(verbose=True, **kw)
+    except Exception:
+        pass
+    lines = [ln for ln in log.getvalue().splitlines() if not ln.startswith(("llama_model_loader: - ", "print_info"))]
+    cls, message = classify_failure("\n".join(lines[-40:]) + "\n" + first)
+    raise AgentError(cls, message.replace("llama-bench", "llama-cpp-python"))
+
+
+def time_binding_cell(model, phase, seq_len, past_len, threads, policy, gpu_layers=0, hint=None):
+    """One cell through the binding under the agent's protocol: (run times in seconds, stop
+    reason, load seconds, settings)."""
+    import random
+
+    import agent_timing
+
+    llama_cpp = import_binding(hint)
+    n_new = int(seq_len) if phase == "prefill" else 1
+    t0 = time.perf_counter()
+    llm = _load(llama_cpp, model, int(past_len) + n_new + 64, threads, gpu_layers)
+    load_s = time.perf_counter() - t0
+    try:
+        rng = random.Random(0)
+        vocab = llm.n_vocab()
+        step = [rng.randrange(vocab) for _ in range(n_new)]
+        if past_len:
+            llm.eval([rng.randrange(vocab) for _ in range(int(past_len))])  # the context, untimed
+
+        def run():
+            llm.n_tokens = int(past_len)  # eval drops the cache past this: the same step each run
+            llm.eval(step)
+
+        times, reason = agent_timing.run_protocol(run, policy)
+        settings = {"n_ctx": llm.n_ctx(), "n_batch": llm.n_batch, "threads": int(threads), "gpu_layers": int(gpu_layers),
+                    "binding": getattr(llama_cpp, "__version__", None)}
+    finally:
+        close = getattr(llm, "close", None)
+        if close is not None:
+            close()
+    return times, reason, load_s, settings
 
 
 def materialize_gguf(np, rng, folder, manifest, tmp):

@@ -53,7 +53,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: inventory, else 1)")
     p.add_argument("--backend", default=None,
                    help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, llama.cpp (GGUF "
-                        "files timed by the board's llama-bench), or auto (best onnxruntime back-end the board offers)")
+                        "files timed by the board's llama-bench), llama.cpp-py (the same files through the board's "
+                        "llama-cpp-python, timed by the agent), or auto (best onnxruntime back-end the board offers)")
     p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"measurement store (default {DEFAULT_DB})")
     p.add_argument("--inventory", type=Path, default=None, help="inventory TOML (default ~/.config/edgenas/inventory.toml)")
     p.add_argument("--ssh-config", type=Path, default=None, help="ssh config (default ~/.ssh/config)")

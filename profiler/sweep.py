@@ -32,6 +32,8 @@ from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export
 from subnets.paths import cache_dir
 from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
+LLAMA_CPP_BACKENDS = ("llama.cpp", "llama.cpp-py")  # llama-bench; the Python binding (llama-cpp-python)
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,8 @@ class SweepSpec:
 
     @property
     def is_llama_cpp(self) -> bool:
-        return self.backend == "llama.cpp"
+        """llama.cpp back-ends: its llama-bench tool, or its Python binding (``llama.cpp-py``)."""
+        return self.backend in LLAMA_CPP_BACKENDS
 
     @property
     def resolved_precision(self) -> str:
@@ -107,7 +110,7 @@ class SweepSpec:
         if self.is_tensorrt:
             return f"{self.backend}:{self.resolved_precision}"
         if self.is_llama_cpp:  # a GGUF weight type; layers offloaded to a GPU are another back-end
-            return f"llama.cpp:{self.resolved_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
+            return f"{self.backend}:{self.resolved_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
         tag = self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
         if self.graph != "plain":
             tag = f"{tag}:{self.graph}"
@@ -194,7 +197,7 @@ def tag_precision(tag: str) -> str | None:
     for llama.cpp, ``int8``/``int4-b32``/``fp16`` for onnxruntime, None for fp32 onnxruntime
     graphs and TensorRT engines (whose tag carries the engine's precision instead)."""
     parts = tag.split(":")
-    if parts[0] == "llama.cpp":
+    if parts[0] in LLAMA_CPP_BACKENDS:
         return parts[1] if len(parts) > 1 else None
     if parts[0] in ("trt", "trtexec"):
         return None
@@ -228,12 +231,25 @@ def board_warnings(hello: dict[str, Any]) -> list[str]:
 
 
 def board_gguf_options(hello: dict[str, Any], spec: SweepSpec) -> GgufOptions:
-    """llama.cpp sweeps: the board must have llama-bench (and a GPU device to offload to)."""
-    info = hello.get("llama_cpp")
-    if not info:
+    """llama.cpp sweeps: the board must have the runner asked for (llama-bench, or the Python
+    binding), and a GPU back-end to offload to when layers are offloaded."""
+    info = hello.get("llama_cpp") or {}
+    binding = info.get("binding") or {}
+    if spec.backend == "llama.cpp-py":
+        if not binding or binding.get("error"):
+            why = f"its llama-cpp-python does not load ({binding['error']})" if binding else "it has no llama-cpp-python"
+            raise HostError(f"the board cannot run --backend llama.cpp-py: {why}",
+                            "`pip install llama-cpp-python` on the board (or use the one scripts/build_llama_cpp.sh "
+                            "installs next to the tools), or use --backend llama.cpp (llama-bench)")
+        if spec.gpu_layers and not binding.get("gpu_offload"):
+            raise HostError("the board's llama-cpp-python was built without GPU offload",
+                            "reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (Jetson), or drop --gpu-layers")
+        return GgufOptions(precision=spec.resolved_precision, weights=spec.weights)
+    if not info.get("llama_bench"):
+        also = " (it has llama-cpp-python: --backend llama.cpp-py times through that)" if binding.get("version") else ""
         raise HostError("the board has no llama.cpp llama-bench (not on PATH, nor where the inventory's llama_cpp "
-                        "points)", "build llama.cpp on the board (edgenas's scripts/build_llama_cpp.sh does) and set "
-                        "llama_cpp = \"/path/to/llama.cpp/bin\" in its inventory entry, or use --backend ort-cpu")
+                        f"points){also}", "build llama.cpp on the board (edgenas's scripts/build_llama_cpp.sh does) and "
+                        "set llama_cpp = \"/path/to/llama.cpp/bin\" in its inventory entry, or use --backend ort-cpu")
     devices = info.get("devices") or ["CPU"]
     if spec.gpu_layers and devices == ["CPU"]:
         raise HostError("the board's llama.cpp build has no GPU back-end (devices: CPU)",

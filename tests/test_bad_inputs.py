@@ -179,6 +179,9 @@ CASES: list[tuple[str, str, Case]] = [
     ("board without llama-bench", "the board has no llama.cpp llama-bench",
      lambda e: (profile_device, profile(e, "--backend", "llama.cpp", inventory=e["sshd"].inventory(
          e["tmp"] / "i4.toml", sys.executable, e["tmp"] / "r4", llama_cpp="/nonexistent/llama.cpp/bin")))),
+    ("board without the llama.cpp Python binding", "it has no llama-cpp-python",
+     lambda e: (profile_device, profile(e, "--backend", "llama.cpp-py", inventory=e["sshd"].inventory(
+         e["tmp"] / "i5.toml", sys.executable, e["tmp"] / "r5", llama_cpp="/nonexistent/llama.cpp/bin")))),
     ("store merge without a target", "--merge needs --into",
      lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "a.db")])),
     ("store merge of a missing store", "does not exist",

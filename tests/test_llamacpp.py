@@ -31,7 +31,7 @@ BUILD_COMMIT = "0c1e57098"  # the llama.cpp commit llama-cpp-python 0.3.36 vendo
 def llama_cpp() -> Path:
     """The folder of the built llama.cpp tools (built on first use, ~10 min on 2 cores)."""
     prefix = Path(_user_cache()) / "llama.cpp" / "0.3.36"
-    if not (prefix / "BUILD_OK").is_file():
+    if not (prefix / "BUILD_OK").is_file() or not (prefix / "python" / "llama_cpp").is_dir():
         res = subprocess.run(["bash", str(REPO / "scripts" / "build_llama_cpp.sh"), str(prefix)],
                              capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
         assert res.returncode == 0, res.stderr[-3000:]
@@ -127,6 +127,35 @@ def test_llama_bench_failures_are_classified() -> None:
     assert agent_llamacpp.parse_devices("Available devices:\n  CUDA0: Orin (30000 MiB, 28000 MiB free)\n") == ["CUDA0", "CPU"]
 
 
+def test_the_build_and_back_ends_are_read_from_the_tools() -> None:
+    """``--version`` as builds print it now and before 2025; back-ends from the device list."""
+    now = agent_llamacpp.parse_version("version: 0.5.0-dev (build 1, commit 0c1e57098)\n"
+                                       "built with GNU 12.2.0 for Linux x86_64\n")
+    assert now == {"version": "0.5.0-dev", "build": 1, "commit": "0c1e57098", "compiler": "GNU 12.2.0",
+                   "target": "Linux x86_64"}
+    old = agent_llamacpp.parse_version("version: 4350 (5f0db95)\nbuilt with cc (Ubuntu 11.4.0) for aarch64-linux-gnu")
+    assert old["build"] == 4350 and old["commit"] == "5f0db95" and old["target"] == "aarch64-linux-gnu"
+    assert agent_llamacpp.parse_version("no version here") is None
+    assert agent_llamacpp.backends_of(["CUDA0", "CUDA1", "CPU"]) == ["CPU", "CUDA"]
+    assert agent_llamacpp.backends_of(["Vulkan0", "CPU"]) == ["CPU", "Vulkan"] and agent_llamacpp.backends_of(None) == ["CPU"]
+
+
+def test_a_board_without_the_runner_asked_for_is_told_the_fix() -> None:
+    from profiler.errors import HostError
+    from profiler.sweep import SweepSpec, board_gguf_options
+
+    bench_only = {"llama_cpp": {"llama_bench": "/x/llama-bench", "devices": ["CPU"], "binding": None}}
+    with pytest.raises(HostError, match="no llama-cpp-python") as e:
+        board_gguf_options(bench_only, SweepSpec(backend="llama.cpp-py", precision="q4_0"))
+    assert "pip install llama-cpp-python" in e.value.fix
+    binding_only = {"llama_cpp": {"llama_bench": None, "binding": {"version": "0.3.36", "gpu_offload": False}}}
+    with pytest.raises(HostError, match=r"llama\.cpp-py times through that"):
+        board_gguf_options(binding_only, SweepSpec(backend="llama.cpp", precision="q4_0"))
+    with pytest.raises(HostError, match="without GPU offload"):
+        board_gguf_options(binding_only, SweepSpec(backend="llama.cpp-py", precision="q4_0", gpu_layers=99))
+    assert board_gguf_options(binding_only, SweepSpec(backend="llama.cpp-py", precision="q4_0")).precision == "q4_0"
+
+
 # --- real llama.cpp ---------------------------------------------------------------------------
 def _greedy_torch(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
     out = list(ids)
@@ -215,6 +244,20 @@ def test_a_gguf_llama_cpp_cannot_load_fails_with_the_fix(tiny_ws, llama_cpp, tmp
     assert cls == "compile_error" and "weight type" in msg, msg
 
 
+def test_the_binding_names_a_gguf_it_cannot_load(tiny_ws, llama_cpp, tmp_path, monkeypatch) -> None:
+    import agent_runtime
+    import agent_timing
+
+    import subnets.gguf_export as ge
+
+    monkeypatch.setattr(ge, "ARCH", "edgenas-future")
+    e = export_gguf(tiny_ws.weights(tiny_ws.space.full()), tmp_path, GgufOptions("f32"), tokenizer_dir=tiny_ws.base.path)
+    with pytest.raises(agent_runtime.AgentError) as err:
+        agent_llamacpp.time_binding_cell(str(e.folder / "model.gguf"), "decode", 1, 4, 1, agent_timing.TimingPolicy(),
+                                         hint=str(llama_cpp))
+    assert err.value.error_class == "compile_error" and "'edgenas-future' architecture" in err.value.message
+
+
 def test_llama_cpp_sweep_over_ssh(tiny_ws, sshd, llama_cpp, tmp_path) -> None:
     from profiler.store import Store
     from tests.helpers import sweep
@@ -233,9 +276,33 @@ def test_llama_cpp_sweep_over_ssh(tiny_ws, sshd, llama_cpp, tmp_path) -> None:
         assert r["median_ms"] > 0 and r["n"] >= 5 and len(json.loads(r["raw_ms"])) == r["n"]
     hello = json.loads(store.devices()[0]["info"])["hello"]
     assert hello["llama_cpp"]["llama_bench"].startswith(str(llama_cpp)) and "CPU" in hello["llama_cpp"]["devices"]
+    assert hello["llama_cpp"]["build"]["commit"] == BUILD_COMMIT and hello["llama_cpp"]["backends"] == ["CPU"]
+    assert hello["llama_cpp"]["binding"]["version"] == "0.3.36" and "CPU" in hello["llama_cpp"]["binding"]["system_info"]
     store.close()
     assert s.bytes_uploaded < 200_000  # headers only: the board filled in the weights
     models = list((tmp_path / "board" / "models").iterdir())
     assert models and all((m / "model.gguf").is_file() and (m / "header.gguf").is_file() for m in models)
     assert all(json.loads(r["versions"])["llama_cpp"].startswith(BUILD_COMMIT[:9]) for r in rows)
     assert all(json.loads(r["settings"])["threads"] == 1 for r in rows)
+
+
+def test_the_python_binding_is_a_back_end_of_its_own(tiny_ws, sshd, llama_cpp, tmp_path) -> None:
+    """--backend llama.cpp-py: the same GGUF files through the board's llama-cpp-python, timed
+    by the agent's protocol (warm-up, runs until the median's interval narrows), stored
+    apart from llama-bench's numbers."""
+    from profiler.store import Store
+    from tests.helpers import FAST_TIMING, sweep
+
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "board", llama_cpp=str(llama_cpp))
+    configs = tiny_ws.space.sample(2, 1, layer_ranking=tiny_ws.importance.layer_ranking())
+    db = tmp_path / "m.db"
+    s = sweep(tiny_ws, "board", db, configs, inv, sshd.ssh_config, backend="llama.cpp-py", precision="q4_0")
+    assert s.measured == 4 and not s.failed, s.failed
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    store.close()
+    assert {r["backend"] for r in rows} == {"llama.cpp-py:q4_0"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["n"] >= FAST_TIMING["min_runs"] and r["stop_reason"] in ("converged", "time_cap")
+        assert json.loads(r["versions"])["llama_cpp_python"] == "0.3.36"
+        assert json.loads(r["settings"])["n_ctx"] >= r["past_len"] + r["seq_len"]
