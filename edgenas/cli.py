@@ -398,9 +398,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         ws = Workspace.open(args.model, neuron_step=args.neuron_step)
         configs = active_configs(args, ws)
-    summary, db = sweep(args, ws=ws, configs=configs)
-    print_summary(summary, db)
-    return 0
+    fleet, db = sweep(args, ws=ws, configs=configs)
+    return print_summary(fleet, db)
 
 
 def _lazy(module: str, name: str) -> Callable[..., Any]:

@@ -39,7 +39,9 @@ def _phases(text: str) -> tuple[str, ...]:
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", required=True, help="~/.ssh/config alias, inventory entry, or 'local'")
+    p.add_argument("--host", required=True,
+                   help="~/.ssh/config alias, inventory entry, or 'local'; several boards as a comma-separated list or "
+                        "an inventory [groups] name: boards of one fingerprint share the jobs")
     p.add_argument("--model", default="smollm2", help="base model: 'smollm2', a local HF folder, or a .gguf file")
     p.add_argument("--neuron-step", type=int, default=64)
     src = p.add_mutually_exclusive_group()
@@ -84,6 +86,9 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                         "placement)")
     p.add_argument("--target-ci", type=float, default=0.02, help="stop when the median's 95%% CI half-width is within this fraction")
     p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--lease", type=float, default=30.0, metavar="S",
+                   help="seconds a claimed job stays this sweep's without a heartbeat (renewed every S/3): another "
+                        "sweep of the store takes over a dead one's jobs within S (default 30)")
     p.add_argument("--reference-every", type=int, default=20, help="re-measure the reference every N jobs (0: never)")
     p.add_argument("--drift-threshold", type=float, default=0.03)
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed in earlier sweeps")
@@ -118,85 +123,135 @@ def configs_for(args: argparse.Namespace, ws: Any) -> list[Any]:
 
 
 def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = None) -> tuple[Any, Any]:
-    """Run a sweep from parsed arguments; returns (summary, store path)."""
-    from dataclasses import replace
-
-    from profiler.hosts import resolve_host
+    """Run a sweep from parsed arguments over one board or several; returns (FleetSummary,
+    store path)."""
+    from profiler.fleet import run_fleet
+    from profiler.hosts import resolve_hosts
     from profiler.store import Store
-    from profiler.sweep import Profiler, SweepSpec
-    from profiler.targets import Timeouts, make_target
+    from profiler.sweep import SweepSpec
+    from profiler.targets import make_target
     from subnets.workspace import Workspace
 
     for flag, value in (("--sessions", args.sessions), ("--decode-sessions", args.decode_sessions)):
         if value < 1:
             raise ConfigError(f"{flag} {value} is not a session count", f"pass {flag} 1 or more")
-    spec_host = resolve_host(args.host, args.inventory, args.ssh_config)
-    if args.agent_memory_mb:
-        spec_host = replace(spec_host, agent_memory_mb=args.agent_memory_mb)
-    if args.connect_timeout:
-        spec_host = replace(spec_host, connect_timeout=args.connect_timeout)
-    if (args.backend or spec_host.backend) != "auto":  # before the long model load
-        SweepSpec(backend=args.backend or spec_host.backend, precision=args.precision, paired=args.paired,
-                  graph=args.graph).check()
-    store = Store(args.db)  # open before the long model load: a bad store fails fast
+    hosts, group = resolve_hosts(args.host, args.inventory, args.ssh_config)
+    hosts = [_with_overrides(h, args) for h in hosts]
+    for h in hosts:
+        if (args.backend or h.backend) != "auto":  # before the long model load
+            SweepSpec(backend=args.backend or h.backend, precision=args.precision, paired=args.paired,
+                      graph=args.graph).check()
+    Store(args.db).close()  # open before the long model load: a bad store fails fast
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
     configs = configs if configs is not None else configs_for(args, ws)
-    threads = args.threads or spec_host.threads or 1
-    backend = args.backend or spec_host.backend
-    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci,
-              "sessions": args.sessions}
-    spec = SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len, threads=threads,
-                     backend=backend, timing=timing, decode_min_time_s=args.decode_min_time or 3 * args.min_time,
-                     decode_sessions=args.decode_sessions,
-                     weights=args.weights, max_attempts=args.max_attempts,
-                     reference_every=args.reference_every, drift_threshold=args.drift_threshold,
-                     retry_failed=args.retry_failed, precision=args.precision, block_size=args.block_size,
-                     graph_opt=args.graph_opt, keep_models=args.keep_models, paired=args.paired,
-                     gpu_layers=args.gpu_layers, graph=args.graph)
-    timeouts = Timeouts(connect=spec_host.connect_timeout, handshake=args.handshake_timeout,
-                        upload_stall=args.upload_timeout,
-                        measure=args.measure_timeout or 3 * args.max_time + 120)
-    target = make_target(spec_host, timeouts, args.accept_new_host_key, args.inventory, args.ssh_config)
+    boards = [(make_target(h, _timeouts(args, h), args.accept_new_host_key, args.inventory, args.ssh_config),
+               _spec(args, h)) for h in hosts]
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     with progress_bar() as prog:
-        task = prog.add_task(f"profiling on {args.host}", total=None)
+        def progress(board: str) -> Any:
+            task = prog.add_task(f"profiling on {board}", total=None)
 
-        def progress(done: int, total: int, text: str) -> None:
-            prog.update(task, completed=done, total=total, description=f"{args.host}: {text[:60]}")
+            def update(done: int, total: int, text: str) -> None:
+                prog.update(task, completed=done, total=total, description=f"{board}: {text[:60]}")
 
-        try:
-            summary = Profiler(ws, target, store, spec, progress).run(configs, record)
-        finally:
-            store.close()
-    return summary, args.db
+            return update
+
+        fleet = run_fleet(ws, boards, args.db, configs, progress, record, group)
+    return fleet, args.db
 
 
-def print_summary(summary: Any, db: Path) -> None:
+def _with_overrides(host: Any, args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    if args.agent_memory_mb:
+        host = replace(host, agent_memory_mb=args.agent_memory_mb)
+    if args.connect_timeout:
+        host = replace(host, connect_timeout=args.connect_timeout)
+    return host
+
+
+def _timeouts(args: argparse.Namespace, host: Any) -> Any:
+    from profiler.targets import Timeouts
+
+    return Timeouts(connect=host.connect_timeout, handshake=args.handshake_timeout, upload_stall=args.upload_timeout,
+                    measure=args.measure_timeout or 3 * args.max_time + 120)
+
+
+def _spec(args: argparse.Namespace, host: Any) -> Any:
+    """One board's sweep settings: the command line's, its inventory entry's threads and
+    back-end where the command line leaves them out."""
+    from profiler.sweep import SweepSpec
+
+    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci,
+              "sessions": args.sessions}
+    return SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len,
+                     threads=args.threads or host.threads or 1, backend=args.backend or host.backend, timing=timing,
+                     decode_min_time_s=args.decode_min_time or 3 * args.min_time, decode_sessions=args.decode_sessions,
+                     weights=args.weights, max_attempts=args.max_attempts, reference_every=args.reference_every,
+                     drift_threshold=args.drift_threshold, retry_failed=args.retry_failed, precision=args.precision,
+                     block_size=args.block_size, graph_opt=args.graph_opt, keep_models=args.keep_models,
+                     paired=args.paired, gpu_layers=args.gpu_layers, graph=args.graph, lease_s=args.lease)
+
+
+def print_summary(fleet: Any, db: Path) -> int:
+    """The sweep's measurements and costs; with several boards, a line per board. Returns
+    the exit status: 2 when a device's boards all stopped before its jobs were done."""
     from profiler.store import Store
 
+    boards = [s for s in fleet.boards if s.fingerprint]
     store = Store(db)
     try:
-        rows = [r for r in store.measurement_rows(device=summary.fingerprint)]
+        rows = [r for fp in dict.fromkeys(s.fingerprint for s in boards) for r in store.measurement_rows(device=fp)]
     finally:
         store.close()
-    t = Table(title=f"latency on {summary.device} (device {summary.fingerprint}), median ms")
-    for c in ("sub-network", "hash", "params (M)", "phase", "S", "P", "median", "p90", "CoV", "n", "flags"):
-        t.add_column(c, justify="left" if c in ("sub-network", "hash", "phase", "flags") else "right")
+    for s in boards:
+        _print_board(s, rows if len(fleet.boards) == 1 else [], db)
+    if len(fleet.boards) > 1:
+        _print_fleet(fleet, rows)
+    stopped = [s for s in fleet.boards if s.stopped]
+    finished = {s.fingerprint for s in fleet.boards if not s.stopped}
+    for s in stopped:
+        out_console.print(f"[yellow]board {s.board} stopped:[/] {s.stopped}")
+    lost = [s for s in stopped if s.fingerprint not in finished]
+    if lost and len(fleet.boards) > 1:
+        out_console.print(f"[red]error:[/] no board of {', '.join(sorted({s.device for s in lost}))} finished; "
+                          "its remaining jobs are pending in the store (rerun to resume)")
+        return 2
+    return 0
+
+
+def _print_fleet(fleet: Any, rows: list[Any]) -> None:
+    t = Table(title=f"{len(fleet.boards)} boards, {len(fleet.devices)} device(s), {fleet.seconds:.0f} s: "
+                    f"{fleet.subnets_per_hour:.0f} sub-networks/hour")
+    for c in ("board", "device", "fingerprint", "measured", "jobs/hour", "taken by others", "faults", "stopped"):
+        t.add_column(c, justify="right" if c in ("measured", "jobs/hour", "taken by others", "faults") else "left")
+    for s in fleet.boards:
+        t.add_row(s.board, s.device, s.fingerprint or "-", str(s.measured), f"{s.jobs_per_hour:.0f}",
+                  str(s.held_elsewhere), str(len(s.faults)), (s.stopped or "")[:60])
+    out_console.print(t)
+    out_console.print(f"{len(rows)} measurements of these devices in the store")
+
+
+def _print_board(s: Any, rows: list[Any], db: Path) -> None:
     import json
 
     from subnets.config import SubnetConfig
 
-    for r in rows[-40:]:
-        flags = ",".join(f for f, on in (("unstable", r["unstable"]), ("throttled", r["throttled"])) if on)
-        summ = SubnetConfig.from_json(r["config"]).summary()
-        t.add_row(summ, r["subnet_hash"][:10], f"{r['params'] / 1e6:.1f}", r["phase"], str(r["seq_len"]), str(r["past_len"]),
-                  f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['cov']:.2%}", str(r["n"]), flags)
-    out_console.print(t)
-    s = summary
+    if rows:
+        t = Table(title=f"latency on {s.device} (device {s.fingerprint}), median ms")
+        for c in ("sub-network", "hash", "params (M)", "phase", "S", "P", "median", "p90", "CoV", "n", "flags"):
+            t.add_column(c, justify="left" if c in ("sub-network", "hash", "phase", "flags") else "right")
+        for r in rows[-40:]:
+            flags = ",".join(f for f, on in (("unstable", r["unstable"]), ("throttled", r["throttled"])) if on)
+            summ = SubnetConfig.from_json(r["config"]).summary()
+            t.add_row(summ, r["subnet_hash"][:10], f"{r['params'] / 1e6:.1f}", r["phase"], str(r["seq_len"]),
+                      str(r["past_len"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['cov']:.2%}", str(r["n"]),
+                      flags)
+        out_console.print(t)
     sec = s.seconds
     out_console.print(
-        f"jobs {s.jobs}: {s.measured} measured now, {s.already_done} already in the store, {len(s.failed)} failed"
-        f" | retries {s.retries}, reconnects {s.reconnects} | {s.unstable} unstable, {s.throttled} throttled")
+        f"{s.board}: jobs {s.jobs}: {s.measured} measured now, {s.already_done} already in the store, {len(s.failed)} "
+        f"failed | retries {s.retries}, reconnects {s.reconnects} | {s.unstable} unstable, {s.throttled} throttled")
     for w in s.warnings:
         out_console.print(f"[yellow]warning:[/] {w}")
     if s.faults:
@@ -227,9 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_profile_args(p)
 
     def handle(args: argparse.Namespace) -> int:
-        summary, db = sweep(args)
-        print_summary(summary, db)
-        return 0
+        fleet, db = sweep(args)
+        return print_summary(fleet, db)
 
     return run(p, argv, handle)
 

@@ -59,13 +59,50 @@ def default_ssh_config() -> Path:
     return Path(os.environ.get("EDGENAS_SSH_CONFIG", str(Path.home() / ".ssh" / "config")))
 
 
-def _load_inventory(path: Path) -> dict[str, dict[str, Any]]:
+def _read_inventory(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise HostError(f"inventory {path} is not valid TOML: {e}", "fix its syntax (see README, 'Inventory')") from None
+
+
+def _load_groups(path: Path) -> dict[str, list[str]]:
+    """``[groups] orin = ["jetson-1", "jetson-2"]``: names for sets of boards."""
+    groups = _read_inventory(path).get("groups", {})
+    if not isinstance(groups, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in groups.values()):
+        raise HostError(f"inventory {path}: [groups] must map names to lists of host names",
+                        'write e.g. orin = ["jetson-1", "jetson-2"] under [groups]')
+    return groups
+
+
+def resolve_hosts(text: str, inventory: Path | None = None,
+                  ssh_config: Path | None = None) -> tuple[list[HostSpec], str | None]:
+    """``--host``: one board, a comma-separated list, or an inventory group; (boards, the
+    group's name if one was named)."""
+    inventory = inventory or default_inventory()
+    names = [n.strip() for n in text.split(",")] if text else [text]
+    if any(not n for n in names):
+        raise HostError(f"--host {text!r} has an empty name", "separate board names with single commas")
+    groups = _load_groups(inventory)
+    group = names[0] if len(names) == 1 and names[0] in groups and names[0] not in _load_inventory(inventory) else None
+    if group is not None:
+        names = groups[group]
+    if len(set(names)) != len(names):
+        raise HostError(f"--host {text!r} names a board twice", "name each board once")
+    try:
+        return [resolve_host(n, inventory, ssh_config) for n in names], group
+    except HostError as e:
+        if len(names) == 1 and groups and "unknown host" in e.problem:
+            raise HostError(f"{e.problem}; nor is it one of the inventory's groups ({', '.join(sorted(groups))})",
+                            e.fix) from None
+        raise
+
+
+def _load_inventory(path: Path) -> dict[str, dict[str, Any]]:
+    data = _read_inventory(path)
     hosts = data.get("hosts", {})
     if not isinstance(hosts, dict):
         raise HostError(f"inventory {path}: 'hosts' must be a table", "write [hosts.NAME] sections")

@@ -268,6 +268,20 @@ class Store:
             self.db.execute("UPDATE jobs SET owner=NULL, lease_until=NULL, "
                             "status=CASE status WHEN 'running' THEN 'pending' ELSE status END WHERE owner=?", (owner,))
 
+    def renew(self, owner: str, lease_s: float) -> int:
+        """A sweep's heartbeat: its running jobs stay its own for ``lease_s`` more seconds."""
+        with self.tx():
+            return self.db.execute("UPDATE jobs SET lease_until=? WHERE owner=? AND status='running'",
+                                   (time.time() + lease_s, owner)).rowcount
+
+    def job_states(self, job_ids: list[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i:i + 500]
+            out.update(self.db.execute(f"SELECT id, status FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                                       chunk).fetchall())
+        return out
+
     def lease_owners(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM jobs WHERE owner IS NOT NULL")]
 

@@ -8,14 +8,16 @@ reference sub-network is re-measured every N jobs to catch drift (thermal, other
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -129,6 +131,9 @@ class SweepSpec:
     paired: bool = False
     # per-phase timing settings replacing the above (verification repeats a predictor's own)
     phase_timing: dict[str, dict[str, Any]] | None = None
+    # A claimed job stays this sweep's for lease_s seconds, renewed by a heartbeat every third
+    # of it: a sweep whose process dies loses its jobs to the others within lease_s.
+    lease_s: float = 30.0
 
     def timing_for(self, phase: str) -> dict[str, Any]:
         if self.phase_timing is not None and phase in self.phase_timing:
@@ -154,6 +159,7 @@ class SweepSpec:
 class SweepSummary:
     device: str
     fingerprint: str
+    board: str = ""  # the board that measured (a device of a fleet may be several boards)
     jobs: int = 0
     already_done: int = 0
     measured: int = 0
@@ -172,6 +178,7 @@ class SweepSummary:
     bytes_uploaded: int = 0
     evicted_bytes: int = 0
     subnets_measured: int = 0
+    subnets: list[str] = field(default_factory=list)  # the sub-networks with a cell measured here
     stopped: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -179,6 +186,11 @@ class SweepSummary:
     def subnets_per_hour(self) -> float:
         t = self.seconds["total"]
         return self.subnets_measured * 3600.0 / t if t > 0 else 0.0
+
+    @property
+    def jobs_per_hour(self) -> float:
+        t = self.seconds["total"]
+        return self.measured * 3600.0 / t if t > 0 else 0.0
 
     def failure_counts(self) -> dict[str, int]:
         return dict(Counter(f["error_class"] for f in self.failed))
@@ -189,6 +201,7 @@ class SweepSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["subnets_per_hour"] = self.subnets_per_hour
+        d["jobs_per_hour"] = self.jobs_per_hour
         return d
 
 
@@ -290,8 +303,11 @@ def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOption
 class Profiler:
     def __init__(self, workspace: Any, target: Target, store: Store, spec: SweepSpec,
                  progress: Callable[[int, int, str], None] | None = None,
-                 reference: SubnetConfig | None = None) -> None:
+                 reference: SubnetConfig | None = None, device_name: str | None = None) -> None:
         self.ws = workspace
+        # the device's name in the store: the board's, or its fleet's (profiler.fleet)
+        self.device_name = device_name or target.spec.name
+        self.summary: SweepSummary | None = None  # the last run's, also when it stopped with an error
         self.target = target
         self.store = store
         self.spec = spec
@@ -343,6 +359,7 @@ class Profiler:
         if companion is not None:
             args["companion"] = companion
         result = self.target.call("measure", args, timeout=self.target.timeouts.measure)
+        result["settings"] = dict(result.get("settings") or {}, board=self.target.spec.name)  # which board of a fleet
         if not result.get("session_reused"):
             summary.seconds["session_load"] += result.get("load_ms", 0.0) / 1000.0
         summary.seconds["timing"] += result.get("timing_s", 0.0)
@@ -464,17 +481,59 @@ class Profiler:
             if name == host and pid.isdigit() and not _pid_alive(int(pid)):
                 self.store.release(owner)
 
-    def _lease_s(self) -> float:
-        """How long a claimed job stays ours without news: one attempt's worst case."""
-        t = self.target.timeouts
-        return 2.0 * (t.measure + t.upload_stall + t.handshake) + 60.0
+    @contextlib.contextmanager
+    def _heartbeat(self) -> Iterator[None]:
+        """Renew this sweep's leases every third of ``lease_s`` while the body runs (its own
+        store connection: a measurement may block this thread for minutes)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            store = Store(self.store.path)
+            try:
+                while not stop.wait(self.spec.lease_s / 3):
+                    store.renew(self.owner, self.spec.lease_s)
+            finally:
+                store.close()
+
+        thread = threading.Thread(target=beat, name=f"lease {self.owner}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _sweep_up(self, waiting: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
+                  device_id: int, summary: SweepSummary) -> set[str]:
+        """Jobs another sweep held when this one reached them: wait for them, and measure the
+        ones whose holder let go (it finished without them, its board dropped out, its process
+        died and its lease ran out), until each is done or failed. Returns the sub-networks
+        measured here."""
+        measured: set[str] = set()
+        while waiting:
+            self._release_dead_leases()
+            state = self.store.job_states([j.id for j in waiting])
+            still = []
+            for job in waiting:
+                if state.get(job.id) in ("done", "failed"):
+                    summary.held_elsewhere += 1
+                    continue
+                outcome = self._run_job(job, by_hash[job.subnet_hash], options, device_id, summary)
+                if outcome == "held":
+                    still.append(job)
+                elif outcome == "measured":
+                    measured.add(job.subnet_hash)
+            if still:
+                time.sleep(min(5.0, self.spec.lease_s / 6))
+            waiting = still
+        return measured
 
     def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions | GgufOptions, device_id: int,
                  summary: SweepSummary) -> str:
         """Measure one job with retries: "measured", "failed", or "held" when another sweep
         process holds it."""
         while True:
-            attempts = self.store.claim(job.id, self.owner, self._lease_s())
+            attempts = self.store.claim(job.id, self.owner, self.spec.lease_s)
             if attempts is None:
                 return "held"
             try:
@@ -505,22 +564,51 @@ class Profiler:
                     return "failed"
                 summary.retries += 1
 
-    def run(self, configs: list[SubnetConfig], args_record: dict[str, Any] | None = None) -> SweepSummary:
+    def _first_pass(self, pending: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
+                    device_id: int, summary: SweepSummary, measured: set[str]) -> list[Job]:
+        """Each pending job in order, skipping those another sweep holds (returned), with a
+        reference measurement every ``reference_every`` jobs and each sub-network's files
+        evicted from the board after its last cell."""
+        spec, total, since_ref, held = self.spec, len(pending), 0, []
+        if spec.reference_every and pending:
+            self._reference(options, device_id, summary)
+        for done, job in enumerate(pending):
+            config = by_hash[job.subnet_hash]
+            self.progress(done, total, f"{config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
+            outcome = self._run_job(job, config, options, device_id, summary)
+            if outcome == "held":
+                held.append(job)
+                continue
+            if outcome == "measured":
+                measured.add(job.subnet_hash)
+            last_of_subnet = done + 1 == total or pending[done + 1].subnet_hash != job.subnet_hash
+            if last_of_subnet and not spec.keep_models and job.subnet_hash != self.reference.config_hash():
+                self._evict({self._key(job.subnet_hash)}, summary)  # the reference stays: it is re-measured
+            since_ref += 1
+            if spec.reference_every and since_ref >= spec.reference_every:
+                since_ref = 0
+                self._reference(options, device_id, summary)
+        return held
+
+    def run(self, configs: list[SubnetConfig], args_record: dict[str, Any] | None = None,
+            hello: dict[str, Any] | None = None) -> SweepSummary:
+        """Measure every cell of ``configs`` not yet in the store (``hello``: the board's
+        handshake when the caller started the target already)."""
         t_start = time.perf_counter()
         spec = self.spec
         for c in configs:
             self.ws.space.validate(c)
-        hello = self.target.start()
+        hello = hello if hello is not None else self.target.start()
         if spec.backend == "auto":
             spec.backend = choose_backend(hello)
             log.info("back-end for %s: %s", self.target.spec.name, spec.backend)
         spec.check()
         fp = device_fingerprint(hello)
-        summary = SweepSummary(self.target.spec.name, fp)
+        summary = self.summary = SweepSummary(self.device_name, fp, board=self.target.spec.name)
         summary.warnings.extend(board_warnings(hello))
         for w in summary.warnings:
             log.warning("%s: %s", self.target.spec.name, w)
-        device_id = self.store.upsert_device(self.target.spec.name, fp, {"hello": hello, "host": self.target.spec.describe()})
+        device_id = self.store.upsert_device(self.device_name, fp, {"hello": hello, "host": self.target.spec.describe()})
         options = board_export_options(hello, spec)
         sweep_id = self.store.start_sweep(device_id, args_record or {})
         by_hash = {c.config_hash(): c for c in configs}
@@ -528,27 +616,16 @@ class Profiler:
         total = len(pending)
         self.progress(0, total, "")
         self._on_board = self.target.models_on_board()
-        since_ref = 0
         measured_subnets: set[str] = set()
         try:
-            if spec.reference_every and pending:
-                self._reference(options, device_id, summary)
-            for done, job in enumerate(pending):
-                config = by_hash[job.subnet_hash]
-                self.progress(done, total, f"{config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
-                outcome = self._run_job(job, config, options, device_id, summary)
-                if outcome == "held":
-                    summary.held_elsewhere += 1
-                    continue
-                if outcome == "measured":
-                    measured_subnets.add(job.subnet_hash)
-                last_of_subnet = done + 1 == total or pending[done + 1].subnet_hash != job.subnet_hash
-                if last_of_subnet and not spec.keep_models and job.subnet_hash != self.reference.config_hash():
-                    self._evict({self._key(job.subnet_hash)}, summary)  # the reference stays: it is re-measured
-                since_ref += 1
-                if spec.reference_every and since_ref >= spec.reference_every:
-                    since_ref = 0
-                    self._reference(options, device_id, summary)
+            with self._heartbeat():
+                held = self._first_pass(pending, by_hash, options, device_id, summary, measured_subnets)
+                if held:
+                    self.progress(total - len(held), total, f"waiting for {len(held)} job(s) other sweeps hold")
+                swept = self._sweep_up(held, by_hash, options, device_id, summary)
+            measured_subnets |= swept
+            if swept and not spec.keep_models:
+                self._evict({self._key(h) for h in swept if h != self.reference.config_hash()}, summary)
             self.progress(total, total, "done")
         except HostError as e:
             summary.stopped = str(e.problem)
@@ -557,6 +634,7 @@ class Profiler:
             summary.seconds["total"] = time.perf_counter() - t_start
             summary.bytes_uploaded = self.target.bytes_uploaded
             summary.subnets_measured = len(measured_subnets)
+            summary.subnets = sorted(measured_subnets)
             self.store.release(self.owner)
             self.store.finish_sweep(sweep_id, summary.to_dict())
             try:

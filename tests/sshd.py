@@ -90,6 +90,28 @@ class LoopbackSSHD:
         # sshd forks a process per connection; end those too, as a reboot would
         subprocess.run(["pkill", "-f", f"sshd: {self.user}.*"], capture_output=True)
 
+    def drop(self) -> None:
+        """The board falls off the network: this server and every connection it serves end
+        at once (another server's connections live on)."""
+        if self.proc is None:
+            return
+        tree = _descendants(self.proc.pid)
+        for pid in [self.proc.pid, *tree]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def inventory_entry(self, name: str, python: str, remote_dir: Path, **extra: object) -> str:
+        """An inventory [hosts.NAME] section reaching this server without the ssh config."""
+        lines = [f"[hosts.{name}]", 'hostname = "127.0.0.1"', f"port = {self.port}", f'user = "{self.user}"',
+                 f'identity_file = "{self.user_key}"', f'known_hosts = "{self.known_hosts}"', f'python = "{python}"',
+                 f'remote_dir = "{remote_dir}"']
+        lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in extra.items()]
+        return "\n".join(lines) + "\n"
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -99,3 +121,22 @@ class LoopbackSSHD:
         lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in extra.items()]
         path.write_text("\n".join(lines).replace("'", '"') + "\n")
         return path
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out

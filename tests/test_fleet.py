@@ -1,0 +1,192 @@
+"""Many boards in one sweep, and several sweep processes on one store: real loopback sshd
+"boards", real agents, the store's leases deciding who measures what."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from profiler.errors import HostError
+from profiler.fleet import device_names, run_fleet
+from profiler.hosts import resolve_hosts
+from profiler.store import Store
+from profiler.sweep import SweepSpec
+from profiler.targets import Timeouts, make_target
+from tests.helpers import FAST_TIMING
+
+
+@pytest.fixture
+def two_boards(sshd, tmp_path):
+    """Two boards: the session's sshd and a second one on another port, in one inventory with
+    a group naming both."""
+    from tests.sshd import LoopbackSSHD
+
+    other = LoopbackSSHD(tmp_path / "sshd2")
+    other.start()
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(sshd.inventory_entry("b1", sys.executable, tmp_path / "r1")
+                   + other.inventory_entry("b2", sys.executable, tmp_path / "r2")
+                   + '[groups]\npair = ["b1", "b2"]\n')
+    yield inv, other
+    other.stop()
+
+
+def _fleet(ws, inv: Path, host: str, db: Path, configs, **spec_kw):
+    hosts, group = resolve_hosts(host, inv)
+    timeouts = Timeouts(connect=10, handshake=60, measure=60, upload_stall=20)
+    spec_kw = {"seq_lens": (16,), "past_lens": (16,), "timing": FAST_TIMING, "reference_every": 0, **spec_kw}
+    boards = [(make_target(h, timeouts, inventory=inv), SweepSpec(**spec_kw)) for h in hosts]
+    return run_fleet(ws, boards, db, configs, group=group)
+
+
+def _measured_by(db: Path) -> dict[int, str]:
+    """job id -> the board that measured it (each job must appear once)."""
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT job_id, settings FROM measurements WHERE is_reference=0").fetchall()
+    jobs = [r[0] for r in rows]
+    assert len(jobs) == len(set(jobs)), "a cell was measured twice"
+    return {r[0]: json.loads(r[1])["board"] for r in rows}
+
+
+def test_two_boards_share_one_sweep(tiny_ws, two_boards, tmp_path) -> None:
+    """Boards of one fingerprint are one device (named for their group): every job measured
+    exactly once, by one board or the other, both boards used."""
+    inv, _ = two_boards
+    db = tmp_path / "m.db"
+    configs = tiny_ws.space.sample(6, 3, layer_ranking=tiny_ws.importance.layer_ranking())
+    fleet = _fleet(tiny_ws, inv, "pair", db, configs)
+    assert [s.board for s in fleet.boards] == ["b1", "b2"] and not any(s.stopped for s in fleet.boards)
+    assert len(fleet.devices) == 1 and sorted(next(iter(fleet.devices.values()))) == ["b1", "b2"]
+    by = _measured_by(db)
+    assert len(by) == 12 and set(by.values()) == {"b1", "b2"}
+    assert sum(s.measured for s in fleet.boards) == 12
+    store = Store(db)
+    try:
+        assert [d["name"] for d in store.devices()] == ["pair"]
+    finally:
+        store.close()
+    again = _fleet(tiny_ws, inv, "b1,b2", db, configs)
+    assert sum(s.measured for s in again.boards) == 0 and all(s.already_done == 12 for s in again.boards)
+
+
+def test_a_board_that_drops_out_has_its_jobs_finished_by_the_other(tiny_ws, two_boards, tmp_path) -> None:
+    inv, other = two_boards
+    db = tmp_path / "m.db"
+    Store(db).close()
+    configs = tiny_ws.space.sample(8, 4, layer_ranking=tiny_ws.importance.layer_ranking())
+    out: dict = {}
+
+    def sweep() -> None:
+        out["fleet"] = _fleet(tiny_ws, inv, "b1,b2", db, configs, reconnect_attempts=1)
+
+    th = threading.Thread(target=sweep)
+    th.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "b2" not in _boards_so_far(db):
+        time.sleep(0.1)
+    other.drop()  # b2 falls off the network mid-sweep
+    th.join(timeout=300)
+    fleet = out["fleet"]
+    b1, b2 = fleet.boards
+    assert b2.stopped and not b1.stopped
+    by = _measured_by(db)
+    assert len(by) == 16 and "b2" in by.values() and list(by.values()).count("b1") == b1.measured
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM jobs WHERE status!='done' OR owner IS NOT NULL").fetchone()[0] == 0
+
+
+def _boards_so_far(db: Path) -> set[str]:
+    try:
+        with sqlite3.connect(db) as c:
+            return {json.loads(s)["board"] for (s,) in c.execute("SELECT settings FROM measurements")}
+    except sqlite3.OperationalError:
+        return set()
+
+
+def test_hosts_and_groups_resolve_and_an_unknown_group_is_named(two_boards) -> None:
+    inv, _ = two_boards
+    hosts, group = resolve_hosts("pair", inv)
+    assert [h.name for h in hosts] == ["b1", "b2"] and group == "pair"
+    hosts, group = resolve_hosts("b2,b1", inv)
+    assert [h.name for h in hosts] == ["b2", "b1"] and group is None
+    with pytest.raises(HostError, match="nor is it one of the inventory's groups"):
+        resolve_hosts("orin", inv)
+    with pytest.raises(HostError, match="names a board twice"):
+        resolve_hosts("b1,b1", inv)
+    assert device_names({"b1": "f1", "b2": "f1"}, "pair") == {"f1": "pair"}
+    assert device_names({"b1": "f1", "b2": "f2", "b3": "f1"}, None) == {"f1": "b1", "f2": "b2"}
+
+
+def test_an_expired_lease_is_taken_over_and_a_heartbeat_keeps_one(tmp_path) -> None:
+    """A sweep on another host whose process died stops renewing: its job is free once the
+    lease runs out; a live sweep's heartbeat keeps its jobs."""
+    db = tmp_path / "m.db"
+    store = Store(db)
+    try:
+        with store.tx():
+            store.db.execute("INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES('d','fp','{}',0,0)")
+            store.db.execute("INSERT INTO subnets VALUES('h','b','{}',1,'s')")
+        store.add_jobs([{"job_key": k, "device_id": 1, "subnet_hash": "h", "phase": "prefill", "batch": 1,
+                         "seq_len": s, "past_len": 0, "backend": "ort-cpu", "threads": 1, "protocol": "p"}
+                        for k, s in (("a", 16), ("b", 32))])
+        (a, b) = [j.id for j in store.jobs_by_key(["a", "b"])]
+        assert store.claim(a, "elsewhere:1:dead", 0.5) == 1 and store.claim(b, "elsewhere:2:live", 0.5) == 1
+        assert store.claim(a, "here", 30) is None  # held
+        time.sleep(0.3)
+        assert store.renew("elsewhere:2:live", 0.5) == 1
+        time.sleep(0.3)
+        assert store.claim(a, "here", 30) == 2  # expired: taken over
+        assert store.claim(b, "here", 30) is None  # renewed: still held
+    finally:
+        store.close()
+
+
+def test_two_processes_on_one_store_and_a_killed_one(tiny_dir, tmp_path) -> None:
+    """Two profile-device processes on one store never measure a cell twice; one SIGKILLed
+    mid-sweep loses its jobs to the survivor, which measures them."""
+    db = tmp_path / "m.db"
+    Store(db).close()
+    cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
+           "--samples", "6", "--seed", "9", "--db", str(db), "--phases", "prefill,decode", "--seq-len", "16",
+           "--past-len", "16", "--min-time", "0.05", "--max-time", "0.3", "--reference-every", "0", "--lease", "3"]
+    env = dict(os.environ, EDGENAS_LOG="WARNING")
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _running(db):
+        time.sleep(0.05)
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    while time.monotonic() < deadline and _count(db) < 2:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the process and its local agent, mid-sweep
+    first.wait()
+    out = second.communicate(timeout=300)[1].decode()
+    assert second.returncode == 0, out[-2000:]
+    with sqlite3.connect(db) as c:
+        jobs = [r[0] for r in c.execute("SELECT job_id FROM measurements WHERE is_reference=0")]
+        assert len(jobs) == len(set(jobs)) == 12
+        assert c.execute("SELECT COUNT(*) FROM jobs WHERE status!='done' OR owner IS NOT NULL").fetchone()[0] == 0
+
+
+def _running(db: Path) -> bool:
+    try:
+        with sqlite3.connect(db) as c:
+            return bool(c.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return False
+
+
+def _count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as c:
+            return int(c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
