@@ -25,7 +25,8 @@ from predictor.features import ConfigBatch
 from predictor.workload import LatencyObjective, Workload
 from search.baselines import baseline_configs, evaluate_baselines
 from search.pareto import hypervolume
-from search.study import QualityCache, perplexity_cache, run_search
+from search.storage import parse_storage
+from search.study import run_search, shared_quality
 from search.verify import pick_spread, verify
 from subnets.workspace import Workspace
 
@@ -55,10 +56,10 @@ def main() -> None:
     print(f"workload {args.workload}: full model predicted {full:.0f} ms; budget {budget:.0f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache_file = perplexity_cache(tmp / "study.db", ws)  # every study in tmp/ shares it: equal configs cost once
+        storage = parse_storage(None, tmp / "study.db")  # every study and its perplexities: equal configs cost once
         warm = [c for cs in baseline_configs(ws).values() for c in cs]
         algos = args.algorithms.split(",")
-        quality0 = QualityCache(cache_file, ws.perplexity)
+        quality0 = shared_quality(storage, ws)
         full_ppl = quality0(ws.space.full())
         ref2 = args.ref_ppl or 10 * full_ppl
         print(f"full model perplexity {full_ppl:.1f}; hypervolume references: perplexity 1e5 and {ref2:.0f}")
@@ -67,8 +68,7 @@ def main() -> None:
         fronts = []
         for seed in range(args.seeds):
             for algo in algos:
-                study = tmp / f"{algo}{seed}.db"
-                res = run_search(ws, obj, algo, args.evals, budget, study, seed=seed, granularity=args.granularity,
+                res = run_search(ws, obj, algo, args.evals, budget, storage, seed=seed, granularity=args.granularity,
                                  warm_start=warm)
                 hv[algo].append(res.hypervolume)
                 feas = [p for p in res.points if p["feasible"]]
@@ -84,7 +84,7 @@ def main() -> None:
             for ref, vals in (("1e5", hv[algo]), (f"{ref2:.0f}", hv2[algo])):
                 print(f"{algo}: hypervolume (ref ppl {ref}) mean {statistics.mean(vals):.1f} "
                       f"(min {min(vals):.1f}, max {max(vals):.1f})")
-        quality = QualityCache(cache_file, ws.perplexity)
+        quality = shared_quality(storage, ws)
         base = evaluate_baselines(ws, obj, quality)
         # the search's own rule: the predicted upper bound within the budget
         uni = [b for b in base["uniform width"] if b["upper_ms"] <= budget]

@@ -42,6 +42,17 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="where --verify measures (default: --device)")
     p.add_argument("--db", type=Path, default=Path("runs/measurements.db"), help="store --verify adds to")
     p.add_argument("--out", type=Path, default=Path("runs/search"))
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage of the study: an RDB URL (postgresql://user@host/db, mysql+pymysql://..., "
+                        "sqlite:///file.db) or journal:PATH (a journal file on a shared filesystem); default: OUT/study.db. "
+                        "Workers on several machines share a study through it")
+    p.add_argument("--study-name", default=None,
+                   help="the study to create or join (default: named after the search's settings, so equal settings "
+                        "resume it); a name that exists with other settings is refused")
+    p.add_argument("--workers", type=int, default=1,
+                   help="search processes on this machine sharing the study (each evaluates other candidates; the "
+                        "cores are split between them); more can join from elsewhere with the same --storage and "
+                        "--study-name")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--neuron-step", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -171,21 +182,14 @@ def front_table(res: Any, full_ppl: float, shown: float, budget_ms: float, devic
     return t
 
 
-def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
-
+def setup(args: argparse.Namespace, ws: Any = None) -> tuple[Any, list[Any], str]:
+    """The workspace, the deployments (precision, quality, predictors) and the base model id
+    a search of ``args`` runs on (shared by every worker of a study)."""
     from predictor.workload import Workload
-    from search.baselines import compare_at_matched_quality, evaluate_baselines
-    from search.pareto import plot_front
-    from search.study import QualityCache, SearchError, perplexity_cache, run_search
-    from search.verify import pick_useful, verify
     from subnets.basemodel import load_base_info
     from subnets.workspace import Workspace
 
     wl = Workload.parse(args.workload)
-    if args.evals < 1:
-        raise SearchError(f"--evals {args.evals} is not positive", "ask for at least 1 evaluation")
-    if not args.latency_budget_ms > 0:
-        raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
     base_id, _ = load_base_info(args.model)
     if ws is None and getattr(args, "supernet", None) is not None:
         from training.recovery import open_supernet
@@ -193,7 +197,56 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
     deps = deployments(args, ws, wl, base_id)
-    ws, objective = deps[0].ws, deps[0].objective
+    return deps[0].ws, deps, base_id
+
+
+def check_args(args: argparse.Namespace) -> Any:
+    """Refuse bad settings before the model loads; returns the study storage."""
+    from predictor.workload import Workload
+    from search.storage import parse_storage
+    from search.study import SearchError
+
+    Workload.parse(args.workload)
+    if args.evals < 1:
+        raise SearchError(f"--evals {args.evals} is not positive", "ask for at least 1 evaluation")
+    if not args.latency_budget_ms > 0:
+        raise SearchError(f"--latency-budget-ms {args.latency_budget_ms} is not positive", "give a budget in milliseconds")
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        raise SearchError(f"--workers {workers} is not positive", "pass --workers 1 or more")
+    return parse_storage(getattr(args, "storage", None), args.out / "study.db")
+
+
+def search(args: argparse.Namespace, console: Console = out_console, ws: Any = None) -> dict[str, Any]:
+    """The search of ``args``: the front, baselines, verification and files in ``--out``;
+    with ``--workers N``, N-1 more processes search the same study alongside."""
+    from predictor.workload import Workload
+    from search.workers import WorkerPool, threads_per_worker
+
+    storage = check_args(args)
+    wl = Workload.parse(args.workload)
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(threads_per_worker(workers))
+    # the other workers load the model while this process does
+    pool = WorkerPool(args, storage.url, getattr(args, "study_name", None), workers - 1)
+    try:
+        return _search(args, console, ws, storage, pool, wl, workers)
+    finally:
+        pool.join()
+
+
+def _search(args: argparse.Namespace, console: Console, ws: Any, storage: Any, pool: Any, wl: Any,
+            workers: int) -> dict[str, Any]:
+    from search.baselines import compare_at_matched_quality, evaluate_baselines
+    from search.pareto import plot_front
+    from search.study import collect, run_search, shared_quality
+    from search.verify import pick_useful, verify
+
+    ws, deps, base_id = setup(args, ws)
+    objective = deps[0].objective
     bound = objective.bound()
     console.print(f"latency bound: holds for a new sub-network's workload with probability >= {bound['guaranteed']:.0%} "
                   f"(nominal {bound['nominal']:.0%}; CV+ by sub-network, each phase at half the miss rate)")
@@ -207,8 +260,6 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         for d in deps:
             verification_spec(d.objective, ws.space.full().config_hash())
     out: Path = args.out
-    # one file of studies: each named by a digest of what defines its objectives
-    study_file = "study.db"
     out.mkdir(parents=True, exist_ok=True)
     max_params = args.max_params if args.max_params else math.inf
     with progress_bar() as prog:
@@ -222,17 +273,31 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
         from search.baselines import baseline_configs
 
         warm = [] if args.algorithm == "random" else [c for cs in baseline_configs(ws).values() for c in cs]
-        quality = QualityCache(perplexity_cache(out / study_file, ws), ws.perplexity)
+        quality = shared_quality(storage, ws)
         full_ppl = quality(ws.space.full())
         ceiling = parse_ceiling(getattr(args, "max_perplexity", None), full_ppl)
-        res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, out / study_file,
+        study_name = getattr(args, "study_name", None)
+        if workers > 1:
+            prog.update(task, description=f"waiting for {workers - 1} other worker(s) to load")
+            pool.wait_ready()
+        res = run_search(ws, objective, args.algorithm, args.evals, args.latency_budget_ms, storage,
                          max_params=max_params, seed=args.seed, granularity=args.granularity, progress=progress,
-                         warm_start=warm, max_perplexity=ceiling, deployments=deps)
+                         warm_start=warm, max_perplexity=ceiling, deployments=deps, study_name=study_name)
+        if workers > 1:  # the study as all workers left it
+            prog.update(task, description=f"waiting for {workers - 1} other worker(s) to finish")
+            others = pool.join()
+            import optuna
+
+            done = collect(optuna.load_study(study_name=res.study_name, storage=storage.optuna()), ws.precision,
+                           len(deps) > 1, 1e5, args.latency_budget_ms)
+            res.points, res.front, res.hypervolume = done.points, done.front, done.hypervolume
+            res.ppl_evaluations += sum(o["evaluations"] for o in others)
+        res.ppl_evaluations += quality.evaluations
         baselines: dict[str, list[dict[str, Any]]] = {}
         if not args.no_baselines:
             prog.update(task, description="baselines")
             for d in deps:  # each hand-made baseline at each precision
-                q = quality if d.ws is ws else QualityCache(perplexity_cache(out / study_file, d.ws), d.ws.perplexity)
+                q = quality if d.ws is ws else shared_quality(storage, d.ws)
                 for name, pts in evaluate_baselines(d.ws, d.objective, q).items():
                     baselines[name if len(deps) == 1 else f"{name} @ {d.precision}"] = pts
     console.print(res.resumed)
@@ -257,7 +322,8 @@ def search(args: argparse.Namespace, console: Console = out_console, ws: Any = N
                   f"{sec['predictor'] / max(sec['total'], 1e-9):.2%} of {sec['total']:.0f} s search time")
     result: dict[str, Any] = {"front": res.front, "hypervolume": res.hypervolume, "seconds": sec, "plot": str(png),
                               "full_perplexity": full_ppl, "max_perplexity": None if math.isinf(ceiling) else ceiling,
-                              "study": res.study_name, "bound": bound}
+                              "study": res.study_name, "storage": storage.described, "workers": workers,
+                              "ppl_evaluations": res.ppl_evaluations, "bound": bound}
     if baselines:
         cmp_rows = compare_at_matched_quality(res.front, baselines, args.latency_budget_ms)
         bt = Table(title="baselines under the budget: the fastest searched sub-network at least as good")

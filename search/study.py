@@ -5,9 +5,11 @@ Algorithms: ``nsga2`` (Optuna's NSGA-II with constraints), ``random`` (the basel
 ``local`` (random start, then one-step mutations of points on the current front, fed through
 the same ask/tell loop with ``enqueue_trial``). The budget is in perplexity evaluations (what
 a search costs); candidates the predictor puts over the latency budget are told at once. The
-study lives in SQLite, so a crashed
-search resumes and several workers can share one. Perplexity is cached by config hash next to
-the study; infeasible candidates are never evaluated for quality."""
+study lives in an Optuna storage (``search.storage``: a local SQLite file by default, or a
+PostgreSQL/MySQL server or a journal file), so a crashed search resumes and several workers
+share one, each counting the study's evaluations, not its own. Perplexity is shared by config
+hash through the same storage, evaluated once across workers; infeasible candidates are never
+evaluated for quality."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 from predictor.workload import LatencyObjective
 from search.encoding import Encoding
 from search.pareto import hypervolume, pareto_mask
+from search.storage import SharedQuality, StudyStorage, parse_storage
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import EdgenasError
@@ -39,30 +42,21 @@ class SearchError(EdgenasError):
     """A search that cannot run as asked."""
 
 
-class QualityCache:
-    """Perplexity by config hash, appended to a JSON-lines file (shared by workers)."""
-
-    def __init__(self, path: Path, fn: Callable[[SubnetConfig], float]) -> None:
-        self.path, self.fn = path, fn
-        self.values: dict[str, float] = {}
-        self.evaluations = 0
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    d = json.loads(line)
-                    self.values[d["hash"]] = float(d["perplexity"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue  # a torn last line after a crash
-
-    def __call__(self, config: SubnetConfig) -> float:
-        h = config.config_hash()
-        if h not in self.values:
-            v = self.fn(config)
-            self.values[h] = v
-            self.evaluations += 1
-            with self.path.open("a") as f:
-                f.write(json.dumps({"hash": h, "perplexity": v}) + "\n")
-        return self.values[h]
+def shared_quality(storage: StudyStorage, ws: Any) -> SharedQuality:
+    """``ws.perplexity`` shared by every worker of ``storage``, keyed by what it depends on
+    (weights, importance, held-out tokens); values of an older edgenas's per-folder cache
+    (``perplexity-<id>.jsonl`` next to a SQLite study) are read, not evaluated again."""
+    qid = ws.quality_id()
+    seed: dict[str, float] = {}
+    if storage.url.startswith("sqlite:///"):
+        legacy = Path(storage.url[len("sqlite:///"):]).parent / f"perplexity-{qid}.jsonl"
+        for line in legacy.read_text().splitlines() if legacy.is_file() else []:
+            try:
+                d = json.loads(line)
+                seed[d["hash"]] = float(d["perplexity"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a torn last line after a crash
+    return SharedQuality(storage.claims(qid), ws.perplexity, seed)
 
 
 @dataclass
@@ -105,16 +99,29 @@ def identity_digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def open_study(storage: Path, identity: dict[str, Any], sampler: Any) -> tuple[Any, str]:
+def default_study_name(identity: dict[str, Any]) -> str:
+    return f"{identity['algorithm']}-{identity['granularity']}-s{identity['seed']}-{identity_digest(identity)}"
+
+
+def open_study(storage: StudyStorage, identity: dict[str, Any], sampler: Any,
+               name: str | None = None) -> tuple[Any, str]:
     """The study for ``identity`` in ``storage``: resumed when it exists, else created; the
-    note says which, and for a new study what differs from the others in the file."""
+    note says which, and for a new study what differs from the others there. A study of
+    that ``name`` made for other settings is refused: its trials answer another question."""
     import optuna
 
-    name = f"{identity['algorithm']}-{identity['granularity']}-s{identity['seed']}-{identity_digest(identity)}"
-    url = f"sqlite:///{storage}"
-    summaries = optuna.get_all_study_summaries(url) if storage.is_file() else []
+    name = name or default_study_name(identity)
+    backend = storage.optuna()
+    summaries = optuna.get_all_study_summaries(backend)
     existing = {s.study_name: s for s in summaries}
-    study = optuna.create_study(study_name=name, storage=url, directions=["minimize", "minimize"], sampler=sampler,
+    other = existing[name].user_attrs.get("identity") if name in existing else None
+    if isinstance(other, dict) and json.loads(json.dumps(other, default=str)) != json.loads(json.dumps(identity, default=str)):
+        changed = sorted(k for k in set(identity) | set(other) if json.dumps(identity.get(k), default=str)
+                         != json.dumps(other.get(k), default=str))
+        raise SearchError(f"study {name!r} in {storage.described or storage.url} was made with other settings "
+                          f"({', '.join(changed)} differ)",
+                          "pass another --study-name, or drop --study-name for a study named after these settings")
+    study = optuna.create_study(study_name=name, storage=backend, directions=["minimize", "minimize"], sampler=sampler,
                                 load_if_exists=True)
     if name in existing:
         return study, f"resumed study {name} ({existing[name].n_trials} trials so far)"
@@ -128,7 +135,7 @@ def open_study(storage: Path, identity: dict[str, Any], sampler: Any) -> tuple[A
     if not diffs:
         return study, f"new study {name}"
     _, closest, changed = min(diffs)
-    return study, f"new study {name}: {', '.join(changed)} differ from study {closest} in {storage.name}"
+    return study, f"new study {name}: {', '.join(changed)} differ from study {closest} in {storage.described}"
 
 
 def make_sampler(algorithm: str, seed: int, population: int) -> Any:
@@ -154,16 +161,19 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
 
 
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
-               storage: Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
+               storage: StudyStorage | Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
                ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (), max_perplexity: float = math.inf,
                progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-               max_trials: int | None = None, deployments: Sequence[Deployment] = ()) -> SearchResult:
-    """Search until ``evals`` feasible sub-networks have been evaluated for perplexity (the
+               max_trials: int | None = None, deployments: Sequence[Deployment] = (),
+               study_name: str | None = None, worker: int = 0) -> SearchResult:
+    """Search until the study holds ``evals`` sub-networks evaluated for perplexity (the
     search's cost: a candidate over the budget is rejected by the predictor in microseconds
-    and does not count), or ``max_trials`` candidates (default 20 x evals) were proposed.
-    ``max_perplexity`` is a quality ceiling: a constraint like the budget, known only once a
-    candidate's perplexity is evaluated (so such a candidate costs an evaluation). With several
-    ``deployments`` each candidate is also given a precision, and judged and timed at it."""
+    and does not count; with several workers, theirs count too), or ``max_trials`` candidates
+    (default 20 x evals) were proposed. ``max_perplexity`` is a quality ceiling: a constraint
+    like the budget, known only once a candidate's perplexity is evaluated (so such a candidate
+    costs an evaluation). With several ``deployments`` each candidate is also given a
+    precision, and judged and timed at it. ``storage``: a ``StudyStorage``, or a SQLite file.
+    ``worker``: this worker's number in a shared study (its sampler draws its own candidates)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -179,17 +189,20 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
             f"({smallest.summary()}) for workload S={objective.workload.prompt_len}, N={objective.workload.gen_tokens}",
             f"raise --latency-budget-ms above {floor:.2f}, or shorten --workload",
         )
-    storage.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(storage, Path):
+        storage = parse_storage(None, storage)
     identity = study_identity(ws, objective, algorithm, granularity, seed, budget_ms, max_params)
     if math.isfinite(max_perplexity):
         identity["max_perplexity"] = max_perplexity
     if mixed:
         identity["deployments"] = {k: {"quality": d.ws.quality_id(), "predictor": dict(d.objective.digests)}
                                    for k, d in sorted(deps.items())}
-    study, note = open_study(storage, identity, make_sampler(algorithm, seed, population=max(8, min(40, evals // 5))))
+    draw_seed = seed + 1000 * worker
+    study, note = open_study(storage, identity, make_sampler(algorithm, draw_seed, max(8, min(40, evals // 5))),
+                             study_name)
     log.info("%s", note)
-    qualities = {k: QualityCache(perplexity_cache(storage, d.ws), d.ws.perplexity) for k, d in deps.items()}
-    rng = np.random.default_rng(seed)
+    qualities = {k: shared_quality(storage, d.ws) for k, d in deps.items()}
+    rng = np.random.default_rng(draw_seed)
     t_pred = t_quality = 0.0
     t0 = time.perf_counter()
     best: dict[str, Any] | None = None
@@ -200,7 +213,7 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     max_trials = max_trials or 20 * evals + 100
     done = done_trials()
     n_done = len(done)
-    n_eval = sum(1 for t in done if t.user_attrs.get("evaluated", t.user_attrs.get("feasible")))
+    n_eval = _evaluated(done)
     if n_done == 0:
         # Known-good structured points (the baselines) as the first generation: the search
         # starts from them and improves on them rather than rediscovering them.
@@ -208,7 +221,8 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
             for k in deps:
                 study.enqueue_trial(enc.encode(c) | ({"precision": k} if mixed else {}), skip_if_exists=True)
     init = max(8, evals // 5)
-    while n_eval < evals and n_done < max_trials:
+    mine = 0
+    while n_eval < evals and mine < max_trials:
         if algorithm == "local" and n_eval >= init:
             trials = [t for t in done_trials() if t.user_attrs.get("feasible")]
             if trials:
@@ -232,6 +246,7 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         trial.set_user_attr("upper_ms", up)
         trial.set_user_attr("params", n_params)
         trial.set_user_attr("precision", dep.precision)
+        trial.set_user_attr("worker", worker)
         a = time.perf_counter()
         ppl = qualities[dep.precision](config) if evaluate else INFEASIBLE_PPL
         t_quality += time.perf_counter() - a
@@ -240,20 +255,34 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         trial.set_user_attr("feasible", feasible)
         trial.set_user_attr("evaluated", evaluate)
         study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
-        n_done += 1
-        n_eval += int(evaluate)
+        mine += 1
+        n_eval = _evaluated(done_trials())  # other workers' evaluations count too
         if feasible and (best is None or ppl < best["perplexity"]):
             best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, mixed)}
         if progress:
             progress(n_eval, evals, best)
     if n_eval < evals:
         log.warning("stopped after %d proposed sub-networks with %d of %d evaluations: most candidates exceed the "
-                    "budget; raise --latency-budget-ms", n_done, n_eval, evals)
+                    "budget; raise --latency-budget-ms", mine, n_eval, evals)
+    res = collect(study, ws.precision, mixed, ref_ppl, budget_ms)
+    res.seconds = {"total": time.perf_counter() - t0, "predictor": t_pred, "perplexity": t_quality}
+    res.ppl_evaluations = sum(q.evaluations for q in qualities.values())
+    res.resumed = note
+    return res
+
+
+def _evaluated(trials: list[Any]) -> int:
+    return sum(1 for t in trials if t.user_attrs.get("evaluated", t.user_attrs.get("feasible")))
+
+
+def collect(study: Any, precision: str, mixed: bool, ref_ppl: float, budget_ms: float) -> SearchResult:
+    """The study's finished trials, its feasible front and hypervolume (every worker's)."""
+    import optuna
 
     points = []
-    for t in done_trials():
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         c = SubnetConfig.from_json(t.user_attrs["config"])
-        prec = t.user_attrs.get("precision", ws.precision)
+        prec = t.user_attrs.get("precision", precision)
         points.append({"trial": t.number, "config_hash": c.config_hash(), "summary": _summary(c, prec, mixed),
                        "precision": prec, "config": c.to_dict(),
                        "perplexity": float(t.values[0]), "latency_ms": float(t.values[1]),
@@ -267,16 +296,11 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         lat_arr = np.array([p["latency_ms"] for p in feas])
         front = sorted((p for p, k in zip(feas, pareto_mask(ppl_arr, lat_arr)) if k), key=lambda p: p["latency_ms"])
         hv = hypervolume(ppl_arr, lat_arr, ref_ppl, budget_ms)
-    total = time.perf_counter() - t0
-    return SearchResult(points, front, hv, {"total": total, "predictor": t_pred, "perplexity": t_quality},
-                        sum(q.evaluations for q in qualities.values()), study.study_name, note)
+    return SearchResult(points, front, hv, study_name=study.study_name)
 
 
 def _summary(config: SubnetConfig, precision: str, mixed: bool) -> str:
     return f"{config.summary()} @ {precision}" if mixed else config.summary()
 
 
-def perplexity_cache(storage: Path, ws: Any) -> Path:
-    """Perplexities next to the study, keyed by what they depend on (weights, importance,
-    held-out tokens), so another text or token count never reads old values."""
-    return storage.parent / f"perplexity-{ws.quality_id()}.jsonl"
+

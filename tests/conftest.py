@@ -126,3 +126,18 @@ def tiny_predictor(tiny_ws, tmp_path_factory: pytest.TempPathFactory) -> Path:
         p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
         save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic", measured_as(phase))
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's postgresql) on a loopback port, in a throwaway data
+    directory; its URL. The server refuses to run as root, so root runs it as 'postgres'."""
+    from tests.pgserver import PostgresServer, find_postgres
+
+    bindir = find_postgres()
+    if bindir is None:
+        pytest.skip("PostgreSQL not available (install Debian's postgresql; .ci/run does)")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server.url
+    server.stop()

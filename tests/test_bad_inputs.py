@@ -57,6 +57,16 @@ def search(e: dict, *extra: str, predictor: Path | None = None) -> list[str]:
             "--neuron-step", "16", "--evals", "2", "--out", str(e["tmp"] / "s"), "--quality-tokens", "256", *extra]
 
 
+def study_made_elsewhere(e: dict) -> list[str]:
+    """A search whose --study-name already holds a study of another budget."""
+    assert search_subnets(search(e, "--study-name", "mine", "--no-baselines")) == 0
+    return search(e, "--study-name", "mine", "--latency-budget-ms", "900")
+
+
+def grouped_inventory(e: dict) -> Path:
+    return write(e["tmp"] / "groups.toml", Path(e["inv"]).read_text() + '[groups]\npair = ["board"]\n')
+
+
 def train(e: dict, *extra: str, out: str = "t") -> list[str]:
     data = e["tmp"] / "train.txt"
     if not data.exists():
@@ -182,6 +192,8 @@ CASES: list[tuple[str, str, Case]] = [
     ("board without the llama.cpp Python binding", "it has no llama-cpp-python",
      lambda e: (profile_device, profile(e, "--backend", "llama.cpp-py", inventory=e["sshd"].inventory(
          e["tmp"] / "i5.toml", sys.executable, e["tmp"] / "r5", llama_cpp="/nonexistent/llama.cpp/bin")))),
+    ("unknown board group", "nor is it one of the inventory's groups (pair)",
+     lambda e: (profile_device, profile(e, "--host", "orin", inventory=grouped_inventory(e)))),
     ("store merge without a target", "--merge needs --into",
      lambda e: (edgenas, ["measurements", "--merge", str(e["tmp"] / "a.db")])),
     ("store merge of a missing store", "does not exist",
@@ -209,6 +221,12 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (search_subnets, search(e, "--latency-budget-ms", "0.0001"))),
     ("predictor for another device", "predicts device 'local', not 'jetson'",
      lambda e: (search_subnets, [*search(e), "--device", "jetson"])),
+    ("study storage whose driver is missing", "needs the database driver 'MySQLdb'",
+     lambda e: (search_subnets, search(e, "--storage", "mysql://user@127.0.0.1/db"))),
+    ("study storage server that does not answer", "does not answer",
+     lambda e: (search_subnets, search(e, "--storage", "postgresql://nobody@127.0.0.1:1/db"))),
+    ("study name that exists with other settings", "was made with other settings (budget_ms differ)",
+     lambda e: (search_subnets, study_made_elsewhere(e))),
     ("unknown search algorithm", "invalid choice: 'annealing'", lambda e: (search_subnets, search(e, "--algorithm", "annealing"))),
     ("malformed workload", "is not 'S,N'", lambda e: (search_subnets, search(e, "--workload", "128"))),
     ("searching at a GGUF type with an onnxruntime predictor", "the search asks for q4_0",

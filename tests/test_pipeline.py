@@ -4,6 +4,7 @@ and the predictor commands' normal paths on the store it leaves."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 from edgenas.cli import main as edgenas
 from predictor.cli import evaluate_main, predict_main
@@ -29,7 +30,9 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     # the search ran on the trained super-network's weights, in a study of its own
     assert (out / "supernet" / "checkpoint" / "model" / "config.json").is_file()
     assert "super-network: 2 steps" in text
-    assert "new study" in text and len(list((out / "search").glob("perplexity-*.jsonl"))) == 1
+    assert "new study" in text
+    with sqlite3.connect(out / "search" / "study.db") as c:  # perplexities of one quality question
+        assert len(c.execute("SELECT DISTINCT quality_id FROM edgenas_perplexity").fetchall()) == 1
 
     db = out / "measurements.db"
     assert evaluate_main(["--predictor", str(out / "predictors" / "local" / "decode"), "--db", str(db)]) == 0

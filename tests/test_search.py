@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from argparse import Namespace
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def test_search_resumes_from_its_study(tiny_ws, tiny_predictor, tmp_path) -> Non
     assert len(first.points) == 10 and len(second.points) == 16
     assert {p["trial"] for p in first.points} <= {p["trial"] for p in second.points}
     assert first.resumed.startswith("new study") and second.resumed.startswith("resumed study")
-    cached = next(tmp_path.glob("perplexity-*.jsonl")).read_text().splitlines()
-    assert len({json.loads(line)["hash"] for line in cached}) == len(cached)
+    with sqlite3.connect(tmp_path / "s.db") as c:  # perplexities live with the study, one row per sub-network
+        rows = c.execute("SELECT config_hash, perplexity FROM edgenas_perplexity").fetchall()
+    assert rows and all(v is not None for _, v in rows)
+    assert second.ppl_evaluations < 16  # the first search's values were read, not evaluated again
 
 
 def test_budget_below_the_smallest_subnetwork(tiny_ws, tiny_predictor, tmp_path) -> None:

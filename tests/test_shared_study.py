@@ -1,0 +1,81 @@
+"""Search workers sharing one Optuna study: a journal file, a real PostgreSQL server, the
+perplexities claimed so no candidate is evaluated twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from rich.console import Console
+
+from search.storage import StorageError, StudyStorage, parse_storage
+from search.study import SearchError
+from tests.test_search import search_args
+
+
+def _shared_search(tiny_dir, tiny_predictor, tmp_path: Path, storage: str, **kw):
+    from search.cli import search
+
+    kw = {"storage": storage, "workers": 2, "study_name": None, "algorithm": "random", "evals": 10,
+          "no_baselines": True, **kw}
+    args = search_args(tiny_dir, tiny_predictor, tmp_path, **kw)
+    return search(args, Console(file=open(tmp_path / "log", "w")))
+
+
+def _check_shared(res: dict, storage: StudyStorage) -> list:
+    trials = optuna.load_study(study_name=res["study"], storage=storage.optuna()).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    evaluated = [t for t in trials if t.user_attrs["evaluated"]]
+    assert 10 <= len(evaluated) <= 11  # the workers' trials add up (one may overshoot by its last)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both workers searched
+    return evaluated
+
+
+def test_two_workers_share_a_journal_study(tiny_dir, tiny_predictor, tmp_path) -> None:
+    journal = tmp_path / "shared" / "study.journal"
+    res = _shared_search(tiny_dir, tiny_predictor, tmp_path, f"journal:{journal}")
+    storage = parse_storage(f"journal:{journal}", tmp_path / "unused.db")
+    _check_shared(res, storage)
+    values = list(Path(str(journal) + ".perplexity").glob("*/*.json"))
+    # every evaluation wrote one value, and no sub-network has two: none was evaluated twice
+    assert len(values) == res["ppl_evaluations"] == len({v.name for v in values})
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["workers"] == 2
+
+
+def test_two_workers_share_a_postgresql_study(tiny_dir, tiny_predictor, tmp_path, postgres) -> None:
+    import sqlalchemy as sa
+
+    res = _shared_search(tiny_dir, tiny_predictor, tmp_path, postgres)
+    _check_shared(res, parse_storage(postgres, tmp_path / "unused.db"))
+    engine = sa.create_engine(postgres)
+    with engine.connect() as c:
+        rows = c.execute(sa.text("SELECT config_hash, perplexity FROM edgenas_perplexity")).fetchall()
+    engine.dispose()
+    assert len(rows) == res["ppl_evaluations"] and all(v is not None for _, v in rows)
+    # resuming with more evaluations joins the same study
+    again = _shared_search(tiny_dir, tiny_predictor, tmp_path, postgres, evals=14)
+    assert again["study"] == res["study"]
+
+
+def test_a_storage_that_cannot_be_used_is_named(tmp_path) -> None:
+    with pytest.raises(StorageError, match="driver 'MySQLdb'") as e:
+        parse_storage("mysql://user@127.0.0.1/db", tmp_path / "s.db")
+    assert "pip install" in e.value.fix
+    with pytest.raises(StorageError, match="does not answer"):
+        parse_storage("postgresql://nobody@127.0.0.1:1/db", tmp_path / "s.db")
+    with pytest.raises(StorageError, match="neither a database URL nor a journal file"):
+        parse_storage("studies", tmp_path / "s.db")
+
+
+def test_a_study_name_made_with_other_settings_is_refused(tiny_ws, tiny_predictor, tmp_path) -> None:
+    from predictor.workload import LatencyObjective, Workload
+    from search.study import run_search
+
+    obj = LatencyObjective.load(tiny_predictor, Workload(16, 8), "local", tiny_ws.base.base_id)
+    storage = parse_storage(None, tmp_path / "s.db")
+    run_search(tiny_ws, obj, "random", 3, 1e9, storage, seed=1, study_name="mine")
+    with pytest.raises(SearchError, match=r"study 'mine' .* was made with other settings \(budget_ms differ\)"):
+        run_search(tiny_ws, obj, "random", 3, 1e8, storage, seed=1, study_name="mine")
+    assert len(run_search(tiny_ws, obj, "random", 5, 1e9, storage, seed=1, study_name="mine").points) == 5
