@@ -503,6 +503,23 @@ class Profiler:
             stop.set()
             thread.join()
 
+    def _take_freed(self, held: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
+                    device_id: int, summary: SweepSummary, measured: set[str]) -> list[Job]:
+        """Measure the held jobs that are free now; return those still held by a live sweep."""
+        self._release_dead_leases()
+        state = self.store.job_states([j.id for j in held])
+        still = []
+        for job in held:
+            if state.get(job.id) in ("done", "failed"):
+                summary.held_elsewhere += int(state.get(job.id) == "done")
+                continue
+            outcome = self._run_job(job, by_hash[job.subnet_hash], options, device_id, summary)
+            if outcome == "held":
+                still.append(job)
+            elif outcome == "measured":
+                measured.add(job.subnet_hash)
+        return still
+
     def _sweep_up(self, waiting: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
                   device_id: int, summary: SweepSummary) -> set[str]:
         """Jobs another sweep held when this one reached them: wait for them, and measure the
@@ -511,21 +528,9 @@ class Profiler:
         measured here."""
         measured: set[str] = set()
         while waiting:
-            self._release_dead_leases()
-            state = self.store.job_states([j.id for j in waiting])
-            still = []
-            for job in waiting:
-                if state.get(job.id) in ("done", "failed"):
-                    summary.held_elsewhere += 1
-                    continue
-                outcome = self._run_job(job, by_hash[job.subnet_hash], options, device_id, summary)
-                if outcome == "held":
-                    still.append(job)
-                elif outcome == "measured":
-                    measured.add(job.subnet_hash)
-            if still:
+            waiting = self._take_freed(waiting, by_hash, options, device_id, summary, measured)
+            if waiting:
                 time.sleep(min(5.0, self.spec.lease_s / 6))
-            waiting = still
         return measured
 
     def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions | GgufOptions, device_id: int,
@@ -568,11 +573,14 @@ class Profiler:
                     device_id: int, summary: SweepSummary, measured: set[str]) -> list[Job]:
         """Each pending job in order, skipping those another sweep holds (returned), with a
         reference measurement every ``reference_every`` jobs and each sub-network's files
-        evicted from the board after its last cell."""
+        evicted from the board after its last cell. Before each job, skipped jobs whose
+        holder let go since (it finished, or its process is gone) are taken first."""
         spec, total, since_ref, held = self.spec, len(pending), 0, []
         if spec.reference_every and pending:
             self._reference(options, device_id, summary)
         for done, job in enumerate(pending):
+            if held:
+                held = self._take_freed(held, by_hash, options, device_id, summary, measured)
             config = by_hash[job.subnet_hash]
             self.progress(done, total, f"{config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
             outcome = self._run_job(job, config, options, device_id, summary)
@@ -624,8 +632,9 @@ class Profiler:
                     self.progress(total - len(held), total, f"waiting for {len(held)} job(s) other sweeps hold")
                 swept = self._sweep_up(held, by_hash, options, device_id, summary)
             measured_subnets |= swept
-            if swept and not spec.keep_models:
-                self._evict({self._key(h) for h in swept if h != self.reference.config_hash()}, summary)
+            if not spec.keep_models:  # what jobs taken out of order left on the board
+                left = {self._key(h) for h in measured_subnets if h != self.reference.config_hash()} & self._on_board
+                self._evict(left, summary)
             self.progress(total, total, "done")
         except HostError as e:
             summary.stopped = str(e.problem)
