@@ -46,20 +46,18 @@ def export(ws: Any, config: Any, out: str | Path, weights: str = "real", opset: 
 
 
 def profile(ws: Any, host: str, configs: Sequence[Any], db: str | Path, **spec: Any) -> Any:
-    """Measure ``configs`` on ``host`` (``"local"``, an ssh alias or an inventory entry) into the
-    store ``db``; ``spec`` takes ``profiler.sweep.SweepSpec`` fields (phases, seq_lens,
-    past_lens, threads, backend, timing, paired, ...). Resumes: cells already measured under
-    the same protocol are kept. Returns the ``SweepSummary``."""
-    from profiler.hosts import resolve_host
-    from profiler.store import Store
-    from profiler.sweep import Profiler, SweepSpec
+    """Measure ``configs`` on ``host`` (``"local"``, an ssh alias, an inventory entry, a
+    comma-separated list of them or an inventory group) into the store ``db``; ``spec``
+    takes ``profiler.sweep.SweepSpec`` fields (phases, seq_lens, past_lens, threads, backend,
+    timing, paired, ...). Resumes: cells already measured under the same protocol are kept.
+    Returns the ``FleetSummary`` (``.boards``: each board's ``SweepSummary``)."""
+    from profiler.fleet import run_fleet
+    from profiler.hosts import resolve_hosts
+    from profiler.sweep import SweepSpec
     from profiler.targets import make_target
 
-    store = Store(db)
-    try:
-        return Profiler(ws, make_target(resolve_host(host)), store, SweepSpec(**spec)).run(list(configs))
-    finally:
-        store.close()
+    hosts, group = resolve_hosts(host)
+    return run_fleet(ws, [(make_target(h), SweepSpec(**spec)) for h in hosts], Path(db), list(configs), group=group)
 
 
 def measurements(db: str | Path, device: str | None = None, phase: str | None = None) -> Any:
@@ -110,13 +108,16 @@ def predicted_latency(objective: Any, configs: Sequence[Any]) -> tuple[Any, Any]
 
 def search(ws: Any, objective: Any, budget_ms: float, evals: int = 40, out: str | Path = "runs/search",
            algorithm: str = "nsga2", granularity: str = "tapered", seed: int = 0,
-           max_params: float | None = None) -> Any:
+           max_params: float | None = None, storage: str | None = None, study_name: str | None = None) -> Any:
     """The Pareto front of perplexity against predicted workload latency under ``budget_ms``
-    (on the predicted upper bound); the study in ``out/study.db`` resumes when asked the same
-    question again. Returns the ``SearchResult``."""
+    (on the predicted upper bound); the study in ``out/study.db`` (or ``storage``, any Optuna
+    storage URL or ``journal:PATH``, shared with other workers of ``study_name``) resumes when
+    asked the same question again. Returns the ``SearchResult``."""
     import math
 
+    from search.storage import parse_storage
     from search.study import run_search
 
-    return run_search(ws, objective, algorithm, evals, budget_ms, Path(out) / "study.db", seed=seed,
-                      granularity=granularity, max_params=max_params if max_params else math.inf)
+    return run_search(ws, objective, algorithm, evals, budget_ms, parse_storage(storage, Path(out) / "study.db"),
+                      seed=seed, granularity=granularity, max_params=max_params if max_params else math.inf,
+                      study_name=study_name)

@@ -40,6 +40,23 @@ class FleetSummary:
     devices: dict[str, list[str]] = field(default_factory=dict)  # fingerprint -> its boards
 
     @property
+    def measured(self) -> int:
+        """Cells measured in this run, by all boards."""
+        return sum(s.measured for s in self.boards)
+
+    @property
+    def already_done(self) -> int:
+        """Cells found measured before this run (each device's, counted once)."""
+        per_device: dict[str, int] = {}
+        for s in self.boards:
+            per_device[s.fingerprint] = max(per_device.get(s.fingerprint, 0), s.already_done)
+        return sum(per_device.values())
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [f for s in self.boards for f in s.failed]
+
+    @property
     def subnets_per_hour(self) -> float:
         """Sub-networks with at least one cell measured in this run, per hour of wall time."""
         done = {(s.fingerprint, h) for s in self.boards for h in s.subnets}
