@@ -43,13 +43,18 @@ def find_llama_bench(hint=None):
     return shutil.which("llama-bench")
 
 
-def list_devices(bench, timeout=60):
-    """The compute devices the build offers, e.g. ["CPU"] or ["CUDA0", "CPU"]."""
+def _ask(bench, flag, parse, timeout=60):
+    """``parse`` of what ``llama-bench FLAG`` prints (None if it does not run)."""
     try:
-        p = subprocess.run([bench, "--list-devices"], capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([bench, flag], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return parse_devices(p.stdout + "\n" + p.stderr)
+    return parse(p.stdout + "\n" + p.stderr)
+
+
+def list_devices(bench):
+    """The compute devices the build offers, e.g. ["CPU"] or ["CUDA0", "CPU"]."""
+    return _ask(bench, "--list-devices", parse_devices)
 
 
 def parse_devices(text):
@@ -90,12 +95,9 @@ def backends_of(devices):
     return out
 
 
-def bench_version(bench, timeout=60):
-    try:
-        p = subprocess.run([bench, "--version"], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_version(p.stdout + "\n" + p.stderr)
+def bench_version(bench):
+    """The build llama-bench reports (``parse_version``)."""
+    return _ask(bench, "--version", parse_version)
 
 
 def binding_paths(hint=None):
