@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,9 +101,10 @@ def main() -> None:
     ratios: dict[str, list[float]] = {p: [] for p in names}
     for c in configs:
         w = ws.weights(c)
-        sessions = {n: {ph: runtime.OrtSession(ort, str(export_subnet(w, root / n.replace(" ", "-"), o).path(ph)),
+        here = root / c.config_hash()  # deleted after the sub-network: 10 exports of SmolLM2 take ~4 GB
+        sessions = {n: {ph: runtime.OrtSession(ort, str(export_subnet(w, here / n.replace(" ", "-"), o).path(ph)),
                                                threads=args.threads) for ph in ("prefill", "decode")} for n, o in ORT}
-        files = {f"llama.cpp {g}": export_gguf(w, root / g, GgufOptions(g), tokenizer_dir=ws.base.path).folder
+        files = {f"llama.cpp {g}": export_gguf(w, here / g, GgufOptions(g), tokenizer_dir=ws.base.path).folder
                  / "model.gguf" for g in gguf}
         for phase, seq, past in cells:
             for s in sessions.values():
@@ -119,6 +121,8 @@ def main() -> None:
             cell = f"{phase} S={seq}" if phase == "prefill" else f"decode P={past}"
             print(f"{c.summary()[:34]:34s} {cell:12s} " + " ".join(f"{med[p]:11.2f}" for p in names)
                   + "   " + " ".join(f"{med[p] / med['fp32']:.2f}" for p in names[1:]), flush=True)
+        del sessions
+        shutil.rmtree(here, ignore_errors=True)
     print("geometric mean latency ratio to fp32: " + ", ".join(
         f"{p} {float(np.exp(np.mean(np.log(v)))):.2f}" for p, v in ratios.items() if p != "fp32"))
     print("perplexity (held-out, torch on the graph's arithmetic):")
