@@ -40,6 +40,7 @@ from tests.sshd import LoopbackSSHD  # noqa: E402
 
 
 def boards_inventory(root: Path, n: int) -> tuple[Path, list[LoopbackSSHD]]:
+    root = root / f"{n}-boards"
     servers = [LoopbackSSHD(root / f"sshd{i}") for i in range(n)]
     for s in servers:
         s.start()
@@ -153,13 +154,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ws = Workspace.open(args.model)
     root = Path(tempfile.mkdtemp(prefix="edgenas-fleet-"))
-    rows = [throughput(ws, int(n), args.samples, root, args.min_time) for n in args.boards.split(",")]
     print(f"{args.samples} SmolLM2 sub-networks, prefill S=128 + decode P=128 each, 1 thread per board, all boards on "
-          f"this {os.cpu_count()}-core CPU")
-    for r in rows:
+          f"this {os.cpu_count()}-core CPU", flush=True)
+    rows = []
+    for n in args.boards.split(","):
+        rows.append(throughput(ws, int(n), args.samples, root, args.min_time))
+        r = rows[-1]
         print(f"  {r['boards']} board(s): {r['seconds']:.0f} s, {r['subnets_per_hour']:.0f} sub-networks/hour "
               f"({r['subnets_per_hour'] / rows[0]['subnets_per_hour']:.2f}x one board); jobs per board {r['per_board']}; "
-              f"unaccounted time per job {r['other_s_per_job'] * 1000:.0f} ms")
+              f"unaccounted time per job {r['other_s_per_job'] * 1000:.0f} ms", flush=True)
     print(f"store work per job (claim + heartbeat + finish, 1000-job store): {store_overhead(1000, root):.2f} ms")
     print(f"takeover after SIGKILL (same host, --lease 30): {takeover(args.model, root, signal.SIGKILL, 30):.2f} s")
     print(f"takeover after SIGSTOP (a hung sweep, pid alive: lease expiry, --lease 6): "
