@@ -109,6 +109,8 @@ def takeover(model: str, root: Path, sig: int, lease: float) -> float:
         job, dead = _wait_for(lambda: _held_by(db, first.pid), 600)
         os.killpg(first.pid, sig)
         t_kill = time.perf_counter()
+        if sig == signal.SIGKILL:
+            first.wait()  # reaped, as a shell reaps a killed command (a zombie's pid still answers)
         _wait_for(lambda: _owner_of(db, job) not in (dead,), 300)
         return time.perf_counter() - t_kill
     finally:
