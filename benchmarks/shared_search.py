@@ -35,7 +35,7 @@ def one(args: argparse.Namespace, workers: int, root: Path) -> dict:
     storage = args.storage or f"journal:{out / 'study.journal'}"
     ns = Namespace(device="local", predictor=[args.predictor], latency_budget_ms=args.budget_ms, workload=args.workload,
                    algorithm=args.algorithm, evals=args.evals, granularity="per-layer", max_params=None,
-                   max_perplexity="3x", verify=0, host=None, db=out / "m.db", out=out, model="smollm2", neuron_step=64,
+                   max_perplexity=args.max_perplexity, verify=0, host=None, db=out / "m.db", out=out, model="smollm2", neuron_step=64,
                    seed=args.seed, quality_tokens=args.quality_tokens, text=None, supernet=None,
                    precision=args.precision, block_size=32, no_baselines=True, override=False, storage=storage,
                    study_name=f"w{workers}-{int(time.time())}", workers=workers)
@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--predictor", type=Path, required=True)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--evals", type=int, default=40)
-    ap.add_argument("--budget-ms", type=float, default=None, help="default: 85%% of the full model's prediction")
+    ap.add_argument("--budget-ms", type=float, default=None, help="default: --budget-share of the full model's prediction")
+    ap.add_argument("--budget-share", type=float, default=0.9)
+    ap.add_argument("--max-perplexity", default=None, help="a quality ceiling (default none: the front of all points)")
     ap.add_argument("--workload", default="128,64")
     ap.add_argument("--algorithm", default="nsga2")
     ap.add_argument("--quality-tokens", type=int, default=1024)
@@ -65,7 +67,7 @@ def main() -> None:
 
         ws = Workspace.open("smollm2")
         obj = LatencyObjective.load(args.predictor, Workload.parse(args.workload), "local", ws.base.base_id)
-        args.budget_ms = 0.85 * float(obj.predict(ConfigBatch.from_configs([ws.space.full()], 30))[0])
+        args.budget_ms = args.budget_share * float(obj.predict(ConfigBatch.from_configs([ws.space.full()], 30))[0])
     root = Path(tempfile.mkdtemp(prefix="edgenas-shared-"))
     rows = [one(args, w, root) for w in (1, 2)]
     print(f"{args.algorithm}, {args.evals} evaluations, budget {args.budget_ms:.0f} ms, precision {args.precision}, "
