@@ -106,7 +106,13 @@ class AgentClient:
             self.call("shutdown", timeout=timeout)
         except MeasureError:
             pass
-        try:
-            self.proc.kill()
-        except Exception:
-            pass
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Kill the agent and let go of its pipes (an SSH channel's file left open complains
+        when it is collected after the link closed)."""
+        for step in (self.proc.kill, self.proc.stdin.close):
+            try:
+                step()
+            except Exception:
+                pass

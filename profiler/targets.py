@@ -143,10 +143,7 @@ class Target:
                         self.kill_pid(pid)
                 except Exception:
                     pass
-                try:
-                    self.client.proc.kill()
-                except Exception:
-                    pass
+                self.client.abandon()
             self.client = None
         self.close_link()
 

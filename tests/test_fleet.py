@@ -190,3 +190,18 @@ def _count(db: Path) -> int:
             return int(c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
+
+
+def test_the_command_line_sweeps_a_group_and_reports_each_board(tiny_dir, tiny_ws, two_boards, tmp_path, capsys) -> None:
+    from profiler.cli import main
+
+    inv, _ = two_boards
+    configs = tmp_path / "configs.jsonl"
+    configs.write_text("".join(c.to_json() + "\n" for c in tiny_ws.space.sample(3, 8)))
+    rc = main(["--host", "pair", "--inventory", str(inv), "--model", str(tiny_dir), "--neuron-step", "16",
+               "--configs", str(configs), "--db", str(tmp_path / "m.db"), "--seq-len", "16", "--past-len", "16",
+               "--min-time", "0.03", "--max-time", "0.3", "--reference-every", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "2 boards, 1 device(s)" in out and "b1" in out and "b2" in out
+    assert len(_measured_by(tmp_path / "m.db")) == 6
