@@ -9,10 +9,9 @@ scheduler (that every job is measured once, that boards are kept busy), not the 
 shelf of real boards gives; say so with the figures. Scheduler overhead: the store's claim,
 heartbeat and finish of a job, timed alone on a store of the sweep's size, and each board's
 time not spent exporting, uploading, loading or timing. Takeover: two ``profile-device``
-processes on one store, one SIGKILLed mid-sweep; the delay until the survivor claims the job
-the dead one held (same host: its process is seen gone at the next poll), and, for a holder
-on another host, the delay after its lease runs out (simulated by a claim from a host name
-that is not this one)."""
+processes on one store, one SIGKILLed mid-sweep: the delay until the job the dead one held
+is free again (its process is seen gone at the survivor's next job); and one SIGSTOPped, its
+pid alive as a sweep on a host that went dark looks: the delay until its lease runs out."""
 
 from __future__ import annotations
 
@@ -114,9 +113,10 @@ def takeover(model: str, root: Path, sig: int, lease: float) -> float:
         _wait_for(lambda: _owner_of(db, job) not in (dead,), 300)
         return time.perf_counter() - t_kill
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL) if p is first else p.kill()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the sweep and its local agent
+        if second is not None and second.poll() is None:
+            second.kill()
 
 
 def _wait_for(fn, timeout: float):

@@ -115,9 +115,8 @@ def open_study(storage: StudyStorage, identity: dict[str, Any], sampler: Any,
     summaries = optuna.get_all_study_summaries(backend)
     existing = {s.study_name: s for s in summaries}
     other = existing[name].user_attrs.get("identity") if name in existing else None
-    if isinstance(other, dict) and json.loads(json.dumps(other, default=str)) != json.loads(json.dumps(identity, default=str)):
-        changed = sorted(k for k in set(identity) | set(other) if json.dumps(identity.get(k), default=str)
-                         != json.dumps(other.get(k), default=str))
+    changed = _differing(identity, other) if isinstance(other, dict) else []
+    if changed:
         raise SearchError(f"study {name!r} in {storage.described or storage.url} was made with other settings "
                           f"({', '.join(changed)} differ)",
                           "pass another --study-name, or drop --study-name for a study named after these settings")
@@ -130,12 +129,21 @@ def open_study(storage: StudyStorage, identity: dict[str, Any], sampler: Any,
     for s in summaries:
         other = s.user_attrs.get("identity")
         if isinstance(other, dict):
-            changed = sorted(k for k in set(identity) | set(other) if identity.get(k) != other.get(k))
+            changed = _differing(identity, other)
             diffs.append((len(changed), s.study_name, changed))
     if not diffs:
         return study, f"new study {name}"
     _, closest, changed = min(diffs)
     return study, f"new study {name}: {', '.join(changed)} differ from study {closest} in {storage.described}"
+
+
+def _differing(identity: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The settings two study identities disagree on, compared as stored (JSON: a tuple and
+    the list it comes back as are one value)."""
+    def canon(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    return sorted(k for k in set(identity) | set(other) if canon(identity.get(k)) != canon(other.get(k)))
 
 
 def make_sampler(algorithm: str, seed: int, population: int) -> Any:
@@ -256,7 +264,10 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
         trial.set_user_attr("evaluated", evaluate)
         study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
         mine += 1
-        n_eval = _evaluated(done_trials())  # other workers' evaluations count too
+        # the study's count (other workers' evaluations count too), read when ours grew it and
+        # now and then: reading every trial after each microsecond rejection would cost O(n^2)
+        if evaluate or mine % 20 == 0:
+            n_eval = _evaluated(done_trials())
         if feasible and (best is None or ppl < best["perplexity"]):
             best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, mixed)}
         if progress:
