@@ -2,6 +2,7 @@
 own cost per job, and how long a killed sweep's jobs wait before another takes them.
 
     python benchmarks/fleet_throughput.py --samples 12 --boards 1,2,4
+    python benchmarks/fleet_throughput.py --stores file,server --boards 2   # SQLite vs PostgreSQL store
 
 Boards are real OpenSSH servers on loopback ports (tests/sshd.py), each with its own agent,
 all on this 2-core CPU: the boards compete for the same two cores, so this measures the
@@ -11,7 +12,10 @@ heartbeat and finish of a job, timed alone on a store of the sweep's size, and e
 time not spent exporting, uploading, loading or timing. Takeover: two ``profile-device``
 processes on one store, one SIGKILLed mid-sweep: the delay until the job the dead one held
 is free again (its process is seen gone at the survivor's next job); and one SIGSTOPped, its
-pid alive as a sweep on a host that went dark looks: the delay until its lease runs out."""
+pid alive as a sweep on a host that went dark looks: the delay until its lease runs out.
+``--stores file,server`` runs each part on an SQLite file and on a PostgreSQL store (a
+throwaway Debian ``postgresql`` server on loopback, tests/pgserver.py), the store that sweeps
+on several hosts share."""
 
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import argparse
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,7 @@ from profiler.store import Store  # noqa: E402
 from profiler.sweep import SweepSpec  # noqa: E402
 from profiler.targets import Timeouts, make_target  # noqa: E402
 from subnets.workspace import Workspace  # noqa: E402
+from tests.pgserver import PostgresServer, find_postgres  # noqa: E402
 from tests.sshd import LoopbackSSHD  # noqa: E402
 
 
@@ -48,7 +52,30 @@ def boards_inventory(root: Path, n: int) -> tuple[Path, list[LoopbackSSHD]]:
     return inv, servers
 
 
-def throughput(ws: Workspace, n: int, samples: int, root: Path, min_time: float) -> dict:
+class Stores:
+    """Fresh store locations: files under ``root``, or databases on one PostgreSQL server."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        self.root, self.kind, self.server, self.n = root, kind, None, 0
+        if kind == "server":
+            bindir = find_postgres()
+            if bindir is None:
+                raise SystemExit("--stores server needs Debian's postgresql (apt-get install postgresql)")
+            self.server = PostgresServer(bindir)
+            self.server.start()
+
+    def new(self, name: str):
+        self.n += 1
+        if self.server is None:
+            return self.root / f"{name}-{self.n}.db"
+        return self.server.new_database(f"{name.replace('-', '_')}_{self.n}")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def throughput(ws: Workspace, n: int, samples: int, stores: Stores, root: Path, min_time: float) -> dict:
     inv, servers = boards_inventory(root, n)
     try:
         hosts, _ = resolve_hosts(",".join(f"b{i}" for i in range(n)), inv)
@@ -57,7 +84,7 @@ def throughput(ws: Workspace, n: int, samples: int, root: Path, min_time: float)
         timeouts = Timeouts(connect=15, handshake=120, measure=300, upload_stall=60)
         boards = [(make_target(h, timeouts, inventory=inv), spec) for h in hosts]
         configs = ws.space.sample(samples, 7, granularity="tapered", layer_ranking=ws.importance.layer_ranking())
-        fleet = run_fleet(ws, boards, root / f"m{n}.db", configs)
+        fleet = run_fleet(ws, boards, stores.new(f"m{n}"), configs)
     finally:
         for s in servers:
             s.stop()
@@ -68,9 +95,9 @@ def throughput(ws: Workspace, n: int, samples: int, root: Path, min_time: float)
             "per_board": [s.measured for s in fleet.boards], "other_s_per_job": other / max(jobs, 1)}
 
 
-def store_overhead(n_jobs: int, root: Path) -> float:
+def store_overhead(n_jobs: int, stores: Stores) -> float:
     """ms per job of the store's part: claim, a heartbeat, finish."""
-    store = Store(root / "overhead.db")
+    store = Store(stores.new("overhead"))
     try:
         with store.tx():
             store.db.execute("INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES('d','f','{}',0,0)")
@@ -90,12 +117,12 @@ def store_overhead(n_jobs: int, root: Path) -> float:
         store.close()
 
 
-def takeover(model: str, root: Path, sig: int, lease: float) -> float:
+def takeover(model: str, stores: Stores, sig: int, lease: float) -> float:
     """Seconds from signalling one of two sweeps until the survivor holds the job it held.
     SIGKILL: the process is gone, which the survivor sees on this host. SIGSTOP: the process
     hangs with its pid alive, as a sweep on a host that went dark looks: only its lease
     running out (no more heartbeats) frees the job."""
-    db = root / f"takeover-{sig}.db"
+    db = stores.new(f"takeover-{sig}")
     Store(db).close()
     cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", model, "--samples", "6", "--seed", "3",
            "--db", str(db), "--min-time", "0.5", "--max-time", "2", "--reference-every", "0", "--lease", str(lease)]
@@ -129,21 +156,24 @@ def _wait_for(fn, timeout: float):
     raise TimeoutError("condition not met")
 
 
-def _held_by(db: Path, pid: int):
-    """(job, owner) of a job the sweep of process ``pid`` holds (owners are host:pid:id)."""
+def _rows(db, sql: str, params: tuple = ()) -> list:
+    store = Store(db)
     try:
-        with sqlite3.connect(db) as c:
-            rows = c.execute("SELECT id, owner FROM jobs WHERE status='running' AND owner LIKE ?",
-                             (f"%:{pid}:%",)).fetchall()
-    except sqlite3.OperationalError:
-        return None
+        return [tuple(r) for r in store.db.execute(sql, params).fetchall()]
+    finally:
+        store.close()
+
+
+def _held_by(db, pid: int):
+    """(job, owner) of a job the sweep of process ``pid`` holds (owners are host:pid:id)."""
+    rows = [r for r in _rows(db, "SELECT id, owner FROM jobs WHERE status='running' AND owner IS NOT NULL")
+            if r[1].split(":")[1] == str(pid)]
     return rows[0] if rows else None
 
 
-def _owner_of(db: Path, job: int):
-    with sqlite3.connect(db) as c:
-        row = c.execute("SELECT owner, status FROM jobs WHERE id=?", (job,)).fetchone()
-    return row[0] if row[1] != "done" else "done"
+def _owner_of(db, job: int):
+    owner, status = _rows(db, "SELECT owner, status FROM jobs WHERE id=?", (job,))[0]
+    return owner if status != "done" else "done"
 
 
 def main() -> None:
@@ -152,23 +182,36 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--boards", default="1,2,4")
     ap.add_argument("--min-time", type=float, default=0.3)
+    ap.add_argument("--stores", default="file", help="file, server (PostgreSQL) or file,server")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ws = Workspace.open(args.model)
     root = Path(tempfile.mkdtemp(prefix="edgenas-fleet-"))
     print(f"{args.samples} SmolLM2 sub-networks, prefill S=128 + decode P=128 each, 1 thread per board, all boards on "
           f"this {os.cpu_count()}-core CPU", flush=True)
+    for kind in args.stores.split(","):
+        stores = Stores(root, kind)
+        try:
+            run_kind(args, ws, stores, root)
+        finally:
+            stores.close()
+
+
+def run_kind(args: argparse.Namespace, ws: Workspace, stores: Stores, root: Path) -> None:
+    print(f"store: {'an SQLite file' if stores.kind == 'file' else 'a PostgreSQL server on loopback'}", flush=True)
     rows = []
     for n in args.boards.split(","):
-        rows.append(throughput(ws, int(n), args.samples, root, args.min_time))
+        rows.append(throughput(ws, int(n), args.samples, stores, root, args.min_time))
         r = rows[-1]
         print(f"  {r['boards']} board(s): {r['seconds']:.0f} s, {r['subnets_per_hour']:.0f} sub-networks/hour "
               f"({r['subnets_per_hour'] / rows[0]['subnets_per_hour']:.2f}x one board); jobs per board {r['per_board']}; "
               f"unaccounted time per job {r['other_s_per_job'] * 1000:.0f} ms", flush=True)
-    print(f"store work per job (claim + heartbeat + finish, 1000-job store): {store_overhead(1000, root):.2f} ms")
-    print(f"takeover after SIGKILL (same host, --lease 30): {takeover(args.model, root, signal.SIGKILL, 30):.2f} s")
-    print(f"takeover after SIGSTOP (a hung sweep, pid alive: lease expiry, --lease 6): "
-          f"{takeover(args.model, root, signal.SIGSTOP, 6):.2f} s")
+    print(f"  store work per job (claim + heartbeat + finish, 1000-job store): {store_overhead(1000, stores):.2f} ms",
+          flush=True)
+    print(f"  takeover after SIGKILL (same host, --lease 30): {takeover(args.model, stores, signal.SIGKILL, 30):.2f} s",
+          flush=True)
+    print(f"  takeover after SIGSTOP (a hung sweep, pid alive: lease expiry, --lease 6): "
+          f"{takeover(args.model, stores, signal.SIGSTOP, 6):.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from profiler.database import store_location
+
 
 def open_model(model: str = "smollm2", neuron_step: int = 64, eval_text: str | None = None,
                eval_tokens: int = 1024) -> Any:
@@ -47,7 +49,8 @@ def export(ws: Any, config: Any, out: str | Path, weights: str = "real", opset: 
 
 def profile(ws: Any, host: str, configs: Sequence[Any], db: str | Path, **spec: Any) -> Any:
     """Measure ``configs`` on ``host`` (``"local"``, an ssh alias, an inventory entry, a
-    comma-separated list of them or an inventory group) into the store ``db``; ``spec``
+    comma-separated list of them or an inventory group) into the store ``db`` (a file, or a
+    ``postgresql://`` URL that sweeps on several hosts share); ``spec``
     takes ``profiler.sweep.SweepSpec`` fields (phases, seq_lens, past_lens, threads, backend,
     timing, paired, ...). Resumes: cells already measured under the same protocol are kept.
     Returns the ``FleetSummary`` (``.boards``: each board's ``SweepSummary``)."""
@@ -57,7 +60,8 @@ def profile(ws: Any, host: str, configs: Sequence[Any], db: str | Path, **spec: 
     from profiler.targets import make_target
 
     hosts, group = resolve_hosts(host)
-    return run_fleet(ws, [(make_target(h), SweepSpec(**spec)) for h in hosts], Path(db), list(configs), group=group)
+    return run_fleet(ws, [(make_target(h), SweepSpec(**spec)) for h in hosts], store_location(db), list(configs),
+                     group=group)
 
 
 def measurements(db: str | Path, device: str | None = None, phase: str | None = None) -> Any:
@@ -67,7 +71,7 @@ def measurements(db: str | Path, device: str | None = None, phase: str | None = 
 
     from profiler.store import EXPORT_COLUMNS, Store
 
-    store = Store(db)
+    store = Store(store_location(db))
     try:
         rows = list(store.measurement_rows(device=device, phase=phase))
     finally:
@@ -86,7 +90,7 @@ def train_predictors(db: str | Path, device: str, out: str | Path, model: str = 
     from predictor.cli import train
 
     console = Console(file=io.StringIO()) if quiet else Console()
-    return train(Path(db), device, list(phases), Path(out), model, plot=not quiet, console=console)
+    return train(store_location(db), device, list(phases), Path(out), model, plot=not quiet, console=console)
 
 
 def latency_objective(predictors: str | Path, device: str, workload: tuple[int, int] = (128, 64),

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from profiler.database import exists, store_location
 from subnets.clikit import add_granularity, add_graph, add_run_config, make_parser, run, subparsers
 from subnets.configio import read_configs
 from subnets.cost import cost
@@ -142,13 +143,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _measurements_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--db", type=Path, default=Path("runs/measurements.db"))
+    s.add_argument("--db", type=store_location, default=Path("runs/measurements.db"),
+                   help="measurement store: a file or a postgresql:// URL")
     s.add_argument("--csv", type=Path, default=None, help="write every measurement to this CSV file")
     s.add_argument("--parquet", type=Path, default=None, help="write every measurement to this Parquet file (needs pyarrow)")
-    s.add_argument("--merge", type=Path, nargs="+", default=None, metavar="STORE",
+    s.add_argument("--merge", type=store_location, nargs="+", default=None, metavar="STORE",
                    help="merge these stores (made on other hosts) into --into: devices by fingerprint, sub-networks by "
                         "hash, each measured cell once; cells whose medians disagree are reported")
-    s.add_argument("--into", type=Path, default=None, help="the store --merge writes (created if absent)")
+    s.add_argument("--into", type=store_location, default=None,
+                   help="the store --merge writes (created if absent): a file or a postgresql:// URL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,7 +356,7 @@ def active_configs(args: argparse.Namespace, ws) -> list:
     if args.configs is not None:
         raise ConfigError("--active chooses the sub-networks itself; it cannot be combined with --configs",
                           "drop --configs, or drop --active")
-    if not args.db.is_file():
+    if not exists(args.db):
         raise StoreError(f"--active needs earlier measurements of {args.host}, but {args.db} does not exist",
                          f"run a first sweep: profile-device --host {args.host} --samples 20 --db {args.db}")
     phase = args.phases[0]

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from profiler.database import Location, describe, exists, store_location
 from subnets.clikit import make_parser, run
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -36,7 +37,7 @@ def _phases(text: str) -> list[str]:
     return vals
 
 
-def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
+def train(db: Location, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
           plot: bool = True, prior: Path | None = None, console: Console = out_console,
           threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
     """Train, cross-validate against the baselines, save; returns the metrics per phase."""
@@ -48,7 +49,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
     from profiler.store import Store
     from subnets.basemodel import load_base_info
 
-    if not Path(db).is_file():
+    if not exists(db):
         raise StoreError(f"measurement store {db} does not exist", "run profile-device first, or pass --db PATH")
     base_id, dims = load_base_info(model)
     store = Store(db)
@@ -93,7 +94,7 @@ def train(db: Path, device: str, phases: list[str], out: Path, model: str, folds
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="device name (the --host it was profiled as) or fingerprint")
-    p.add_argument("--db", type=Path, default=DEFAULT_DB)
+    p.add_argument("--db", type=store_location, default=DEFAULT_DB, help="measurement store: a file or a postgresql:// URL")
     p.add_argument("--phases", "--phase", dest="phase", type=_phases, default=["prefill", "decode"],
                    help="prefill, decode or prefill,decode (default both)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/predictors/DEVICE)")
@@ -121,7 +122,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", type=Path, required=True, help="a predictor folder (one phase)")
-    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--db", type=store_location, required=True, help="measurement store: a file or a postgresql:// URL")
     p.add_argument("--device", default=None, help="device name in that store (default: the predictor's device name)")
 
 
@@ -132,7 +133,7 @@ def handle_evaluate(a: argparse.Namespace) -> int:
     from profiler.store import Store
 
     pred, meta = load_predictor(a.predictor)
-    if not a.db.is_file():
+    if not exists(a.db):
         raise StoreError(f"measurement store {a.db} does not exist", "pass the --db of the sweep to check against")
     store = Store(a.db)
     try:
@@ -142,7 +143,7 @@ def handle_evaluate(a: argparse.Namespace) -> int:
     finally:
         store.close()
     res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)
-    out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {a.db}",
+    out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {describe(a.db)}",
                                     {"saved predictor": res}))
     if m.fingerprint != meta["device_fingerprint"]:
         out_console.print(f"[yellow]note:[/] the device fingerprint changed ({meta['device_fingerprint']} -> {m.fingerprint}):"

@@ -70,7 +70,7 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
     devices = store.find_devices(device)
     if not devices:
         known = sorted({d["name"] for d in store.devices()})
-        raise DataError(f"no device {device!r} in {store.path} (it has: {', '.join(known) or 'none'})",
+        raise DataError(f"no device {device!r} in {store.described} (it has: {', '.join(known) or 'none'})",
                         "pass --device with a name from that list, or profile it first with profile-device")
     dev = devices[0]
     if len({d["fingerprint"] for d in devices}) > 1:
@@ -91,9 +91,9 @@ def load_measurements(store: Store, device: str, phase: str, dims: BaseDims, bas
     if len(rows) < minimum:
         raise DataError(
             f"{len(rows)} usable {phase} measurements of {device}{'' if threads is None else f' at {threads} threads'} in "
-            f"{store.path} ({unstable} unstable and "
+            f"{store.described} ({unstable} unstable and "
             f"{throttled} throttled excluded); at least {minimum} are needed",
-            f"profile more sub-networks: profile-device --host {device} --samples {max(minimum, 20)} --db {store.path}",
+            f"profile more sub-networks: profile-device --host {device} --samples {max(minimum, 20)} --db {store.described}",
         )
     configs = [SubnetConfig.from_json(r["config"]) for r in rows]
     seq = np.array([r["seq_len"] for r in rows], dtype=np.float64)
@@ -133,7 +133,7 @@ def _one_protocol(rows: list[dict], device: str, phase: str, threads: int | None
         want_t = threads if threads is not None else "any"
         under = f" under protocol {protocol}" if protocol is not None else ""
         raise DataError(f"{device} has no {phase} measurements of back-end {backend or 'any'} at {want_t} thread(s)"
-                        f"{under} in {store.path}", f"pick one it has: {have} (--backend, --threads)")
+                        f"{under} in {store.described}", f"pick one it has: {have} (--backend, --threads)")
     want = usable[0]
     if len(counts) > 1:
         protocols = store.protocols()

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from profiler.database import Location, describe, exists, store_location
 from profiler.errors import StoreError
 from subnets.clikit import add_granularity, add_graph, make_parser, progress_bar, run
 from subnets.errors import ConfigError
@@ -57,7 +58,9 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, llama.cpp (GGUF "
                         "files timed by the board's llama-bench), llama.cpp-py (the same files through the board's "
                         "llama-cpp-python, timed by the agent), or auto (best onnxruntime back-end the board offers)")
-    p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"measurement store (default {DEFAULT_DB})")
+    p.add_argument("--db", type=store_location, default=DEFAULT_DB,
+                   help=f"measurement store: a file (default {DEFAULT_DB}) or a postgresql://user@host/database URL that "
+                        "sweeps on several hosts share")
     p.add_argument("--inventory", type=Path, default=None, help="inventory TOML (default ~/.config/edgenas/inventory.toml)")
     p.add_argument("--ssh-config", type=Path, default=None, help="ssh config (default ~/.ssh/config)")
     p.add_argument("--accept-new-host-key", action="store_true",
@@ -147,6 +150,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
     boards = [(make_target(h, _timeouts(args, h), args.accept_new_host_key, args.inventory, args.ssh_config),
                _spec(args, h)) for h in hosts]
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    record["db"] = describe(args.db)
     with progress_bar() as prog:
         def progress(board: str) -> Any:
             task = prog.add_task(f"profiling on {board}", total=None)
@@ -193,7 +197,7 @@ def _spec(args: argparse.Namespace, host: Any) -> Any:
                      paired=args.paired, gpu_layers=args.gpu_layers, graph=args.graph, lease_s=args.lease)
 
 
-def print_summary(fleet: Any, db: Path) -> int:
+def print_summary(fleet: Any, db: Location) -> int:
     """The sweep's measurements and costs; with several boards, a line per board. Returns
     the exit status: 2 when a device's boards all stopped before its jobs were done."""
     from profiler.store import Store
@@ -232,7 +236,7 @@ def _print_fleet(fleet: Any, rows: list[Any]) -> None:
     out_console.print(f"{len(rows)} measurements of these devices in the store")
 
 
-def _print_board(s: Any, rows: list[Any], db: Path) -> None:
+def _print_board(s: Any, rows: list[Any], db: Location) -> None:
     import json
 
     from subnets.config import SubnetConfig
@@ -274,7 +278,7 @@ def _print_board(s: Any, rows: list[Any], db: Path) -> None:
             ft.add_row(f["subnet"][:10], f["phase"], str(f["seq_len"]), str(f["past_len"]), str(f["error_class"]),
                        str(f["attempts"]), str(f["message"])[:80])
         out_console.print(ft)
-    out_console.print(f"store: {db} ({json.dumps(s.failure_counts()) if s.failed else 'no failures'})")
+    out_console.print(f"store: {describe(db)} ({json.dumps(s.failure_counts()) if s.failed else 'no failures'})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,7 +318,7 @@ def measurements_main(args: argparse.Namespace) -> int:
 
     if getattr(args, "merge", None):
         return merge_main(args)
-    if not args.db.is_file():
+    if not exists(args.db):
         raise StoreError(f"measurement store {args.db} does not exist", "run profile-device first, or pass --db PATH")
     store = Store(args.db)
     try:
@@ -325,12 +329,10 @@ def measurements_main(args: argparse.Namespace) -> int:
             n = store.export_parquet(args.parquet)
             out_console.print(f"wrote {n} measurements to {args.parquet}")
         if not args.csv and not args.parquet:
-            t = Table(title=f"{args.db}")
+            t = Table(title=describe(args.db))
             for c in ("device", "fingerprint", "phase", "measurements", "median ms (min..max)"):
                 t.add_column(c)
-            q = ("SELECT d.name, d.fingerprint, m.phase, COUNT(*), MIN(m.median_ms), MAX(m.median_ms) FROM measurements m "
-                 "JOIN devices d ON d.id=m.device_id WHERE m.is_reference=0 GROUP BY d.id, m.phase")
-            for name, fp, phase, n, lo, hi in store.db.execute(q):
+            for name, fp, phase, n, lo, hi in store.phase_counts():
                 t.add_row(name, fp, phase, str(n), f"{lo:.2f}..{hi:.2f}")
             out_console.print(t)
     finally:

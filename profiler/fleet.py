@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from profiler.database import Location
 from profiler.errors import HostError
 from profiler.fingerprint import device_fingerprint
 from profiler.store import Store
@@ -78,7 +78,7 @@ def device_names(fingerprints: dict[str, str | None], group: str | None) -> dict
     return names
 
 
-def run_fleet(ws: Any, boards: list[tuple[Target, SweepSpec]], db: Path, configs: list[Any],
+def run_fleet(ws: Any, boards: list[tuple[Target, SweepSpec]], db: Location, configs: list[Any],
               progress: Callable[[str], Callable[[int, int, str], None]] | None = None,
               args_record: dict[str, Any] | None = None, group: str | None = None) -> FleetSummary:
     """Sweep ``configs`` on every board at once, each with its own settings (its threads and
@@ -142,7 +142,7 @@ def _handshakes(targets: list[Target]) -> tuple[dict[str, dict[str, Any]], dict[
     return hellos, errors
 
 
-def _board(ws: Any, target: Target, db: Path, spec: SweepSpec, configs: list[Any],
+def _board(ws: Any, target: Target, db: Location, spec: SweepSpec, configs: list[Any],
            progress: Callable[[int, int, str], None] | None, args_record: dict[str, Any] | None, device_name: str,
            hello: dict[str, Any], out: dict[str, SweepSummary], raised: dict[str, Exception]) -> None:
     """One board's sweep, in its own thread with its own store connection."""

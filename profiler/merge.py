@@ -6,17 +6,19 @@ sub-networks by config hash, a measured cell by its job key (device fingerprint,
 phase, shape, back-end, threads and timing protocol). A cell measured in both stores is kept
 once (the target's, or the first source's); when the two medians differ by more than
 ``tolerance`` the pair is reported as a conflict, so a user sees boards or protocols that
-disagree. Sources are read from copies: merging never migrates or changes them."""
+disagree. Source files are read from copies: merging never migrates or changes them. Either side may
+be a file or a PostgreSQL store (``postgresql://`` URL): a laptop's store merges into the lab's
+server, or the server's into a file that travels."""
 
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiler.database import Database, Location, describe, is_server
 from profiler.errors import StoreError
 from profiler.store import Store
 
@@ -35,35 +37,39 @@ class MergeReport:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> int:
+def _insert(db: Database, table: str, row: dict[str, Any]) -> int:
     cols = list(row)
-    cur = db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+    cur = db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) RETURNING id",
                      [row[c] for c in cols])
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 class _Merger:
-    def __init__(self, target: Store, report: MergeReport, tolerance: float) -> None:
-        self.t = target.db
+    """One source store into the target (within the caller's transaction on the target)."""
+
+    def __init__(self, target: Database, source: Database, report: MergeReport, tolerance: float) -> None:
+        self.t = target
+        self.s = source
         self.report = report
         self.tolerance = tolerance
 
     def merge(self) -> None:
-        """The attached database ``src`` into the target (within the caller's transaction)."""
         devices = self._devices()
         self._subnets()
-        self.t.execute("INSERT OR IGNORE INTO protocols SELECT digest, record FROM src.protocols")
+        for digest, record in self.s.execute("SELECT digest, record FROM protocols").fetchall():
+            self.t.execute("INSERT INTO protocols VALUES(?,?) ON CONFLICT DO NOTHING", (digest, record))
         jobs = self._jobs(devices)
         self._measurements(devices, jobs)
 
     def _devices(self) -> dict[int, int]:
         out = {}
-        for d in self.t.execute("SELECT * FROM src.devices").fetchall():
-            hit = self.t.execute("SELECT id FROM devices WHERE fingerprint=?", (d["fingerprint"],)).fetchone()
+        for d in self.s.execute("SELECT * FROM devices").fetchall():
+            hit = self.t.execute("SELECT id, first_seen, last_seen FROM devices WHERE fingerprint=?",
+                                 (d["fingerprint"],)).fetchone()
             if hit:
                 out[d["id"]] = hit[0]
-                self.t.execute("UPDATE devices SET first_seen=MIN(first_seen, ?), last_seen=MAX(last_seen, ?) WHERE id=?",
-                               (d["first_seen"], d["last_seen"], hit[0]))
+                self.t.execute("UPDATE devices SET first_seen=?, last_seen=? WHERE id=?",
+                               (min(hit[1], d["first_seen"]), max(hit[2], d["last_seen"]), hit[0]))
                 self.report.devices_matched += 1
             else:
                 out[d["id"]] = _insert(self.t, "devices", {k: d[k] for k in d.keys() if k != "id"})
@@ -71,17 +77,19 @@ class _Merger:
         return out
 
     def _subnets(self) -> None:
-        before = self.t.execute("SELECT COUNT(*) FROM subnets").fetchone()[0]
-        self.t.execute("INSERT OR IGNORE INTO subnets SELECT hash, base_id, config, params, summary FROM src.subnets")
-        self.report.subnets_added += self.t.execute("SELECT COUNT(*) FROM subnets").fetchone()[0] - before
+        for row in self.s.execute("SELECT hash, base_id, config, params, summary FROM subnets").fetchall():
+            cur = self.t.execute("INSERT INTO subnets VALUES(?,?,?,?,?) ON CONFLICT DO NOTHING", tuple(row))
+            self.report.subnets_added += max(cur.rowcount, 0)
 
     def _jobs(self, devices: dict[int, int]) -> dict[int, tuple[int, bool]]:
         """Source job id -> (target job id, whether the target had that cell measured already)."""
         out = {}
-        for j in self.t.execute("SELECT * FROM src.jobs").fetchall():
+        for j in self.s.execute("SELECT * FROM jobs").fetchall():
             hit = self.t.execute("SELECT id, status FROM jobs WHERE job_key=?", (j["job_key"],)).fetchone()
             row = {k: j[k] for k in j.keys() if k not in ("id", "owner", "lease_until")}
             row["device_id"] = devices[j["device_id"]]
+            if row["status"] == "running":  # a sweep was measuring it where it came from: not here
+                row["status"] = "pending"
             if hit is None:
                 out[j["id"]] = (_insert(self.t, "jobs", row), False)
                 self.report.jobs_pending_added += int(j["status"] != "done")
@@ -94,9 +102,8 @@ class _Merger:
         return out
 
     def _measurements(self, devices: dict[int, int], jobs: dict[int, tuple[int, bool]]) -> None:
-        cols = [r[1] for r in self.t.execute("PRAGMA src.table_info(measurements)") if r[1] != "id"]
-        for m in self.t.execute("SELECT * FROM src.measurements").fetchall():
-            row = {c: m[c] for c in cols}
+        for m in self.s.execute("SELECT * FROM measurements ORDER BY id").fetchall():
+            row = {c: m[c] for c in m.keys() if c != "id"}
             row["device_id"] = devices[m["device_id"]]
             if m["job_id"] is None:  # a drift reference: kept unless this very one is there
                 dup = self.t.execute("SELECT 1 FROM measurements WHERE job_id IS NULL AND device_id=? AND subnet_hash=? "
@@ -114,7 +121,7 @@ class _Merger:
             _insert(self.t, "measurements", row)
             self.report.cells_added += 1
 
-    def _duplicate(self, m: sqlite3.Row, job_id: int) -> None:
+    def _duplicate(self, m: Any, job_id: int) -> None:
         self.report.cells_duplicate += 1
         kept = self.t.execute("SELECT median_ms FROM measurements WHERE job_id=?", (job_id,)).fetchone()
         if kept is None:
@@ -126,36 +133,42 @@ class _Merger:
                                           "other_ms": m["median_ms"], "rel_diff": rel})
 
 
-def merge_stores(sources: list[Path], into: Path, tolerance: float = 0.05) -> MergeReport:
-    """Merge ``sources`` into ``into`` (created if absent) in one transaction."""
+def _same(a: Location, b: Location) -> bool:
+    if is_server(a) or is_server(b):
+        return str(a) == str(b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _open_source(source: Location, copy: Path) -> Store:
+    """A server store as it is; a file through a copy (with its WAL: a store still open
+    elsewhere keeps recent rows there), brought up to this schema there."""
+    if is_server(source):
+        return Store(source)
+    shutil.copyfile(source, copy)
+    for ext in ("-wal", "-shm"):
+        if Path(f"{source}{ext}").is_file():
+            shutil.copyfile(f"{source}{ext}", f"{copy}{ext}")
+    return Store(copy)
+
+
+def merge_stores(sources: list[Location], into: Location, tolerance: float = 0.05) -> MergeReport:
+    """Merge ``sources`` into ``into`` (created if absent), each source in one transaction."""
     for s in sources:
-        if not Path(s).is_file():
+        if not is_server(s) and not Path(s).is_file():
             raise StoreError(f"measurement store {s} does not exist", "pass the stores' paths to --merge")
-        if Path(s).resolve() == Path(into).resolve():
-            raise StoreError(f"{s} is both a source and the target", "merge into a new file with --into")
-    report = MergeReport(str(into), [str(s) for s in sources])
+        if _same(s, into):
+            raise StoreError(f"{describe(s)} is both a source and the target", "merge into a new file with --into")
+    report = MergeReport(describe(into), [describe(s) for s in sources])
     target = Store(into)
     tmp = Path(tempfile.mkdtemp(prefix="edgenas-merge-"))
     try:
-        merger = _Merger(target, report, tolerance)
         for i, s in enumerate(sources):
-            copy = tmp / f"src{i}.db"
-            shutil.copyfile(s, copy)
-            for ext in ("-wal", "-shm"):  # a store still open elsewhere keeps recent rows in its WAL
-                if Path(f"{s}{ext}").is_file():
-                    shutil.copyfile(f"{s}{ext}", f"{copy}{ext}")
-            Store(copy).close()  # brings an older schema up to this one, in the copy
-            target.db.execute("ATTACH DATABASE ? AS src", (str(copy),))
+            source = _open_source(s, tmp / f"src{i}.db")
             try:
-                target.db.execute("BEGIN IMMEDIATE")  # one source wholly merged, or not at all
-                try:
-                    merger.merge()
-                    target.db.execute("COMMIT")
-                except BaseException:
-                    target.db.execute("ROLLBACK")
-                    raise
+                with target.db.transaction(exclusive=True):  # one source wholly merged, or not at all
+                    _Merger(target.db, source.db, report, tolerance).merge()
             finally:
-                target.db.execute("DETACH DATABASE src")
+                source.close()
     finally:
         target.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The measurement store: SQLite in WAL mode, append-only for measurements.
+"""The measurement store: append-only for measurements, in an SQLite file (WAL mode) or on a
+PostgreSQL server that sweeps on several hosts share (``profiler.database``).
 
 A sweep is a set of jobs; a job is done when its measurement row exists, written in the same
 transaction that marks the job done. Killing the host or the board at any moment therefore
@@ -9,13 +10,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profiler.database import Database, Location, connect, describe, is_server
 from profiler.errors import ErrorClass, StoreError
 from profiler.fingerprint import device_fingerprint
 from profiler.protocol import UNRECORDED, Protocol
@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS protocols(digest TEXT PRIMARY KEY, record TEXT NOT NU
 CREATE TABLE IF NOT EXISTS sweeps(
   id INTEGER PRIMARY KEY, device_id INTEGER, started REAL NOT NULL, finished REAL, args TEXT, summary TEXT);
 """
+JOB_COLUMNS = ("job_key", "device_id", "subnet_hash", "phase", "batch", "seq_len", "past_len", "backend", "threads",
+               "protocol")
+OWN_TABLES = {"meta", "devices", "subnets", "jobs", "measurements", "protocols", "sweeps"}
 
 EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
                   "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
@@ -55,13 +58,13 @@ EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "para
                   "stop_reason", "companion_ms", "paired_ratio", "protocol", "config", "created"]
 
 
-def _migrate_1(db: sqlite3.Connection) -> None:
+def _migrate_1(db: Database) -> None:
     """v2 added the paired (companion-interleaved) timing of a cell."""
     db.execute("ALTER TABLE measurements ADD COLUMN companion_ms REAL")
     db.execute("ALTER TABLE measurements ADD COLUMN paired_ratio REAL")
 
 
-def _migrate_2(db: sqlite3.Connection) -> None:
+def _migrate_2(db: Database) -> None:
     """v3 records each cell's measurement protocol and leases jobs to one sweep process, and
     takes the back-end out of the device fingerprint: devices that differed only by back-end
     become one (their measurements keep their back-end column)."""
@@ -90,7 +93,7 @@ def _migrate_2(db: sqlite3.Connection) -> None:
         db.execute("UPDATE devices SET fingerprint=? WHERE id=?", (fp, dev_id))
 
 
-def _migrate_3(db: sqlite3.Connection) -> None:
+def _migrate_3(db: Database) -> None:
     """v4 digests protocols with the agent's timing defaults filled in (``normalized_timing``):
     a sweep that left a default out and one that sent it timed alike and are now one protocol.
     Records, measurements and jobs move to the new digests; where two jobs of one cell meet,
@@ -144,34 +147,34 @@ class Job:
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: Location) -> None:
+        self.location: Location = location if is_server(location) else Path(location)
+        self.db = connect(self.location)
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
             self._check_schema()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path} is not an edgenas measurement store ({e})",
+        except self.db.errors as e:
+            self.db.close()
+            raise StoreError(f"{describe(self.location)} is not an edgenas measurement store ({e})",
                              "pass a new --db path (or the store a previous sweep wrote)") from None
-        self.db.row_factory = sqlite3.Row
+        except BaseException:
+            self.db.close()
+            raise
 
     def _check_schema(self) -> None:
         # One write transaction for the check, the creation and any migration: a second
         # process opening the same new or old store waits, then finds it ready.
-        with self.tx():
-            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
+        with self.db.transaction(exclusive=True):
+            tables = self.db.tables()
+            if not tables & OWN_TABLES and (not tables or is_server(self.location)):
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
-                        self.db.execute(stmt)
+                        self.db.create(stmt)
                 self.db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-                self.db.execute("INSERT INTO meta VALUES('created', ?)", (str(time.time()),))
+                self.db.execute("INSERT INTO meta VALUES('created', ?)", (str(self.db.now()),))
                 return
             if "meta" not in tables:
-                raise StoreError(f"{self.path} is an SQLite file that edgenas did not write", "pass a new --db path")
+                raise StoreError(f"{describe(self.location)} holds tables that edgenas did not write",
+                                 "pass a new --db path (on a server: another database, or a schema of its own)")
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             found = int(row[0]) if row else None
             while found in MIGRATIONS and found < SCHEMA_VERSION:
@@ -180,29 +183,24 @@ class Store:
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(found),))
             if found != SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} was written by an incompatible edgenas (store schema {found}, this version reads {SCHEMA_VERSION})",
+                    f"{describe(self.location)} was written by an incompatible edgenas (store schema {found}, this "
+                    f"version reads {SCHEMA_VERSION})",
                     "use a new --db path, or export the old store with the edgenas version that wrote it",
                 )
 
+    @property
+    def described(self) -> str:
+        return describe(self.location)
+
     def tx(self) -> Any:
-        store = self
-
-        class _Tx:
-            def __enter__(self) -> None:
-                store.db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-                if store.db.in_transaction:
-                    store.db.execute("COMMIT" if et is None else "ROLLBACK")
-
-        return _Tx()
+        return self.db.transaction()
 
     def close(self) -> None:
         self.db.close()
 
     # --- devices and sub-networks -------------------------------------------------------
     def upsert_device(self, name: str, fingerprint: str, info: dict[str, Any]) -> int:
-        now = time.time()
+        now = self.db.now()
         with self.tx():
             self.db.execute(
                 "INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES(?,?,?,?,?) "
@@ -210,31 +208,30 @@ class Store:
                 (name, fingerprint, json.dumps(info), now, now))
         return int(self.db.execute("SELECT id FROM devices WHERE fingerprint=?", (fingerprint,)).fetchone()[0])
 
-    def devices(self) -> list[sqlite3.Row]:
+    def devices(self) -> list[Any]:
         return list(self.db.execute("SELECT * FROM devices ORDER BY id"))
 
-    def find_devices(self, name: str) -> list[sqlite3.Row]:
+    def find_devices(self, name: str) -> list[Any]:
         return list(self.db.execute("SELECT * FROM devices WHERE name=? OR fingerprint=? ORDER BY last_seen DESC", (name, name)))
 
     def add_subnet(self, config_hash: str, base_id: str, config_json: str, params: int, summary: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO subnets VALUES(?,?,?,?,?)", (config_hash, base_id, config_json, params, summary))
+        self.db.execute("INSERT INTO subnets VALUES(?,?,?,?,?) ON CONFLICT DO NOTHING", (config_hash, base_id, config_json, params, summary))
 
     # --- jobs ---------------------------------------------------------------------------
     def add_protocol(self, protocol: Protocol) -> str:
-        self.db.execute("INSERT OR IGNORE INTO protocols VALUES(?,?)", (protocol.digest, json.dumps(protocol.to_dict())))
+        self.db.execute("INSERT INTO protocols VALUES(?,?) ON CONFLICT DO NOTHING", (protocol.digest, json.dumps(protocol.to_dict())))
         return protocol.digest
 
     def protocols(self) -> dict[str, Protocol]:
         return {r[0]: Protocol.from_dict(json.loads(r[1])) for r in self.db.execute("SELECT digest, record FROM protocols")}
 
     def add_jobs(self, rows: list[dict[str, Any]]) -> None:
-        now = time.time()
+        now = self.db.now()
         with self.tx():
             self.db.executemany(
-                "INSERT OR IGNORE INTO jobs(job_key, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, "
-                "threads, protocol, created, updated) VALUES(:job_key, :device_id, :subnet_hash, :phase, :batch, "
-                ":seq_len, :past_len, :backend, :threads, :protocol, :now, :now)",
-                [dict(r, now=now) for r in rows])
+                "INSERT INTO jobs(job_key, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
+                "protocol, created, updated) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [[r[c] for c in JOB_COLUMNS] + [now, now] for r in rows])
 
     def jobs_by_key(self, keys: list[str]) -> list[Job]:
         out = []
@@ -245,14 +242,14 @@ class Store:
         return out
 
     @staticmethod
-    def _job(r: sqlite3.Row) -> Job:
+    def _job(r: Any) -> Job:
         return Job(r["id"], r["subnet_hash"], r["phase"], r["batch"], r["seq_len"], r["past_len"], r["backend"],
                    r["threads"], r["status"], r["attempts"], r["error_class"], r["protocol"])
 
     def claim(self, job_id: int, owner: str, lease_s: float) -> int | None:
         """Start an attempt at a job unless it is done or another live sweep holds it: two
         sweeps of one store never measure the same cell, and a crashed sweep's lease expires."""
-        now = time.time()
+        now = self.db.now()
         with self.tx():
             cur = self.db.execute(
                 "UPDATE jobs SET attempts=attempts+1, status='running', owner=?, lease_until=?, updated=? "
@@ -272,7 +269,7 @@ class Store:
         """A sweep's heartbeat: its running jobs stay its own for ``lease_s`` more seconds."""
         with self.tx():
             return self.db.execute("UPDATE jobs SET lease_until=? WHERE owner=? AND status='running'",
-                                   (time.time() + lease_s, owner)).rowcount
+                                   (self.db.now() + lease_s, owner)).rowcount
 
     def job_states(self, job_ids: list[int]) -> dict[int, str]:
         out: dict[int, str] = {}
@@ -294,16 +291,19 @@ class Store:
     def fail_job(self, job_id: int, error_class: ErrorClass, message: str, final: bool) -> None:
         with self.tx():
             self.db.execute("UPDATE jobs SET status=?, error_class=?, error_message=?, updated=?, owner=NULL WHERE id=?",
-                            ("failed" if final else "pending", error_class.value, message[:2000], time.time(), job_id))
+                            ("failed" if final else "pending", error_class.value, message[:2000], self.db.now(), job_id))
 
-    def finish_job(self, job: Job, device_id: int, result: dict[str, Any], export_key: str) -> int:
+    def finish_job(self, job: Job, device_id: int, result: dict[str, Any], export_key: str) -> int | None:
+        """Record a job's measurement; None when another sweep measured it first (this one's
+        lease ran out while its heartbeat could not reach the store): one measurement per cell."""
         with self.tx():
-            mid = self._insert_measurement(job.id, device_id, job.subnet_hash, job.phase, job.batch, job.seq_len,
-                                           job.past_len, job.backend, job.threads, False, result, export_key,
-                                           job.protocol)
-            self.db.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=?, owner=NULL "
-                            "WHERE id=?", (time.time(), job.id))
-        return mid
+            cur = self.db.execute("UPDATE jobs SET status='done', error_class=NULL, error_message=NULL, updated=?, "
+                                  "owner=NULL WHERE id=? AND status!='done'", (self.db.now(), job.id))
+            if cur.rowcount != 1:
+                return None
+            return self._insert_measurement(job.id, device_id, job.subnet_hash, job.phase, job.batch, job.seq_len,
+                                            job.past_len, job.backend, job.threads, False, result, export_key,
+                                            job.protocol)
 
     def add_reference(self, device_id: int, subnet_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
                       backend: str, threads: int, result: dict[str, Any], export_key: str, protocol: str) -> int:
@@ -323,27 +323,27 @@ class Store:
             "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
             "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
             "unstable, throttled, stop_reason, export_key, raw_ms, telemetry, versions, settings, created, companion_ms, "
-            "paired_ratio, protocol) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "paired_ratio, protocol) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, int(is_ref),
              r["median_ms"], r.get("mean_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("std_ms"), r.get("cov"),
              r.get("n"), r.get("median_rel_ci"), r.get("load_ms"), r.get("peak_rss_mb"), int(bool(r.get("unstable"))),
              int(bool(r.get("throttled"))), r.get("stop_reason"), export_key, json.dumps(r.get("raw_ms")),
-             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(settings), time.time(),
+             json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(settings), self.db.now(),
              r.get("companion_median_ms"), r.get("paired_ratio"), protocol))
-        return int(cur.lastrowid)
+        return int(cur.fetchone()[0])
 
     # --- sweeps -------------------------------------------------------------------------
     def start_sweep(self, device_id: int, args: dict[str, Any]) -> int:
         with self.tx():
-            cur = self.db.execute("INSERT INTO sweeps(device_id, started, args) VALUES(?,?,?)",
-                                  (device_id, time.time(), json.dumps(args)))
-        return int(cur.lastrowid)
+            cur = self.db.execute("INSERT INTO sweeps(device_id, started, args) VALUES(?,?,?) RETURNING id",
+                                  (device_id, self.db.now(), json.dumps(args)))
+            return int(cur.fetchone()[0])
 
     def finish_sweep(self, sweep_id: int, summary: dict[str, Any]) -> None:
         with self.tx():
-            self.db.execute("UPDATE sweeps SET finished=?, summary=? WHERE id=?", (time.time(), json.dumps(summary), sweep_id))
+            self.db.execute("UPDATE sweeps SET finished=?, summary=? WHERE id=?", (self.db.now(), json.dumps(summary), sweep_id))
 
-    def references(self, device_id: int) -> list[sqlite3.Row]:
+    def references(self, device_id: int) -> list[Any]:
         return list(self.db.execute("SELECT * FROM measurements WHERE device_id=? AND is_reference=1 ORDER BY id", (device_id,)))
 
     # --- reading ------------------------------------------------------------------------
@@ -362,6 +362,13 @@ class Store:
             q += " AND m.is_reference=0"
         for r in self.db.execute(q + " ORDER BY m.id", args):
             yield dict(r)
+
+    def phase_counts(self) -> list[tuple[str, str, str, int, float, float]]:
+        """(device, fingerprint, phase, measurements, lowest median, highest median) per device and phase."""
+        q = ("SELECT d.name, d.fingerprint, m.phase, COUNT(*), MIN(m.median_ms), MAX(m.median_ms) FROM measurements m "
+             "JOIN devices d ON d.id=m.device_id WHERE m.is_reference=0 GROUP BY d.id, d.name, d.fingerprint, m.phase "
+             "ORDER BY d.id, m.phase")
+        return [tuple(r) for r in self.db.execute(q)]
 
     def count(self, table: str) -> int:
         if table not in ("measurements", "jobs", "devices", "subnets", "sweeps"):

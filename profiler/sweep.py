@@ -488,11 +488,17 @@ class Profiler:
         stop = threading.Event()
 
         def beat() -> None:
-            store = Store(self.store.path)
-            try:
-                while not stop.wait(self.spec.lease_s / 3):
+            store: Store | None = None
+            while not stop.wait(self.spec.lease_s / 3):
+                try:
+                    store = store or Store(self.store.location)
                     store.renew(self.owner, self.spec.lease_s)
-            finally:
+                except Exception as e:  # a store that stops answering for a while: try again next beat
+                    log.warning("could not renew the leases of %s (%s); trying again", self.owner, e)
+                    with contextlib.suppress(Exception):
+                        store.close() if store else None
+                    store = None
+            if store is not None:
                 store.close()
 
         thread = threading.Thread(target=beat, name=f"lease {self.owner}", daemon=True)
@@ -535,8 +541,8 @@ class Profiler:
 
     def _run_job(self, job: Job, config: SubnetConfig, options: ExportOptions | GgufOptions, device_id: int,
                  summary: SweepSummary) -> str:
-        """Measure one job with retries: "measured", "failed", or "held" when another sweep
-        process holds it."""
+        """Measure one job with retries: "measured", "failed", "held" when another sweep
+        process holds it, or "measured elsewhere" when another recorded it first."""
         while True:
             attempts = self.store.claim(job.id, self.owner, self.spec.lease_s)
             if attempts is None:
@@ -544,7 +550,9 @@ class Profiler:
             try:
                 exported = self._export(config, options, summary)
                 result = self._measure(exported, job.phase, job.seq_len, job.past_len, summary, options)
-                self.store.finish_job(job, device_id, result, exported.key)
+                if self.store.finish_job(job, device_id, result, exported.key) is None:
+                    summary.held_elsewhere += 1
+                    return "measured elsewhere"
                 summary.measured += 1
                 summary.unstable += int(bool(result.get("unstable")))
                 summary.throttled += int(bool(result.get("throttled")))

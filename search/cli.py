@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from profiler.database import describe, store_location
 from subnets.clikit import add_granularity, make_parser, progress_bar, run
 from subnets.quantize import GGUF_TYPES
 from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
@@ -40,7 +41,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                         "full model's (e.g. 3x); the plot and --verify keep to it (default: none; plot capped at 10x)")
     p.add_argument("--verify", type=int, default=0, help="measure K front points on the device")
     p.add_argument("--host", default=None, help="where --verify measures (default: --device)")
-    p.add_argument("--db", type=Path, default=Path("runs/measurements.db"), help="store --verify adds to")
+    p.add_argument("--db", type=store_location, default=Path("runs/measurements.db"),
+                   help="store --verify adds to (a file or a postgresql:// URL)")
     p.add_argument("--out", type=Path, default=Path("runs/search"))
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage of the study: an RDB URL (postgresql://user@host/db, mysql+pymysql://..., "
@@ -355,7 +357,7 @@ def _search(args: argparse.Namespace, console: Console, ws: Any, storage: Any, p
         console.print(vt)
         ok = [r for r in rows if r.get("measured_ms") is not None]
         console.print(f"{sum(r['meets_budget'] for r in ok)}/{len(ok)} verified points meet the budget on the device; "
-                      f"measurements added to {args.db}")
+                      f"measurements added to {describe(args.db)}")
         result["verified"] = rows
     (out / "search.json").write_text(json.dumps(result, indent=1, default=str))
     console.print(f"front: {out / 'front.json'}, {out / 'front.csv'}, configs {out / 'front.jsonl'}, plot {png}")

@@ -7,12 +7,12 @@ prediction checked against a number taken under other settings checks nothing.""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from predictor.workload import LatencyObjective
+from profiler.database import Location
 from profiler.hosts import resolve_host
 from profiler.store import Store
 from profiler.sweep import Profiler, SweepSpec
@@ -90,7 +90,7 @@ def _precision(backend: str, variant: str, recorded: str | None) -> tuple[str | 
     return recorded, 32
 
 
-def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Path,
+def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Location,
            budget_ms: float) -> list[dict[str, Any]]:
     wl = objective.workload
     spec = verification_spec(objective, ws.space.full().config_hash())

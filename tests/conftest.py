@@ -131,7 +131,7 @@ def tiny_predictor(tiny_ws, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server (Debian's postgresql) on a loopback port, in a throwaway data
-    directory; its URL. The server refuses to run as root, so root runs it as 'postgres'."""
+    directory. The server refuses to run as root, so root runs it as 'postgres'."""
     from tests.pgserver import PostgresServer, find_postgres
 
     bindir = find_postgres()
@@ -139,5 +139,13 @@ def postgres():
         pytest.skip("PostgreSQL not available (install Debian's postgresql; .ci/run does)")
     server = PostgresServer(bindir)
     server.start()
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def pg_store(postgres, request):
+    """A fresh database on the session's PostgreSQL server, for a measurement store; its URL."""
+    import re
+
+    return postgres.new_database("t_" + re.sub(r"\W", "_", request.node.name.lower())[:50])

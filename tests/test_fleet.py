@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from profiler.errors import HostError
+from profiler.errors import HostError, StoreError
 from profiler.fleet import device_names, run_fleet
 from profiler.hosts import resolve_hosts
 from profiler.store import Store
@@ -126,34 +126,58 @@ def test_hosts_and_groups_resolve_and_an_unknown_group_is_named(two_boards) -> N
     assert device_names({"b1": "f1", "b2": "f2", "b3": "f1"}, None) == {"f1": "b1", "f2": "b2"}
 
 
-def test_an_expired_lease_is_taken_over_and_a_heartbeat_keeps_one(tmp_path) -> None:
-    """A sweep on another host whose process died stops renewing: its job is free once the
-    lease runs out; a live sweep's heartbeat keeps its jobs."""
-    db = tmp_path / "m.db"
-    store = Store(db)
+@pytest.fixture(params=["file", "server"])
+def store_at(request, tmp_path):
+    """A measurement store's location: an SQLite file, or a database on a PostgreSQL server."""
+    return tmp_path / "m.db" if request.param == "file" else request.getfixturevalue("pg_store")
+
+
+def _query(location, sql: str) -> list:
+    store = Store(location)
     try:
-        with store.tx():
-            store.db.execute("INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES('d','fp','{}',0,0)")
-            store.db.execute("INSERT INTO subnets VALUES('h','b','{}',1,'s')")
-        store.add_jobs([{"job_key": k, "device_id": 1, "subnet_hash": "h", "phase": "prefill", "batch": 1,
-                         "seq_len": s, "past_len": 0, "backend": "ort-cpu", "threads": 1, "protocol": "p"}
-                        for k, s in (("a", 16), ("b", 32))])
-        (a, b) = [j.id for j in store.jobs_by_key(["a", "b"])]
-        assert store.claim(a, "elsewhere:1:dead", 0.5) == 1 and store.claim(b, "elsewhere:2:live", 0.5) == 1
-        assert store.claim(a, "here", 30) is None  # held
-        time.sleep(0.3)
-        assert store.renew("elsewhere:2:live", 0.5) == 1
-        time.sleep(0.3)
-        assert store.claim(a, "here", 30) == 2  # expired: taken over
-        assert store.claim(b, "here", 30) is None  # renewed: still held
+        return [tuple(r) for r in store.db.execute(sql).fetchall()]
     finally:
         store.close()
 
 
-def test_two_processes_on_one_store_and_a_killed_one(tiny_dir, tmp_path) -> None:
-    """Two profile-device processes on one store never measure a cell twice; one SIGKILLed
-    mid-sweep loses its jobs to the survivor, which measures them."""
-    db = tmp_path / "m.db"
+def test_an_expired_lease_is_taken_over_and_a_heartbeat_keeps_one(store_at) -> None:
+    """A sweep on another host whose process died stops renewing: its job is free once the
+    lease runs out; a live sweep's heartbeat keeps its jobs. The late sweep's measurement of a
+    cell taken over and measured meanwhile is not recorded: one measurement per cell."""
+    store = Store(store_at)
+    try:
+        with store.tx():
+            store.db.execute("INSERT INTO devices(name, fingerprint, info, first_seen, last_seen) VALUES('d','fp','{}',0,0)")
+            store.db.execute("INSERT INTO subnets VALUES('h','b','{}',1,'s')")
+        device = store.devices()[0]["id"]
+        store.add_jobs([{"job_key": k, "device_id": device, "subnet_hash": "h", "phase": "prefill", "batch": 1,
+                         "seq_len": s, "past_len": 0, "backend": "ort-cpu", "threads": 1, "protocol": "p"}
+                        for k, s in (("a", 16), ("b", 32))])
+        (a, b) = store.jobs_by_key(["a", "b"])
+        assert store.claim(a.id, "elsewhere:1:dead", 0.5) == 1 and store.claim(b.id, "elsewhere:2:live", 0.5) == 1
+        assert store.claim(a.id, "here", 30) is None  # held
+        time.sleep(0.3)
+        assert store.renew("elsewhere:2:live", 0.5) == 1
+        time.sleep(0.3)
+        assert store.claim(a.id, "here", 30) == 2  # expired: taken over
+        assert store.claim(b.id, "here", 30) is None  # renewed: still held
+        result = {"median_ms": 1.0}
+        assert store.finish_job(a, device, result, "k") is not None
+        assert store.finish_job(a, device, result, "k") is None  # the sweep that lost the lease, late
+        assert store.count("measurements") == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("store_kind", "stop"), [("file", signal.SIGKILL), ("server", signal.SIGSTOP)],
+                         ids=["file-killed", "server-frozen"])
+def test_two_processes_on_one_store_and_a_stopped_one(tiny_dir, tmp_path, request, store_kind, stop) -> None:
+    """Two profile-device processes on one store never measure a cell twice. One SIGKILLed
+    mid-sweep (its leases end at once: its process is gone) or frozen by SIGSTOP (alive to
+    this host, silent: as a crashed host looks from another, its leases run out) loses its
+    jobs to the survivor, which measures them. On a PostgreSQL store, as sweeps on several
+    hosts share one."""
+    db = tmp_path / "m.db" if store_kind == "file" else request.getfixturevalue("pg_store")
     Store(db).close()
     cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
            "--samples", "6", "--seed", "9", "--db", str(db), "--phases", "prefill,decode", "--seq-len", "16",
@@ -161,34 +185,29 @@ def test_two_processes_on_one_store_and_a_killed_one(tiny_dir, tmp_path) -> None
     env = dict(os.environ, EDGENAS_LOG="WARNING")
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not _running(db):
+    while time.monotonic() < deadline and not _count(db, "jobs WHERE status='running'"):
         time.sleep(0.05)
     second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    while time.monotonic() < deadline and _count(db) < 2:
+    while time.monotonic() < deadline and _count(db, "measurements") < 2:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the process and its local agent, mid-sweep
-    first.wait()
-    out = second.communicate(timeout=300)[1].decode()
+    os.killpg(first.pid, stop)  # the process and its local agent, mid-sweep
+    try:
+        out = second.communicate(timeout=300)[1].decode()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     assert second.returncode == 0, out[-2000:]
-    with sqlite3.connect(db) as c:
-        jobs = [r[0] for r in c.execute("SELECT job_id FROM measurements WHERE is_reference=0")]
-        assert len(jobs) == len(set(jobs)) == 12
-        assert c.execute("SELECT COUNT(*) FROM jobs WHERE status!='done' OR owner IS NOT NULL").fetchone()[0] == 0
+    jobs = [r[0] for r in _query(db, "SELECT job_id FROM measurements WHERE is_reference=0")]
+    assert len(jobs) == len(set(jobs)) == 12
+    assert _count(db, "jobs WHERE status!='done'") == 0
+    if stop == signal.SIGKILL:
+        assert _count(db, "jobs WHERE owner IS NOT NULL") == 0
 
 
-def _running(db: Path) -> bool:
+def _count(db, what: str) -> int:
     try:
-        with sqlite3.connect(db) as c:
-            return bool(c.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0])
-    except sqlite3.OperationalError:
-        return False
-
-
-def _count(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as c:
-            return int(c.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
-    except sqlite3.OperationalError:
+        return int(_query(db, f"SELECT COUNT(*) FROM {what}")[0][0])
+    except StoreError:  # a file store in the middle of being created
         return 0
 
 
@@ -205,3 +224,10 @@ def test_the_command_line_sweeps_a_group_and_reports_each_board(tiny_dir, tiny_w
     assert rc == 0, out[-3000:]
     assert "2 boards, 1 device(s)" in out and "b1" in out and "b2" in out
     assert len(_measured_by(tmp_path / "m.db")) == 6
+
+
+def test_a_server_store_without_its_driver_names_the_package(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(StoreError, match=r"needs the PostgreSQL driver") as e:
+        Store("postgresql://nobody@127.0.0.1:1/db")
+    assert 'pip install "psycopg[binary]"' in e.value.fix

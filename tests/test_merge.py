@@ -35,3 +35,34 @@ def test_two_stores_merge_with_each_cell_once_and_conflicts_reported(tiny_ws, tm
     store.close()
     again = merge_stores([a, b], tmp_path / "m.db")  # merging twice adds nothing
     assert again.cells_added == 0 and again.references_added == 0 and again.cells_duplicate == 8
+
+
+def test_stores_merge_into_and_out_of_a_postgresql_store(tiny_ws, tmp_path, pg_store, capsys) -> None:
+    """A laptop's file store goes into the lab's server store and comes back out as a file:
+    the same cells, read the same way by the predictor's loader and the command line."""
+    from edgenas.cli import main as edgenas_main
+    from predictor.data import load_measurements
+
+    a_cfg, b_cfg, c_cfg = tiny_ws.space.sample(3, 4)
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    sweep(tiny_ws, "local", a, [a_cfg, b_cfg], reference_every=2)
+    sweep(tiny_ws, "local", b, [b_cfg, c_cfg])
+    report = merge_stores([a, b], pg_store)
+    assert report.cells_added == 6 and report.cells_duplicate == 2 and report.devices_matched == 1
+    back = tmp_path / "back.db"
+    out = merge_stores([pg_store], back)
+    assert out.cells_added == 6 and out.references_added == report.references_added > 0
+
+    def cells(location) -> tuple:
+        store = Store(location)
+        try:
+            rows = {(r["subnet_hash"], r["phase"], r["median_ms"], r["created"]) for r in store.measurement_rows()}
+            m = load_measurements(store, "local", "decode", tiny_ws.space.dims, tiny_ws.base.base_id, minimum=1)
+            return rows, sorted(m.y_ms.tolist())
+        finally:
+            store.close()
+
+    assert cells(pg_store) == cells(back) and len(cells(back)[0]) == 6
+    assert edgenas_main(["measurements", "--db", pg_store, "--csv", str(tmp_path / "m.csv")]) == 0
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 1 + 6 + report.references_added
+    assert sweep(tiny_ws, "local", pg_store, [a_cfg, b_cfg, c_cfg]).measured == 0  # a sweep resumes on the server

@@ -47,6 +47,7 @@ def test_two_workers_share_a_journal_study(tiny_dir, tiny_predictor, tmp_path) -
 def test_two_workers_share_a_postgresql_study(tiny_dir, tiny_predictor, tmp_path, postgres) -> None:
     import sqlalchemy as sa
 
+    postgres = postgres.url
     res = _shared_search(tiny_dir, tiny_predictor, tmp_path, postgres)
     _check_shared(res, parse_storage(postgres, tmp_path / "unused.db"))
     engine = sa.create_engine(postgres)
