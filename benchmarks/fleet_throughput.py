@@ -201,7 +201,7 @@ def run_kind(args: argparse.Namespace, ws: Workspace, stores: Stores, root: Path
     print(f"store: {'an SQLite file' if stores.kind == 'file' else 'a PostgreSQL server on loopback'}", flush=True)
     rows = []
     for n in args.boards.split(","):
-        rows.append(throughput(ws, int(n), args.samples, stores, root, args.min_time))
+        rows.append(throughput(ws, int(n), args.samples, stores, root / stores.kind, args.min_time))
         r = rows[-1]
         print(f"  {r['boards']} board(s): {r['seconds']:.0f} s, {r['subnets_per_hour']:.0f} sub-networks/hour "
               f"({r['subnets_per_hour'] / rows[0]['subnets_per_hour']:.2f}x one board); jobs per board {r['per_board']}; "

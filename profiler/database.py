@@ -101,6 +101,11 @@ class Database:
     def now(self) -> float:
         return time.time()
 
+    def recover(self, error: BaseException) -> bool:
+        """After ``error``, whether the failed work may be run again: the link to the server
+        was lost and is made anew, or the server rolled back a transaction that lost a race."""
+        return False
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -176,11 +181,16 @@ class PostgresDatabase(Database):
                              "not installed", "pip install \"psycopg[binary]\"") from None
         self.location = url
         self.errors = (psycopg.Error,)
-        dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self._psycopg = psycopg
+        self._connect()
+
+    def _connect(self) -> None:
+        psycopg = self._psycopg
+        dsn = str(self.location).replace("postgresql+psycopg://", "postgresql://", 1)
         try:
             self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10, row_factory=_row_factory)
         except psycopg.OperationalError as e:
-            raise StoreError(f"the measurement store's server {describe(url)} does not answer "
+            raise StoreError(f"the measurement store's server {describe(self.location)} does not answer "
                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
                              "start the server, or check the host, port, user and database in the --db URL") from None
         # A host that freezes inside a transaction would hold its rows' locks until its
@@ -223,6 +233,17 @@ class PostgresDatabase(Database):
 
     def now(self) -> float:
         return time.time() + self._offset
+
+    def recover(self, error: BaseException) -> bool:
+        if self.conn.closed or self.conn.broken:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            try:
+                self._connect()
+            except StoreError:
+                return False
+            return True
+        return isinstance(error, self._psycopg.errors.TransactionRollbackError)
 
     def close(self) -> None:
         self.conn.close()

@@ -8,17 +8,22 @@ loses no finished measurement, and rerunning the same command resumes where it s
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from profiler.database import Database, Location, connect, describe, is_server
 from profiler.errors import ErrorClass, StoreError
 from profiler.fingerprint import device_fingerprint
 from profiler.protocol import UNRECORDED, Protocol
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 4
 SCHEMA = """
@@ -130,6 +135,23 @@ def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len:
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """A store method run once more when the database says that may work: a server store
+    whose link dropped (a restart, a network blip) reconnects, so a sweep of hours outlives
+    it. Each method is one transaction or harmless to repeat."""
+    @functools.wraps(method)
+    def run(self: Store, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except self.db.errors as e:
+            if not self.db.recover(e):
+                raise
+            log.warning("the measurement store %s: %s; reconnected, trying again", self.described, e)
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Job:
     id: int
@@ -199,6 +221,7 @@ class Store:
         self.db.close()
 
     # --- devices and sub-networks -------------------------------------------------------
+    @_retried
     def upsert_device(self, name: str, fingerprint: str, info: dict[str, Any]) -> int:
         now = self.db.now()
         with self.tx():
@@ -208,23 +231,29 @@ class Store:
                 (name, fingerprint, json.dumps(info), now, now))
         return int(self.db.execute("SELECT id FROM devices WHERE fingerprint=?", (fingerprint,)).fetchone()[0])
 
+    @_retried
     def devices(self) -> list[Any]:
         return list(self.db.execute("SELECT * FROM devices ORDER BY id"))
 
+    @_retried
     def find_devices(self, name: str) -> list[Any]:
         return list(self.db.execute("SELECT * FROM devices WHERE name=? OR fingerprint=? ORDER BY last_seen DESC", (name, name)))
 
+    @_retried
     def add_subnet(self, config_hash: str, base_id: str, config_json: str, params: int, summary: str) -> None:
         self.db.execute("INSERT INTO subnets VALUES(?,?,?,?,?) ON CONFLICT DO NOTHING", (config_hash, base_id, config_json, params, summary))
 
     # --- jobs ---------------------------------------------------------------------------
+    @_retried
     def add_protocol(self, protocol: Protocol) -> str:
         self.db.execute("INSERT INTO protocols VALUES(?,?) ON CONFLICT DO NOTHING", (protocol.digest, json.dumps(protocol.to_dict())))
         return protocol.digest
 
+    @_retried
     def protocols(self) -> dict[str, Protocol]:
         return {r[0]: Protocol.from_dict(json.loads(r[1])) for r in self.db.execute("SELECT digest, record FROM protocols")}
 
+    @_retried
     def add_jobs(self, rows: list[dict[str, Any]]) -> None:
         now = self.db.now()
         with self.tx():
@@ -233,6 +262,7 @@ class Store:
                 "protocol, created, updated) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [[r[c] for c in JOB_COLUMNS] + [now, now] for r in rows])
 
+    @_retried
     def jobs_by_key(self, keys: list[str]) -> list[Job]:
         out = []
         for i in range(0, len(keys), 500):
@@ -246,6 +276,7 @@ class Store:
         return Job(r["id"], r["subnet_hash"], r["phase"], r["batch"], r["seq_len"], r["past_len"], r["backend"],
                    r["threads"], r["status"], r["attempts"], r["error_class"], r["protocol"])
 
+    @_retried
     def claim(self, job_id: int, owner: str, lease_s: float) -> int | None:
         """Start an attempt at a job unless it is done or another live sweep holds it: two
         sweeps of one store never measure the same cell, and a crashed sweep's lease expires."""
@@ -259,18 +290,21 @@ class Store:
                 return None
             return int(self.db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0])
 
+    @_retried
     def release(self, owner: str) -> None:
         """Give back a sweep's unfinished jobs (it stopped, or its process is gone)."""
         with self.tx():
             self.db.execute("UPDATE jobs SET owner=NULL, lease_until=NULL, "
                             "status=CASE status WHEN 'running' THEN 'pending' ELSE status END WHERE owner=?", (owner,))
 
+    @_retried
     def renew(self, owner: str, lease_s: float) -> int:
         """A sweep's heartbeat: its running jobs stay its own for ``lease_s`` more seconds."""
         with self.tx():
             return self.db.execute("UPDATE jobs SET lease_until=? WHERE owner=? AND status='running'",
                                    (self.db.now() + lease_s, owner)).rowcount
 
+    @_retried
     def job_states(self, job_ids: list[int]) -> dict[int, str]:
         out: dict[int, str] = {}
         for i in range(0, len(job_ids), 500):
@@ -279,20 +313,24 @@ class Store:
                                        chunk).fetchall())
         return out
 
+    @_retried
     def lease_owners(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM jobs WHERE owner IS NOT NULL")]
 
+    @_retried
     def reset_attempts(self, job_ids: list[int]) -> None:
         """``--retry-failed``: a failed job gets the full number of attempts again."""
         with self.tx():
             self.db.executemany("UPDATE jobs SET attempts=0, status='pending' WHERE id=? AND status='failed'",
                                 [(i,) for i in job_ids])
 
+    @_retried
     def fail_job(self, job_id: int, error_class: ErrorClass, message: str, final: bool) -> None:
         with self.tx():
             self.db.execute("UPDATE jobs SET status=?, error_class=?, error_message=?, updated=?, owner=NULL WHERE id=?",
                             ("failed" if final else "pending", error_class.value, message[:2000], self.db.now(), job_id))
 
+    @_retried
     def finish_job(self, job: Job, device_id: int, result: dict[str, Any], export_key: str) -> int | None:
         """Record a job's measurement; None when another sweep measured it first (this one's
         lease ran out while its heartbeat could not reach the store): one measurement per cell."""
@@ -305,6 +343,7 @@ class Store:
                                             job.past_len, job.backend, job.threads, False, result, export_key,
                                             job.protocol)
 
+    @_retried
     def add_reference(self, device_id: int, subnet_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
                       backend: str, threads: int, result: dict[str, Any], export_key: str, protocol: str) -> int:
         with self.tx():
@@ -333,16 +372,19 @@ class Store:
         return int(cur.fetchone()[0])
 
     # --- sweeps -------------------------------------------------------------------------
+    @_retried
     def start_sweep(self, device_id: int, args: dict[str, Any]) -> int:
         with self.tx():
             cur = self.db.execute("INSERT INTO sweeps(device_id, started, args) VALUES(?,?,?) RETURNING id",
                                   (device_id, self.db.now(), json.dumps(args)))
             return int(cur.fetchone()[0])
 
+    @_retried
     def finish_sweep(self, sweep_id: int, summary: dict[str, Any]) -> None:
         with self.tx():
             self.db.execute("UPDATE sweeps SET finished=?, summary=? WHERE id=?", (self.db.now(), json.dumps(summary), sweep_id))
 
+    @_retried
     def references(self, device_id: int) -> list[Any]:
         return list(self.db.execute("SELECT * FROM measurements WHERE device_id=? AND is_reference=1 ORDER BY id", (device_id,)))
 
@@ -363,6 +405,7 @@ class Store:
         for r in self.db.execute(q + " ORDER BY m.id", args):
             yield dict(r)
 
+    @_retried
     def phase_counts(self) -> list[tuple[str, str, str, int, float, float]]:
         """(device, fingerprint, phase, measurements, lowest median, highest median) per device and phase."""
         q = ("SELECT d.name, d.fingerprint, m.phase, COUNT(*), MIN(m.median_ms), MAX(m.median_ms) FROM measurements m "
@@ -370,6 +413,7 @@ class Store:
              "ORDER BY d.id, m.phase")
         return [tuple(r) for r in self.db.execute(q)]
 
+    @_retried
     def count(self, table: str) -> int:
         if table not in ("measurements", "jobs", "devices", "subnets", "sweeps"):
             raise ValueError(table)

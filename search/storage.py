@@ -41,7 +41,7 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _owner_alive(owner: str) -> bool:
+def owner_alive(owner: str) -> bool:
     """False only for a claim of a process on this host that is gone."""
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
@@ -180,7 +180,7 @@ class SharedQuality:
         if held is None:
             return False
         owner, since = held
-        if _owner_alive(owner) and time.time() - since < STALE_S:
+        if owner_alive(owner) and time.time() - since < STALE_S:
             return False
         log.info("taking over the perplexity of %s from %s (gone)", key[:10], owner)
         return self.claims.take_over(key, held, self.owner)

@@ -27,7 +27,7 @@ import numpy as np
 from predictor.workload import LatencyObjective
 from search.encoding import Encoding
 from search.pareto import hypervolume, pareto_mask
-from search.storage import SharedQuality, StudyStorage, parse_storage
+from search.storage import STALE_S, SharedQuality, StudyStorage, owner_alive, owner_id, parse_storage
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import EdgenasError
@@ -209,6 +209,10 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     study, note = open_study(storage, identity, make_sampler(algorithm, draw_seed, max(8, min(40, evals // 5))),
                              study_name)
     log.info("%s", note)
+    retired = retire_stale_trials(study)
+    if retired:
+        log.info("%d trial(s) left running by stopped workers failed; their candidates queued again", retired)
+    me = owner_id()
     qualities = {k: shared_quality(storage, d.ws) for k, d in deps.items()}
     rng = np.random.default_rng(draw_seed)
     t_pred = t_quality = 0.0
@@ -239,6 +243,7 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
                 parent = front[int(rng.integers(len(front)))]
                 study.enqueue_trial(enc.mutate(dict(parent.params), rng), skip_if_exists=True)
         trial = study.ask()
+        trial.set_user_attr("owner", me)
         config = enc.decode(enc.suggest(trial))
         dep = deps[trial.suggest_categorical("precision", sorted(deps))] if mixed else next(iter(deps.values()))
         a = time.perf_counter()
@@ -280,6 +285,31 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     res.ppl_evaluations = sum(q.evaluations for q in qualities.values())
     res.resumed = note
     return res
+
+
+def retire_stale_trials(study: Any) -> int:
+    """Trials that a worker left running when it stopped (killed, its host gone): failed, and
+    their candidates queued again, so none is lost; a perplexity it had computed is read back
+    from the shared cache, not computed again. A trial is stale when its worker's process is
+    gone (a worker on this host) or it started more than ``STALE_S`` ago."""
+    import datetime
+
+    import optuna
+
+    retired = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        age = (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        if age < STALE_S and (owner is None or owner_alive(owner)):
+            continue
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another worker retired it first (Optuna: not running)
+            continue
+        if t.params:
+            study.enqueue_trial(dict(t.params))
+        retired += 1
+    return retired
 
 
 def _evaluated(trials: list[Any]) -> int:

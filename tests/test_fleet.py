@@ -231,3 +231,19 @@ def test_a_server_store_without_its_driver_names_the_package(monkeypatch) -> Non
     with pytest.raises(StoreError, match=r"needs the PostgreSQL driver") as e:
         Store("postgresql://nobody@127.0.0.1:1/db")
     assert 'pip install "psycopg[binary]"' in e.value.fix
+
+
+def test_a_server_store_outlives_a_dropped_connection(pg_store) -> None:
+    """The server ends the store's session (as a restart or a network blip would): the next
+    call reconnects and runs, so a long sweep does not stop for it."""
+    import psycopg
+
+    store = Store(pg_store)
+    try:
+        store.upsert_device("d", "fp", {})
+        with psycopg.connect(pg_store, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (store.db.conn.info.backend_pid,))
+        assert [d["name"] for d in store.devices()] == ["d"]
+        assert abs(store.db.now() - time.time()) < 5  # the server's clock, here the same host's
+    finally:
+        store.close()

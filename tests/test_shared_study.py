@@ -80,3 +80,33 @@ def test_a_study_name_made_with_other_settings_is_refused(tiny_ws, tiny_predicto
     with pytest.raises(SearchError, match=r"study 'mine' .* was made with other settings \(budget_ms differ\)"):
         run_search(tiny_ws, obj, "random", 3, 1e8, storage, seed=1, study_name="mine")
     assert len(run_search(tiny_ws, obj, "random", 5, 1e9, storage, seed=1, study_name="mine").points) == 5
+
+
+def test_a_stopped_workers_running_trial_is_failed_and_its_candidate_queued_again(tiny_ws, tiny_predictor,
+                                                                                  tmp_path) -> None:
+    """A worker killed mid-trial leaves it RUNNING: the next worker to start fails it and
+    queues its candidate again, so none is lost; a live worker's running trial is left alone."""
+    import subprocess
+
+    from predictor.workload import LatencyObjective, Workload
+    from search.encoding import Encoding
+    from search.storage import owner_id
+    from search.study import run_search
+
+    obj = LatencyObjective.load(tiny_predictor, Workload(16, 8), "local", tiny_ws.base.base_id)
+    storage = parse_storage(f"journal:{tmp_path / 's.journal'}", tmp_path / "unused.db")
+    run_search(tiny_ws, obj, "random", 3, 1e9, storage, seed=1, study_name="mine")
+    study = optuna.load_study(study_name="mine", storage=storage.optuna())
+    enc = Encoding(tiny_ws.space, tiny_ws.importance.layer_ranking(), "per-layer")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stopped, live = study.ask(), study.ask()
+    for trial, owner in ((stopped, f"{owner_id().split(':')[0]}:{gone.pid}:x"), (live, owner_id())):
+        enc.suggest(trial)
+        trial.set_user_attr("owner", owner)
+    run_search(tiny_ws, obj, "random", 5, 1e9, storage, seed=1, study_name="mine")
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[stopped.number].state == optuna.trial.TrialState.FAIL
+    assert trials[live.number].state == optuna.trial.TrialState.RUNNING
+    again = [t for t in trials.values() if t.params == trials[stopped.number].params and t.number != stopped.number]
+    assert [t.state for t in again] == [optuna.trial.TrialState.COMPLETE]
