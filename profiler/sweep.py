@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +28,7 @@ from subnets.cost import count_params
 from subnets.errors import ConfigError
 from subnets.gguf_export import GGUF_PRECISIONS, GgufOptions, export_gguf
 from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
+from subnets.owner import owner_alive, owner_id
 from subnets.paths import cache_dir
 from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
@@ -315,7 +313,7 @@ class Profiler:
         self.reference = reference or workspace.space.full()
         self._exports: dict[str, ExportedSubnet] = {}
         self._on_board: set[str] = set()
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this sweep's job leases
+        self.owner = owner_id()  # this sweep's job leases
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions | GgufOptions, summary: SweepSummary) -> ExportedSubnet:
@@ -474,11 +472,8 @@ class Profiler:
 
     def _release_dead_leases(self) -> None:
         """Leases of sweeps on this machine whose process is gone end now, not at expiry."""
-        host = socket.gethostname()
         for owner in self.store.lease_owners():
-            name, _, rest = owner.partition(":")
-            pid = rest.partition(":")[0]
-            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if not owner_alive(owner):
                 self.store.release(owner)
 
     @contextlib.contextmanager
@@ -659,16 +654,6 @@ class Profiler:
             except Exception:
                 pass
         return summary
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def summary_json(summary: SweepSummary) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from subnets.errors import EdgenasError
+from subnets.owner import owner_alive, owner_id
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +35,6 @@ DRIVERS = {"postgresql": "\"psycopg[binary]\" (SQLAlchemy's default PostgreSQL d
 
 class StorageError(EdgenasError):
     """A study storage that cannot be used as given."""
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_alive(owner: str) -> bool:
-    """False only for a claim of a process on this host that is gone."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Claims(Protocol):

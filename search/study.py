@@ -27,10 +27,11 @@ import numpy as np
 from predictor.workload import LatencyObjective
 from search.encoding import Encoding
 from search.pareto import hypervolume, pareto_mask
-from search.storage import STALE_S, SharedQuality, StudyStorage, owner_alive, owner_id, parse_storage
+from search.storage import STALE_S, SharedQuality, StudyStorage, parse_storage
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import EdgenasError
+from subnets.owner import owner_alive, owner_id
 
 log = logging.getLogger(__name__)
 

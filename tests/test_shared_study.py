@@ -90,8 +90,8 @@ def test_a_stopped_workers_running_trial_is_failed_and_its_candidate_queued_agai
 
     from predictor.workload import LatencyObjective, Workload
     from search.encoding import Encoding
-    from search.storage import owner_id
     from search.study import run_search
+    from subnets.owner import owner_id
 
     obj = LatencyObjective.load(tiny_predictor, Workload(16, 8), "local", tiny_ws.base.base_id)
     storage = parse_storage(f"journal:{tmp_path / 's.journal'}", tmp_path / "unused.db")
