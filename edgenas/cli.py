@@ -14,7 +14,15 @@ from rich.console import Console
 from rich.table import Table
 
 from profiler.database import exists, store_location
-from subnets.clikit import add_granularity, add_graph, add_run_config, make_parser, run, subparsers
+from subnets.clikit import (
+    add_granularity,
+    add_graph,
+    add_reconstruct,
+    add_run_config,
+    make_parser,
+    run,
+    subparsers,
+)
 from subnets.configio import read_configs
 from subnets.cost import cost
 from subnets.errors import ConfigError
@@ -57,6 +65,7 @@ def _configs_arg(s: argparse.ArgumentParser, required: bool, help: str) -> None:
 
 
 def _export_args(s: argparse.ArgumentParser) -> None:
+    add_reconstruct(s)
     _add_model(s)
     _add_export(s)
     _configs_arg(s, True, "configs file (JSON or JSON lines; the first config is used unless --index)")
@@ -85,6 +94,7 @@ def _finetune_args(s: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_args(s: argparse.ArgumentParser) -> None:
+    add_reconstruct(s)
     _add_model(s)
     s.add_argument("--model-dir", type=Path, default=None,
                    help="a saved model folder (`edgenas finetune --out`, its hf/ folder, or `edgenas export`'s hf/); "
@@ -102,6 +112,7 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
 
 def _pipeline_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
+    add_reconstruct(s)
     s.add_argument("--samples", "--n", dest="n", type=int, default=24,
                    help="sampled sub-networks to profile besides the full model")
     s.add_argument("--seed", type=int, default=0)
@@ -175,7 +186,8 @@ def _workspace(args: argparse.Namespace):
 
         base_id, _ = load_base_info(args.model)
         return open_supernet(args.supernet, args.neuron_step, getattr(args, "text", None), base_id=base_id)
-    return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None))
+    return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None),
+                          reconstruct=getattr(args, "reconstruct", False))
 
 
 def cmd_space(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from profiler.database import describe, store_location
-from subnets.clikit import add_granularity, make_parser, progress_bar, run
+from subnets.clikit import add_granularity, add_reconstruct, make_parser, progress_bar, run
 from subnets.quantize import GGUF_TYPES
 from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
@@ -35,6 +35,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evals", type=int, default=100, help="sub-networks evaluated for perplexity (the search's cost; candidates over the budget are "
                    "rejected by the predictor and not counted)")
     add_granularity(p, "the genome searched")
+    add_reconstruct(p)
     p.add_argument("--max-params", type=float, default=None, help="hard limit on parameters")
     p.add_argument("--max-perplexity", default=None, metavar="PPL|Rx",
                    help="quality ceiling, a constraint like the budget: a perplexity (e.g. 60) or a multiple of the "
@@ -197,7 +198,8 @@ def setup(args: argparse.Namespace, ws: Any = None) -> tuple[Any, list[Any], str
         from training.recovery import open_supernet
 
         ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
-    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens)
+    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens,
+                              reconstruct=args.reconstruct)
     deps = deployments(args, ws, wl, base_id)
     return deps[0].ws, deps, base_id
 

@@ -106,6 +106,14 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Ca
         return 130
 
 
+def add_reconstruct(p: argparse.ArgumentParser) -> None:
+    """``--reconstruct``: sub-networks' output projections refitted (``subnets.reconstruct``)."""
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit each sub-network's attention and MLP output projections by least squares to what the "
+                        "full model's layers computed on calibration text (training-free; statistics collected once "
+                        "per base model and cached)")
+
+
 def add_graph(p: argparse.ArgumentParser, what: str) -> None:
     """``--graph``: which ONNX decoder graph (``onnx_export.GRAPHS``)."""
     from subnets.onnx_export import GRAPHS

@@ -12,6 +12,7 @@ from subnets.config import SubnetConfig
 from subnets.extract import SubnetWeights, build_model, slice_weights
 from subnets.importance import Importance, importance_for
 from subnets.quality import EvalTokens, perplexity, tokenize
+from subnets.reconstruct import Grams, grams_for, reconstruct
 from subnets.space import SearchSpace
 from subnets.textdata import Corpus, read_text_file, stdlib_docstrings
 
@@ -28,12 +29,21 @@ class Workspace:
     # the int4 graph's arithmetic (subnets.quantize), not by its fp32 weights
     precision: str = "fp32"
     block_size: int = 32
+    # refit each sub-network's output projections to the full model's outputs (subnets.reconstruct)
+    reconstruct: bool = False
+    _grams: Grams | None = None
 
     @classmethod
     def open(cls, model: str | os.PathLike[str] = "smollm2", neuron_step: int = 64,
-             eval_text: str | None = None, eval_budget: int = 4096) -> Workspace:
+             eval_text: str | None = None, eval_budget: int = 4096, reconstruct: bool = False) -> Workspace:
         base = load_base_model(model)
-        return cls(base, importance_for(base), base.space(neuron_step), eval_text=eval_text, eval_budget=eval_budget)
+        return cls(base, importance_for(base), base.space(neuron_step), eval_text=eval_text, eval_budget=eval_budget,
+                   reconstruct=reconstruct)
+
+    def grams(self) -> Grams:
+        if self._grams is None:
+            self._grams = grams_for(self.base)
+        return self._grams
 
     def eval_tokens(self) -> EvalTokens:
         if self._eval is None:
@@ -43,7 +53,8 @@ class Workspace:
 
     def weights(self, config: SubnetConfig) -> SubnetWeights:
         self.space.validate(config)
-        return slice_weights(self.base, self.importance, config)
+        sliced = slice_weights(self.base, self.importance, config)
+        return reconstruct(sliced, self.base, self.importance, self.grams()) if self.reconstruct else sliced
 
     def model(self, config: SubnetConfig) -> Any:
         """The sub-network in torch, computing what its graph at ``precision`` computes."""
@@ -63,6 +74,8 @@ class Workspace:
         h = hashlib.sha256(f"{self.base.base_id}|{self.base.weights_id}".encode())
         if self.precision != "fp32":  # another precision is another quality question
             h.update(f"|{self.precision}|{self.block_size}".encode())
+        if self.reconstruct:
+            h.update(f"|reconstructed|{self.grams().digest()}".encode())
         for a in [*self.importance.neuron_scores, *self.importance.head_scores, self.importance.block_influence]:
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
         h.update(self.eval_tokens().windows.numpy().tobytes())

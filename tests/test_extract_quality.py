@@ -155,3 +155,39 @@ def test_importance_roundtrip_and_methods(tiny_base, tmp_path) -> None:
     back = Importance.load(tmp_path / "imp.npz")
     assert back.layer_ranking() == act.layer_ranking()
     assert all(np.array_equal(a, b) for a, b in zip(back.head_scores, act.head_scores))
+
+
+def test_reconstruction_refits_what_slicing_drops(tiny_base, tiny_ws, tokens, tmp_path) -> None:
+    """The refitted kept columns reproduce the full projection's output on the calibration
+    activations better than the sliced ones (the ridge pulls towards the slice, so this holds
+    by construction); keeping every unit changes nothing; a workspace that reconstructs is
+    another quality question; the statistics survive the cache."""
+    from dataclasses import replace
+
+    from subnets.reconstruct import Grams, collect_grams, refit
+
+    grams = collect_grams(tiny_base, tokens)
+    layer = tiny_base.model.model.layers[1]
+    w, g = layer.mlp.down_proj.weight.detach().double(), grams.mlp[1].double()
+    keep = torch.as_tensor(tiny_ws.importance.kept_neurons(1, w.shape[1] // 2))
+
+    def error(a: torch.Tensor) -> float:
+        d = w.clone()
+        d[:, keep] -= a.double()
+        return float(torch.einsum("oi,ij,oj->", d, g, d))
+
+    assert error(refit(w.float(), grams.mlp[1], keep)) < 0.9 * error(w[:, keep])
+    every = torch.arange(w.shape[1])
+    assert torch.allclose(refit(w.float(), grams.mlp[1], every), w.float(), atol=1e-4)
+
+    ws = replace(tiny_ws, reconstruct=True, _grams=grams)
+    cfg = per_layer_config(tiny_base.base_id)
+    plain, refitted = tiny_ws.weights(cfg), ws.weights(cfg)
+    assert [lw.down.shape for lw in refitted.layers] == [lw.down.shape for lw in plain.layers]
+    assert not torch.allclose(refitted.layers[0].down, plain.layers[0].down)
+    assert torch.equal(refitted.layers[0].gate, plain.layers[0].gate)
+    assert ws.quality_id() != tiny_ws.quality_id() and refitted.weights_id != plain.weights_id
+    assert np.isfinite(ws.perplexity(cfg))
+    grams.save(tmp_path / "g.npz")
+    again = Grams.load(tmp_path / "g.npz")
+    assert again.digest() == grams.digest() and torch.equal(again.attn[0], grams.attn[0])

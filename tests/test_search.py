@@ -91,7 +91,7 @@ def search_args(tiny_dir, tiny_predictor, tmp_path, **kw) -> Namespace:
     d = dict(device="local", predictor=tiny_predictor, latency_budget_ms=1e6, workload="16,8", algorithm="nsga2",
              evals=12, granularity="per-layer", max_params=None, verify=0, host=None, db=tmp_path / "m.db",
              out=tmp_path / "search", model=str(tiny_dir), neuron_step=16, seed=0, quality_tokens=256, text=None,
-             no_baselines=False, override=False)
+             no_baselines=False, override=False, reconstruct=False)
     d.update(kw)
     return Namespace(**d)
 
