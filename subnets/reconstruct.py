@@ -129,7 +129,8 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: f
     w = weight.detach().double()
     w_k = w.index_select(1, keep)
     rhs = g.index_select(0, keep) @ w.T + r * w_k.T
-    a = torch.linalg.solve(g_kk + r * torch.eye(len(keep), dtype=torch.float64), rhs)
+    chol = torch.linalg.cholesky(g_kk + r * torch.eye(len(keep), dtype=torch.float64))  # SPD: r > 0
+    a = torch.cholesky_solve(rhs, chol)
     return a.T.to(weight.dtype).contiguous()
 
 
