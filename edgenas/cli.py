@@ -266,6 +266,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     ppl = None if args.no_perplexity else perplexity(model, ws.eval_tokens())
     summary = summarize(ws, config, exported, ppl)
     summary["hf_folder"] = str(out / "hf")
+    summary["reconstructed"] = ws.reconstruct
     if args.gguf:
         summary["gguf"] = str(_export_gguf_file(ws, w, args.gguf, out))
     summary["config"] = config.to_dict()

@@ -37,6 +37,11 @@ def test_space_sample_export(tiny_dir, tmp_path, capsys) -> None:
     assert (tmp_path / "x" / "hf" / "config.json").is_file()
     for phase in ("prefill", "decode"):
         assert any((tmp_path / "x" / "onnx").glob(f"*/{phase}.onnx"))
+    code, _, _ = run_cli(capsys, "export", "--model", str(tiny_dir), "--neuron-step", "16", "--config", str(cfg),
+                         "--index", "2", "--out", str(tmp_path / "r"), "--reconstruct")
+    refitted = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert code == 0 and refitted["reconstructed"] and not summary["reconstructed"]
+    assert refitted["params"] == summary["params"] and refitted["perplexity"] != summary["perplexity"]
 
 
 def test_console_script_prints_no_traceback(tmp_path) -> None:
