@@ -243,6 +243,10 @@ def test_finetuned_subnet_reloads_as_hf_folder_and_its_onnx_matches(tiny_dir, tm
     res, model = finetune(str(tiny_dir), c, _data(tmp_path), _settings(steps=3, kd="teacher"), tmp_path / "ft",
                           neuron_step=16)
     assert res.steps_done == 3 and res.log[-1]["members"][0]["kl"] >= 0
+    # from the refitted weights instead: another run (a folder of the plain one does not resume it)
+    refit, _ = finetune(str(tiny_dir), c, _data(tmp_path), _settings(steps=1, kd="teacher"), tmp_path / "ft-r",
+                        neuron_step=16, reconstruct=True)
+    assert refit.steps_done == 1 and refit.log[0]["loss"] != res.log[0]["loss"]
     reloaded = load_subnet(tmp_path / "ft" / "hf")
     ids = torch.randint(0, 320, (1, 20))
     with torch.no_grad():

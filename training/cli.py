@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from subnets.clikit import progress_bar
+from subnets.clikit import add_reconstruct, progress_bar
 from subnets.configio import read_configs
 from subnets.errors import ConfigError
 from training.sampler import STRATEGIES, parse_range
@@ -70,6 +70,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="the sub-network's configs file (JSON or JSON lines; the first unless --index)")
     p.add_argument("--index", type=int, default=0, help="which config of the file (0-based)")
     p.add_argument("--supernet", type=Path, default=None, help="start from a trained super-network's weights")
+    add_reconstruct(p)
     p.add_argument("--onnx", action="store_true", help="also export the trained sub-network to ONNX (out/onnx/)")
 
 
@@ -166,7 +167,8 @@ def finetune_cmd(args: argparse.Namespace, console: Console) -> int:
         if state:
             bar.start_at(state.step)
         res, model = finetune(args.model, configs[args.index], args.data, settings, args.out, supernet=args.supernet,
-                              neuron_step=args.neuron_step, text_field=args.text_field, on_step=bar, accelerator=acc)
+                              neuron_step=args.neuron_step, text_field=args.text_field, on_step=bar, accelerator=acc,
+                              reconstruct=args.reconstruct)
     _report(console, res, settings, args.out, acc)
     if args.onnx and acc.is_main_process:
         from subnets.extract import weights_of_model

@@ -182,9 +182,10 @@ def open_supernet(folder: Path | str, neuron_step: int = 64, eval_text: str | No
 def finetune(model: str, config: SubnetConfig, data: list[str], settings: TrainSettings, out: Path, *,
              supernet: Path | None = None, neuron_step: int = 64, text_field: str = "text",
              on_step: StepCallback | None = None, stop_after: int | None = None,
-             accelerator: Any = None) -> tuple[TrainResult, Any]:
+             accelerator: Any = None, reconstruct: bool = False) -> tuple[TrainResult, Any]:
     """Fine-tune one extracted sub-network with distillation from the full original model;
-    returns the result and the trained dense model (also saved in ``out/checkpoint/model``)."""
+    returns the result and the trained dense model (also saved in ``out/checkpoint/model``).
+    ``reconstruct``: start from the sub-network's refitted weights (``subnets.reconstruct``)."""
     from subnets.extract import save_subnet
 
     settings.validate()
@@ -192,10 +193,12 @@ def finetune(model: str, config: SubnetConfig, data: list[str], settings: TrainS
     teacher_base = load_base_model(model)
     ws = (open_supernet(supernet, neuron_step, base_id=teacher_base.base_id) if supernet
           else Workspace(teacher_base, importance_for(teacher_base), teacher_base.space(neuron_step)))
+    ws = replace(ws, reconstruct=reconstruct)
     config = ws.space.validate(config)
     windows: TokenWindows = pack(read_documents(data, text_field), teacher_base.tokenizer, settings.seq_len)
     settings = replace(settings, strategy="standard", extra={**settings.extra, "data": windows.digest,
                                                              "config": config.config_hash(),
+                                                             "reconstruct": reconstruct,
                                                              "supernet": str(supernet) if supernet else None})
     info = RunInfo("finetune", teacher_base.base_id, str(model), settings,
                    [float(x) for x in ws.importance.block_influence], ws.importance.method, config.to_dict(),
