@@ -16,11 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from subnets.config import SubnetConfig  # noqa: E402
-from subnets.quality import perplexity  # noqa: E402
-from subnets.workspace import Workspace  # noqa: E402
-from training.recovery import finetune  # noqa: E402
-from training.settings import TrainSettings  # noqa: E402
+from subnets.config import SubnetConfig
+from subnets.quality import perplexity
+from subnets.workspace import Workspace
+from training.recovery import finetune
+from training.settings import TrainSettings
 
 torch.set_num_threads(2)
 ws = Workspace.open("smollm2")
