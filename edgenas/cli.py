@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _workspace(args: argparse.Namespace):
+    """``export``'s and ``evaluate``'s workspace: the base model's, or a super-network's."""
+    from dataclasses import replace
+
     from subnets.workspace import Workspace
 
     if getattr(args, "supernet", None) is not None:
@@ -185,9 +188,10 @@ def _workspace(args: argparse.Namespace):
         from training.recovery import open_supernet
 
         base_id, _ = load_base_info(args.model)
-        return open_supernet(args.supernet, args.neuron_step, getattr(args, "text", None), base_id=base_id)
+        ws = open_supernet(args.supernet, args.neuron_step, getattr(args, "text", None), base_id=base_id)
+        return replace(ws, reconstruct=args.reconstruct)
     return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None),
-                          reconstruct=getattr(args, "reconstruct", False))
+                          reconstruct=args.reconstruct)
 
 
 def cmd_space(args: argparse.Namespace) -> None:

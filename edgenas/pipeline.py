@@ -48,7 +48,7 @@ def run_pipeline(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rich.progress import Progress
 
     ws = Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens,
-                        reconstruct=getattr(args, "reconstruct", False))
+                        reconstruct=args.reconstruct)
     granularity = getattr(args, "granularity", "tapered")
     configs = [ws.space.full(), *ws.space.sample(args.n, args.seed, granularity=granularity, strategy="stratified",
                                                    layer_ranking=ws.importance.layer_ranking())]

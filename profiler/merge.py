@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiler.database import Database, Location, describe, is_server
+from profiler.database import Database, Location, describe, exists, is_server
 from profiler.errors import StoreError
 from profiler.store import Store
 
@@ -154,7 +154,7 @@ def _open_source(source: Location, copy: Path) -> Store:
 def merge_stores(sources: list[Location], into: Location, tolerance: float = 0.05) -> MergeReport:
     """Merge ``sources`` into ``into`` (created if absent), each source in one transaction."""
     for s in sources:
-        if not is_server(s) and not Path(s).is_file():
+        if not exists(s):
             raise StoreError(f"measurement store {s} does not exist", "pass the stores' paths to --merge")
         if _same(s, into):
             raise StoreError(f"{describe(s)} is both a source and the target", "merge into a new file with --into")

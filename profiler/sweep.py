@@ -490,8 +490,9 @@ class Profiler:
                     store.renew(self.owner, self.spec.lease_s)
                 except Exception as e:  # a store that stops answering for a while: try again next beat
                     log.warning("could not renew the leases of %s (%s); trying again", self.owner, e)
-                    with contextlib.suppress(Exception):
-                        store.close() if store else None
+                    if store is not None:
+                        with contextlib.suppress(Exception):
+                            store.close()
                     store = None
             if store is not None:
                 store.close()

@@ -188,6 +188,8 @@ def front_table(res: Any, full_ppl: float, shown: float, budget_ms: float, devic
 def setup(args: argparse.Namespace, ws: Any = None) -> tuple[Any, list[Any], str]:
     """The workspace, the deployments (precision, quality, predictors) and the base model id
     a search of ``args`` runs on (shared by every worker of a study)."""
+    from dataclasses import replace
+
     from predictor.workload import Workload
     from subnets.basemodel import load_base_info
     from subnets.workspace import Workspace
@@ -197,7 +199,8 @@ def setup(args: argparse.Namespace, ws: Any = None) -> tuple[Any, list[Any], str
     if ws is None and getattr(args, "supernet", None) is not None:
         from training.recovery import open_supernet
 
-        ws = open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id)
+        ws = replace(open_supernet(args.supernet, args.neuron_step, args.text, args.quality_tokens, base_id=base_id),
+                     reconstruct=args.reconstruct)
     ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=args.text, eval_budget=args.quality_tokens,
                               reconstruct=args.reconstruct)
     deps = deployments(args, ws, wl, base_id)

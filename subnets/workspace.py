@@ -37,8 +37,9 @@ class Workspace:
     def open(cls, model: str | os.PathLike[str] = "smollm2", neuron_step: int = 64,
              eval_text: str | None = None, eval_budget: int = 4096, reconstruct: bool = False) -> Workspace:
         base = load_base_model(model)
+        # the statistics loaded now, so the workspace's copies (one per precision) share them
         return cls(base, importance_for(base), base.space(neuron_step), eval_text=eval_text, eval_budget=eval_budget,
-                   reconstruct=reconstruct)
+                   reconstruct=reconstruct, _grams=grams_for(base) if reconstruct else None)
 
     def grams(self) -> Grams:
         if self._grams is None:
