@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from export.onnx_graphs import ExportOptions, export_subnet
 from subnets.extract import build_model
-from subnets.onnx_export import ExportOptions, export_subnet
 from subnets.workspace import Workspace
 
 

@@ -124,7 +124,7 @@ def takeover(model: str, stores: Stores, sig: int, lease: float) -> float:
     running out (no more heartbeats) frees the job."""
     db = stores.new(f"takeover-{sig}")
     Store(db).close()
-    cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", model, "--samples", "6", "--seed", "3",
+    cmd = [sys.executable, "-m", "edgenas.commands.profile", "--host", "local", "--model", model, "--samples", "6", "--seed", "3",
            "--db", str(db), "--min-time", "0.5", "--max-time", "2", "--reference-every", "0", "--lease", str(lease)]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     second = None

@@ -34,11 +34,11 @@ import numpy as np
 import onnxruntime as ort
 
 from device_agents import AGENT_DIR
+from export.gguf_file import GgufOptions, export_gguf
+from export.onnx_graphs import ExportOptions, export_subnet
+from export.quantize import dequantized, emulate
 from subnets.extract import build_model
-from subnets.gguf_export import GgufOptions, export_gguf
-from subnets.onnx_export import ExportOptions, export_subnet
 from subnets.quality import perplexity
-from subnets.quantize import dequantized, emulate
 from subnets.workspace import Workspace
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")

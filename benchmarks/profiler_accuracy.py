@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.onnx_graphs import ExportOptions, export_subnet
 from profiler.hosts import resolve_host
 from profiler.store import Store
 from profiler.sweep import Profiler, SweepSpec
 from profiler.targets import make_target
-from subnets.onnx_export import ExportOptions, export_subnet
 from subnets.workspace import Workspace
 
 

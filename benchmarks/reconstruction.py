@@ -16,7 +16,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     grams = grams_for(plain.base, cache=False)
     t_grams = time.perf_counter() - t0
-    refitted = replace(plain, reconstruct=True, _grams=grams)
+    refitted = plain.reconstructing(grams=grams)
     full_params = count_params(plain.space.full(), plain.space.dims)
     full = plain.perplexity(plain.space.full())
     print(f"{plain.base.base_id}: full model perplexity {full:.2f} on {plain.eval_tokens().num_tokens} held-out tokens; "

@@ -19,28 +19,26 @@ import logging
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rich.console import Console  # noqa: E402
-
-from search.cli import search  # noqa: E402
+from search.request import SearchRequest  # noqa: E402
+from search.run import search  # noqa: E402
 
 
 def one(args: argparse.Namespace, workers: int, root: Path) -> dict:
     out = root / f"w{workers}"
     storage = args.storage or f"journal:{out / 'study.journal'}"
-    ns = Namespace(device="local", predictor=[args.predictor], latency_budget_ms=args.budget_ms, workload=args.workload,
-                   algorithm=args.algorithm, evals=args.evals, granularity="per-layer", max_params=None,
-                   max_perplexity=args.max_perplexity, verify=0, host=None, db=out / "m.db", out=out, model="smollm2", neuron_step=64,
-                   seed=args.seed, quality_tokens=args.quality_tokens, text=None, supernet=None,
-                   precision=args.precision, block_size=32, no_baselines=True, override=False, storage=storage,
-                   study_name=f"w{workers}-{int(time.time())}", workers=workers)
+    request = SearchRequest(device="local", predictor=(args.predictor,), latency_budget_ms=args.budget_ms,
+                            workload=args.workload, algorithm=args.algorithm, evals=args.evals, granularity="per-layer",
+                            max_perplexity=args.max_perplexity, db=out / "m.db", out=out, model="smollm2",
+                            seed=args.seed, quality_tokens=args.quality_tokens,
+                            precision=args.precision, no_baselines=True, storage=storage,
+                            study_name=f"w{workers}-{int(time.time())}", workers=workers)
     t0 = time.perf_counter()
-    res = search(ns, Console(file=open(out.parent / f"w{workers}.log", "w")))
+    res = search(request).to_dict()
     return {"workers": workers, "seconds": time.perf_counter() - t0, "hypervolume": res["hypervolume"],
             "front": len(res["front"]), "ppl_evaluations": res["ppl_evaluations"]}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export", "latency_objective", "measurements", "open_model", "predicted_latency", "profile", "sample",
-           "search", "train_predictors"]
+__all__ = ["export", "latency_objective", "measurements", "open_model", "predicted_latency", "profile", "run",
+           "sample", "search", "train_predictors"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,10 @@
     objective = edgenas.latency_objective("runs/pred", "local", workload=(128, 64))
     result = edgenas.search(ws, objective, budget_ms=900, evals=40, out="runs/search")
 
-Every function is a thin, documented entry to the same code the commands run; the objects it
-returns (``Workspace``, ``SubnetConfig``, ``SweepSummary``, ``LatencyObjective``,
+Every function is a thin, documented entry to the same code the commands run; ``run(request)``
+takes any stage's typed request (``SweepRequest``, ``PredictorRequest``, ``SearchRequest``,
+``SupernetRequest``, ``FinetuneRequest``, ``ExportRequest``, ``PipelineRequest``) and runs it
+exactly as its command does. The objects it returns (``Workspace``, ``SubnetConfig``, ``SweepSummary``, ``LatencyObjective``,
 ``SearchResult``) are the library's own dataclasses."""
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def sample(ws: Any, n: int, seed: int = 0, granularity: str = "tapered", strateg
 def export(ws: Any, config: Any, out: str | Path, weights: str = "real", opset: int = 17) -> Any:
     """Extract ``config`` and write its ONNX prefill and decode graphs under ``out``; returns
     the ``ExportedSubnet`` (paths, sha256s). ``weights="none"`` writes graphs only."""
-    from subnets.onnx_export import ExportOptions, export_subnet
+    from export.onnx_graphs import ExportOptions, export_subnet
 
     return export_subnet(ws.weights(ws.space.validate(config)), Path(out), ExportOptions(opset=opset, weights=weights))
 
@@ -54,14 +56,49 @@ def profile(ws: Any, host: str, configs: Sequence[Any], db: str | Path, **spec: 
     takes ``profiler.sweep.SweepSpec`` fields (phases, seq_lens, past_lens, threads, backend,
     timing, paired, ...). Resumes: cells already measured under the same protocol are kept.
     Returns the ``FleetSummary`` (``.boards``: each board's ``SweepSummary``)."""
-    from profiler.fleet import run_fleet
-    from profiler.hosts import resolve_hosts
+    from profiler.request import SweepRequest
+    from profiler.request import profile as sweep
     from profiler.sweep import SweepSpec
-    from profiler.targets import make_target
 
-    hosts, group = resolve_hosts(host)
-    return run_fleet(ws, [(make_target(h), SweepSpec(**spec)) for h in hosts], store_location(db), list(configs),
-                     group=group)
+    request = SweepRequest(host, model=str(ws.base.path), db=store_location(db), sweep_spec=SweepSpec(**spec))
+    return sweep(request, ws, list(configs))
+
+
+def run(request: Any, console: Any = None) -> Any:
+    """Run one stage's typed request as its command does, without the command line:
+    ``SweepRequest`` (-> ``FleetSummary``), ``PredictorRequest`` (-> a ``PhaseReport`` per
+    phase), ``SearchRequest`` (-> ``SearchOutcome``), ``SupernetRequest`` / ``FinetuneRequest``
+    (-> ``TrainResult``), ``ExportRequest`` (-> the summary dict), ``PipelineRequest`` (->
+    ``PipelineResult``; it prints its tables to ``console``)."""
+    from export.request import ExportRequest, write_export
+    from predictor.fitting import PredictorRequest, train_predictors
+    from profiler.request import SweepRequest
+    from profiler.request import profile as sweep
+    from search.request import SearchRequest
+    from search.run import search as run_search
+    from training.recovery import open_workspace
+    from training.request import FinetuneRequest, SupernetRequest, run_finetune, run_supernet
+
+    if isinstance(request, SweepRequest):
+        return sweep(request)
+    if isinstance(request, PredictorRequest):
+        return train_predictors(request)
+    if isinstance(request, SearchRequest):
+        return run_search(request)
+    if isinstance(request, SupernetRequest):
+        return run_supernet(request)
+    if isinstance(request, FinetuneRequest):
+        return run_finetune(request)[0]
+    if isinstance(request, ExportRequest):
+        return write_export(request, open_workspace(request.model, request.neuron_step, request.text,
+                                                    reconstruct=request.reconstruct, supernet=request.supernet))
+    from edgenas.pipeline import PipelineRequest, run_pipeline
+
+    if isinstance(request, PipelineRequest):
+        from rich.console import Console
+
+        return run_pipeline(request, console or Console())
+    raise TypeError(f"{type(request).__name__} is not a stage request of edgenas")
 
 
 def measurements(db: str | Path, device: str | None = None, phase: str | None = None) -> Any:
@@ -83,14 +120,15 @@ def train_predictors(db: str | Path, device: str, out: str | Path, model: str = 
                      phases: Sequence[str] = ("prefill", "decode"), quiet: bool = True) -> dict[str, Any]:
     """Train, cross-validate (beside the baselines) and save the device's per-phase predictors
     under ``out/<phase>``; returns the held-out metrics per phase."""
-    import io
+    from predictor.fitting import PredictorRequest
+    from predictor.fitting import train_predictors as fit
 
-    from rich.console import Console
+    reports = fit(PredictorRequest(device, store_location(db), tuple(phases), Path(out), model, no_plot=quiet))
+    if not quiet:
+        from edgenas.commands.predictor import render_training
 
-    from predictor.cli import train
-
-    console = Console(file=io.StringIO()) if quiet else Console()
-    return train(store_location(db), device, list(phases), Path(out), model, plot=not quiet, console=console)
+        render_training(reports)
+    return {phase: r.comparison for phase, r in reports.items()}
 
 
 def latency_objective(predictors: str | Path, device: str, workload: tuple[int, int] = (128, 64),

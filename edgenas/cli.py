@@ -13,20 +13,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from profiler.database import exists, store_location
-from subnets.clikit import (
+from edgenas.clikit import (
     add_granularity,
     add_graph,
     add_reconstruct,
     add_run_config,
     make_parser,
+    request_from_args,
     run,
     subparsers,
 )
+from profiler.database import exists, store_location
 from subnets.configio import read_configs
-from subnets.cost import cost
 from subnets.errors import ConfigError
-from subnets.onnx_export import ExportOptions
 
 # Wide enough for the tables when output goes to a file or CI log (rich assumes 80 columns).
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -80,14 +79,14 @@ def _export_args(s: argparse.ArgumentParser) -> None:
 
 
 def _train_supernet_args(s: argparse.ArgumentParser) -> None:
-    from training.cli import add_supernet_args
+    from edgenas.commands.training import add_supernet_args
 
     _add_model(s)
     add_supernet_args(s)
 
 
 def _finetune_args(s: argparse.ArgumentParser) -> None:
-    from training.cli import add_finetune_args
+    from edgenas.commands.training import add_finetune_args
 
     _add_model(s)
     add_finetune_args(s)
@@ -178,20 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _workspace(args: argparse.Namespace):
-    """``export``'s and ``evaluate``'s workspace: the base model's, or a super-network's."""
-    from dataclasses import replace
+    """``evaluate``'s workspace: the base model's, or a super-network's."""
+    from training.recovery import open_workspace
 
-    from subnets.workspace import Workspace
-
-    if getattr(args, "supernet", None) is not None:
-        from subnets.basemodel import load_base_info
-        from training.recovery import open_supernet
-
-        base_id, _ = load_base_info(args.model)
-        ws = open_supernet(args.supernet, args.neuron_step, getattr(args, "text", None), base_id=base_id)
-        return replace(ws, reconstruct=args.reconstruct)
-    return Workspace.open(args.model, neuron_step=args.neuron_step, eval_text=getattr(args, "text", None),
-                          reconstruct=args.reconstruct)
+    return open_workspace(args.model, args.neuron_step, getattr(args, "text", None), reconstruct=args.reconstruct,
+                          supernet=getattr(args, "supernet", None))
 
 
 def cmd_space(args: argparse.Namespace) -> None:
@@ -233,67 +223,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sys.stdout.write("".join(c.to_json() + "\n" for c in configs))
 
 
-def summarize(ws, config, exported, ppl: float | None, seq_len: int = 128, past_len: int = 128) -> dict:
-    pre = cost(config, ws.space.dims, "prefill", seq_len=seq_len)
-    dec = cost(config, ws.space.dims, "decode", past_len=past_len)
-    return {
-        "config_hash": config.config_hash(),
-        "summary": config.summary(),
-        "params": pre.params,
-        f"prefill_gflops_s{seq_len}": round(pre.flops / 1e9, 3),
-        f"decode_gflops_p{past_len}": round(dec.flops / 1e9, 4),
-        "perplexity": ppl,
-        "onnx": {ph: str(exported.path(ph)) for ph in exported.graphs} if exported else None,
-        "onnx_sha256": exported.graph_sha256 if exported else None,
-        "weights_sha256": exported.weights_sha256 if exported else None,
-    }
-
-
 def cmd_export(args: argparse.Namespace) -> None:
-    from subnets.extract import build_model, save_subnet
-    from subnets.onnx_export import export_subnet
-    from subnets.quality import perplexity
+    from export.request import ExportRequest, write_export
+    from training.recovery import open_workspace
 
-    configs = read_configs(args.config)
-    if not 0 <= args.index < len(configs):
-        raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
-                          f"use --index 0..{len(configs) - 1}")
-    options = ExportOptions(opset=args.opset, ir_version=args.ir_version, graph=args.graph)
-    options.validate()
-    ws = _workspace(args)
-    config = ws.space.validate(configs[args.index])
-    w = ws.weights(config)
-    model = build_model(w)
-    out: Path = args.out
-    save_subnet(model, out / "hf", config, ws.base.tokenizer)
-    exported = export_subnet(w, out / "onnx", options)
-    ppl = None if args.no_perplexity else perplexity(model, ws.eval_tokens())
-    summary = summarize(ws, config, exported, ppl)
-    summary["hf_folder"] = str(out / "hf")
-    summary["reconstructed"] = ws.reconstruct
-    if args.gguf:
-        summary["gguf"] = str(_export_gguf_file(ws, w, args.gguf, out))
-    summary["config"] = config.to_dict()
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    request = request_from_args(ExportRequest, args)
+    ws = open_workspace(request.model, request.neuron_step, request.text, reconstruct=request.reconstruct,
+                        supernet=request.supernet)
+    summary = write_export(request, ws)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
-def _export_gguf_file(ws: Any, w: Any, precision: str, out: Path) -> Path:
-    import shutil
-
-    from subnets.gguf_export import GGUF_FILE, GgufOptions, export_gguf
-
-    done = export_gguf(w, out / ".gguf", GgufOptions(precision), tokenizer_dir=ws.base.path)
-    target = out / f"model.{precision}.gguf"
-    (done.folder / GGUF_FILE).replace(target)
-    shutil.rmtree(out / ".gguf", ignore_errors=True)
-    return target
-
-
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from edgenas.pipeline import run_pipeline
+    from edgenas.pipeline import PipelineRequest, run_pipeline
 
-    run_pipeline(args, out_console)
+    run_pipeline(request_from_args(PipelineRequest, args), out_console)
 
 
 def _fmt_ppl(p: float) -> str:
@@ -301,7 +245,7 @@ def _fmt_ppl(p: float) -> str:
 
 
 def cmd_measurements(args: argparse.Namespace) -> int:
-    from profiler.cli import measurements_main
+    from edgenas.commands.profile import measurements_main
 
     return measurements_main(args)
 
@@ -349,13 +293,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
-    from training.cli import train_supernet_cmd
+    from edgenas.commands.training import train_supernet_cmd
 
     return train_supernet_cmd(args, out_console)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from training.cli import finetune_cmd
+    from edgenas.commands.training import finetune_cmd
 
     return finetune_cmd(args, out_console)
 
@@ -392,7 +336,7 @@ def active_configs(args: argparse.Namespace, ws) -> list:
 def _profile_args(p: argparse.ArgumentParser) -> None:
     """The profiler's flags, plus ``--active`` (which needs the predictor, a layer above the
     profiler, so it is wired here)."""
-    from profiler.cli import add_profile_args
+    from edgenas.commands.profile import add_profile_args
 
     add_profile_args(p)
     p.add_argument("--active", type=int, default=None, metavar="N",
@@ -403,7 +347,8 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from profiler.cli import print_summary, sweep
+    from edgenas.commands.profile import print_summary, sweep
+    from profiler.request import SweepRequest
 
     ws = configs = None
     if args.active_near is not None and args.active is None:
@@ -418,8 +363,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         ws = Workspace.open(args.model, neuron_step=args.neuron_step)
         configs = active_configs(args, ws)
-    fleet, db = sweep(args, ws=ws, configs=configs)
-    return print_summary(fleet, db)
+    request = request_from_args(SweepRequest, args)
+    return print_summary(sweep(request, ws=ws, configs=configs), request.db)
 
 
 def _lazy(module: str, name: str) -> Callable[..., Any]:
@@ -430,13 +375,6 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(module), name)(*a)
 
     return call
-
-
-def _search(args: argparse.Namespace) -> int:
-    from search.cli import search
-
-    search(args)
-    return 0
 
 
 @dataclass(frozen=True)
@@ -461,13 +399,13 @@ VERBS = (
     Verb("measurements", "summarize or export a measurement store", _measurements_args, cmd_measurements),
     Verb("report", "write a run's self-contained report.html", _report_args, cmd_report),
     Verb("train-predictor", "train per-phase latency predictors for a device from the measurement store",
-         _lazy("predictor.cli", "add_train_args"), _lazy("predictor.cli", "handle_train"), "train-predictor"),
+         _lazy("edgenas.commands.predictor", "add_train_args"), _lazy("edgenas.commands.predictor", "handle_train"), "train-predictor"),
     Verb("evaluate-predictor", "score a saved predictor on another store's measurements",
-         _lazy("predictor.cli", "add_evaluate_args"), _lazy("predictor.cli", "handle_evaluate"), "evaluate-predictor"),
+         _lazy("edgenas.commands.predictor", "add_evaluate_args"), _lazy("edgenas.commands.predictor", "handle_evaluate"), "evaluate-predictor"),
     Verb("predict", "predict latencies of sub-networks with a saved predictor",
-         _lazy("predictor.cli", "add_predict_args"), _lazy("predictor.cli", "handle_predict"), "predict-latency"),
+         _lazy("edgenas.commands.predictor", "add_predict_args"), _lazy("edgenas.commands.predictor", "handle_predict"), "predict-latency"),
     Verb("search", "search sub-networks for quality and predicted latency under a budget",
-         _lazy("search.cli", "add_search_args"), _search, "search-subnets"),
+         _lazy("edgenas.commands.search", "add_search_args"), _lazy("edgenas.commands.search", "handle"), "search-subnets"),
     Verb("train-supernet", "recovery training: the base model as a weight-sharing super-network",
          _train_supernet_args, cmd_train_supernet),
     Verb("finetune", "fine-tune one sub-network with distillation from the full model", _finetune_args, cmd_finetune),

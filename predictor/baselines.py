@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from predictor.features import FEATURES, ConfigBatch, feature_matrix
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 _IDX = {f: i for i, f in enumerate(FEATURES)}
 

@@ -15,7 +15,7 @@ from predictor.model import MIN_TRAIN
 from profiler.protocol import UNRECORDED
 from profiler.store import Store
 from subnets.config import SubnetConfig
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 log = logging.getLogger(__name__)
 

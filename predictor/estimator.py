@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 from predictor.baselines import BASELINES
 from predictor.features import ConfigBatch
 from predictor.model import LatencyPredictor
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 
 def table_columns(num_layers: int) -> list[str]:

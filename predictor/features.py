@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from subnets.config import SubnetConfig
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 FEATURE_SCHEMA_VERSION = 1
 

@@ -43,7 +43,7 @@ from scipy.optimize import nnls
 from predictor.errors import DataError
 from predictor.features import FEATURES, MONOTONE, ConfigBatch, feature_matrix
 from predictor.metrics import accuracy
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 log = logging.getLogger(__name__)
 

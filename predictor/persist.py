@@ -19,8 +19,8 @@ import numpy as np
 
 from predictor.features import FEATURE_SCHEMA_VERSION, FEATURES
 from predictor.model import BASE_TERMS, LatencyPredictor
+from subnets.dims import BaseDims
 from subnets.errors import EdgenasError
-from subnets.space import BaseDims
 
 FORMAT = "edgenas-latency-predictor"
 FORMAT_VERSION = 2  # 2: CV+ bound (fold models and scores) instead of one conformal factor

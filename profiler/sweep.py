@@ -18,19 +18,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from export.gguf_file import GGUF_PRECISIONS, GgufOptions, export_gguf
+from export.onnx_graphs import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
+from export.quantize import PRECISIONS as ONNX_PRECISIONS
 from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.fingerprint import device_fingerprint
+from profiler.owner import owner_alive, owner_id
 from profiler.protocol import Protocol
 from profiler.store import Job, Store, job_key
 from profiler.targets import Target
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.errors import ConfigError
-from subnets.gguf_export import GGUF_PRECISIONS, GgufOptions, export_gguf
-from subnets.onnx_export import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
-from subnets.owner import owner_alive, owner_id
 from subnets.paths import cache_dir
-from subnets.quantize import PRECISIONS as ONNX_PRECISIONS
 
 LLAMA_CPP_BACKENDS = ("llama.cpp", "llama.cpp-py")  # llama-bench; the Python binding (llama-cpp-python)
 

@@ -21,10 +21,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from device_agents import AGENT_DIR, AGENT_FILES
+from export.artifact import MANIFEST, ExportedSubnet
 from profiler.agent_client import AgentClient, AgentProcess
 from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.hosts import HostSpec, resolve_host
-from subnets.onnx_export import MANIFEST, ExportedSubnet
 from subnets.paths import sha256_file
 
 log = logging.getLogger(__name__)

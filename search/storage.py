@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from profiler.owner import owner_alive, owner_id
 from subnets.errors import EdgenasError
-from subnets.owner import owner_alive, owner_id
 
 log = logging.getLogger(__name__)
 

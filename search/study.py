@@ -25,22 +25,17 @@ from typing import Any
 import numpy as np
 
 from predictor.workload import LatencyObjective
+from profiler.owner import owner_alive, owner_id
 from search.encoding import Encoding
 from search.pareto import hypervolume, pareto_mask
+from search.request import ALGORITHMS, SearchError
 from search.storage import STALE_S, SharedQuality, StudyStorage, parse_storage
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
-from subnets.errors import EdgenasError
-from subnets.owner import owner_alive, owner_id
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("nsga2", "random", "local")
 INFEASIBLE_PPL = 1e12
-
-
-class SearchError(EdgenasError):
-    """A search that cannot run as asked."""
 
 
 def shared_quality(storage: StudyStorage, ws: Any) -> SharedQuality:

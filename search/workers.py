@@ -8,12 +8,14 @@ inherited torch or SQLite state) and split the machine's cores."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing as mp
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search.request import SearchRequest
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,10 @@ class WorkerPool:
     first trial, and joined (not killed) at the end so their last trials are in the study
     when it is collected."""
 
-    def __init__(self, args: argparse.Namespace, storage_url: str, study_name: str | None, n: int) -> None:
+    def __init__(self, request: SearchRequest, storage_url: str, n: int) -> None:
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
-        self.procs = [ctx.Process(target=worker_main, args=(args, storage_url, study_name, i + 1, self.queue))
+        self.procs = [ctx.Process(target=worker_main, args=(request, storage_url, i + 1, self.queue))
                       for i in range(max(0, n))]
         self.results: list[dict[str, Any]] = []
         for p in self.procs:
@@ -67,22 +69,23 @@ class WorkerPool:
         return [r for r in self.results if "evaluations" in r]
 
 
-def worker_main(args: argparse.Namespace, storage_url: str, study_name: str | None, index: int, queue: Any) -> None:
+def worker_main(request: SearchRequest, storage_url: str, index: int, queue: Any) -> None:
     """One extra worker: the search loop on the shared study, no baselines, no outputs."""
     import torch
 
-    from search.cli import parse_ceiling, setup
+    from search.deployments import setup
+    from search.request import parse_ceiling
     from search.storage import StudyStorage
     from search.study import run_search, shared_quality
 
-    torch.set_num_threads(threads_per_worker(args.workers))
+    torch.set_num_threads(threads_per_worker(request.workers))
     logging.basicConfig(level=logging.WARNING)
-    ws, deps, _ = setup(args)
+    ws, deps, _ = setup(request)
     storage = StudyStorage(storage_url, storage_url)
     quality = shared_quality(storage, ws)
-    ceiling = parse_ceiling(getattr(args, "max_perplexity", None), quality(ws.space.full()))
+    ceiling = parse_ceiling(request.max_perplexity, quality(ws.space.full()))
     queue.put({"worker": index, "ready": True})
-    res = run_search(ws, deps[0].objective, args.algorithm, args.evals, args.latency_budget_ms, storage,
-                     max_params=args.max_params or float("inf"), seed=args.seed, granularity=args.granularity,
-                     max_perplexity=ceiling, deployments=deps, study_name=study_name, worker=index)
+    res = run_search(ws, deps[0].objective, request.algorithm, request.evals, request.latency_budget_ms, storage,
+                     max_params=request.params_limit, seed=request.seed, granularity=request.granularity,
+                     max_perplexity=ceiling, deployments=deps, study_name=request.study_name, worker=index)
     queue.put({"worker": index, "evaluations": res.ppl_evaluations + quality.evaluations})

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from subnets.config import LayerChoice, SubnetConfig
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 Phase = Literal["prefill", "decode"]
 

@@ -97,8 +97,8 @@ def tiny_ws(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def measured_as(phase: str, threads: int = 2) -> dict:
     """How a predictor's data was measured, as train-predictor records it: what --verify
     must reproduce (2 threads here, so a test can tell it from the old hard-coded 1)."""
+    from export.onnx_graphs import min_ir_version
     from profiler.protocol import Protocol
-    from subnets.onnx_export import min_ir_version
     from tests.helpers import FAST_TIMING
 
     p = Protocol(timing=dict(FAST_TIMING), opset=17, ir_version=min_ir_version(17))

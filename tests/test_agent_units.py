@@ -421,7 +421,7 @@ def test_a_cell_over_fresh_sessions_holds_one_session_in_memory(tiny_ws, tmp_pat
     import weakref
 
     from device_agents import AGENT_DIR
-    from subnets.onnx_export import ExportOptions, export_subnet
+    from export.onnx_graphs import ExportOptions, export_subnet
 
     monkeypatch.syspath_prepend(str(AGENT_DIR))
     import agent

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from edgenas.cli import main as edgenas
-from predictor.cli import evaluate_main, predict_main, train_main
-from profiler.cli import main as profile_device
-from search.cli import main as search_subnets
+from edgenas.commands.predictor import evaluate_main, predict_main, train_main
+from edgenas.commands.profile import main as profile_device
+from edgenas.commands.search import main as search_subnets
 
 Case = Callable[[dict], tuple[Callable[[list[str]], int], list[str]]]
 

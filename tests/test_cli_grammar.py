@@ -9,7 +9,6 @@ import json
 import pytest
 
 from edgenas.cli import VERBS, build_parser, main
-from subnets.clikit import make_parser
 
 
 def _options(p: argparse.ArgumentParser) -> set[str]:
@@ -21,11 +20,68 @@ def _verb_parser(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
+def _help_options(text: str) -> set[str]:
+    """The option strings an argparse --help lists (its option lines, not its prose)."""
+    import re
+
+    found = set()
+    for line in text.splitlines():
+        if re.match(r"^\s{2,}-", line):
+            found |= set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", line.strip().split("  ")[0]))
+    return found - {"-h", "--help"}
+
+
 @pytest.mark.parametrize("verb", [v for v in VERBS if v.alias], ids=lambda v: v.alias)
 def test_each_console_script_is_the_same_parser_as_its_verb(verb) -> None:
-    alias = make_parser(verb.alias, "")
-    verb.add_args(alias)
-    assert _options(alias) == _options(_verb_parser(verb.name))
+    """The installed entry point, run as a user runs it, offers exactly the verb's flags."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / verb.alias
+    assert script.is_file(), f"console script {verb.alias} is not installed next to {sys.executable}"
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: {verb.alias}")
+    assert _help_options(res.stdout) == _options(_verb_parser(verb.name))
+
+
+# each command's typed request, and the fields its command sets from several flags at once
+REQUESTS = {
+    "pipeline": ("edgenas.pipeline", "PipelineRequest", set()),
+    "profile": ("profiler.request", "SweepRequest", {"sweep_spec"}),
+    "train-predictor": ("predictor.fitting", "PredictorRequest", set()),
+    "search": ("search.request", "SearchRequest", set()),
+    "export": ("export.request", "ExportRequest", set()),
+    "train-supernet": ("training.request", "SupernetRequest", {"settings"}),
+    "finetune": ("training.request", "FinetuneRequest", {"settings"}),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(REQUESTS))
+def test_each_request_field_is_a_flag_of_its_command_with_the_same_default(verb) -> None:
+    """The parser and the request cannot drift: every field is a flag (its dest), and a flag
+    left out means what the request's default means."""
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    module, name, derived = REQUESTS[verb]
+    cls = getattr(importlib.import_module(module), name)
+    actions = {a.dest: a for a in _verb_parser(verb)._actions}
+    for f in dataclasses.fields(cls):
+        if f.name in derived:
+            continue
+        assert f.name in actions, f"{name}.{f.name} has no flag in `edgenas {verb}`"
+        if f.default is dataclasses.MISSING or actions[f.name].required:
+            continue
+
+        def norm(v):
+            return tuple(v) if isinstance(v, list) else Path(v) if isinstance(v, Path) else v
+
+        assert norm(actions[f.name].default) == norm(f.default), f"{verb} --{f.name}: parser and request defaults differ"
 
 
 def test_one_name_per_concept_across_commands() -> None:

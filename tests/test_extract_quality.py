@@ -162,7 +162,6 @@ def test_reconstruction_refits_what_slicing_drops(tiny_base, tiny_ws, tokens, tm
     activations better than the sliced ones (the ridge pulls towards the slice, so this holds
     by construction); keeping every unit changes nothing; a workspace that reconstructs is
     another quality question; the statistics survive the cache."""
-    from dataclasses import replace
 
     from subnets.reconstruct import Grams, collect_grams, refit
 
@@ -180,7 +179,7 @@ def test_reconstruction_refits_what_slicing_drops(tiny_base, tiny_ws, tokens, tm
     every = torch.arange(w.shape[1])
     assert torch.allclose(refit(w.float(), grams.mlp[1], every), w.float(), atol=1e-4)
 
-    ws = replace(tiny_ws, reconstruct=True, _grams=grams)
+    ws = tiny_ws.reconstructing(grams=grams)
     cfg = per_layer_config(tiny_base.base_id)
     plain, refitted = tiny_ws.weights(cfg), ws.weights(cfg)
     assert [lw.down.shape for lw in refitted.layers] == [lw.down.shape for lw in plain.layers]

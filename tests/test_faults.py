@@ -196,7 +196,7 @@ def test_failures_that_persist_are_recorded_with_class_and_attempts(tiny_ws, boa
 
 def test_host_killed_and_rerun_over_ssh(tiny_dir, board, sshd, tmp_path) -> None:
     db = tmp_path / "m.db"
-    cmd = [sys.executable, "-m", "profiler.cli", "--host", "board", "--inventory", str(board["inventory"]),
+    cmd = [sys.executable, "-m", "edgenas.commands.profile", "--host", "board", "--inventory", str(board["inventory"]),
            "--ssh-config", str(board["ssh_config"]), "--model", str(tiny_dir), "--neuron-step", "16", "--samples",
            str(N_CONFIGS), "--seq-len", "16", "--past-len", "16", "--db", str(db), "--min-time", "0.1", "--max-time",
            "0.4", "--reference-every", "0"]

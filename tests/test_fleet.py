@@ -179,7 +179,7 @@ def test_two_processes_on_one_store_and_a_stopped_one(tiny_dir, tmp_path, reques
     hosts share one."""
     db = tmp_path / "m.db" if store_kind == "file" else request.getfixturevalue("pg_store")
     Store(db).close()
-    cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
+    cmd = [sys.executable, "-m", "edgenas.commands.profile", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
            "--samples", "6", "--seed", "9", "--db", str(db), "--phases", "prefill,decode", "--seq-len", "16",
            "--past-len", "16", "--min-time", "0.05", "--max-time", "0.3", "--reference-every", "0", "--lease", "3"]
     env = dict(os.environ, EDGENAS_LOG="WARNING")
@@ -212,7 +212,7 @@ def _count(db, what: str) -> int:
 
 
 def test_the_command_line_sweeps_a_group_and_reports_each_board(tiny_dir, tiny_ws, two_boards, tmp_path, capsys) -> None:
-    from profiler.cli import main
+    from edgenas.commands.profile import main
 
     inv, _ = two_boards
     configs = tmp_path / "configs.jsonl"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from device_agents import AGENT_DIR
-from subnets.gguf_export import GgufOptions, export_gguf
+from export.gguf_file import GgufOptions, export_gguf
 from tests.conftest import _user_cache
 
 sys.path.insert(0, str(AGENT_DIR))
@@ -178,13 +178,13 @@ def _token_bytes(tokenizer, ids: list[int]) -> bytes:
 def _parity(ws, cfg, precision: str, prompt: str, llama_cpp: Path, tmp_path: Path, n: int = 12) -> None:
     """llama.cpp's greedy continuation of ``prompt`` equals torch's, torch computing what
     llama.cpp computes at ``precision`` (Workspace.precision)."""
-    import dataclasses
+    from export.quantize import at_precision
 
     tok = ws.base.tokenizer
     e = export_gguf(ws.weights(cfg), tmp_path, GgufOptions(precision), tokenizer_dir=ws.base.path)
     ids = tok(prompt).input_ids
     eos = {i for i in (tok.eos_token_id,) if i is not None}
-    want = _greedy_torch(dataclasses.replace(ws, precision=precision).model(cfg).eval(), ids, n, eos)
+    want = _greedy_torch(at_precision(ws, precision).model(cfg).eval(), ids, n, eos)
     res = subprocess.run([str(llama_cpp / "llama-simple"), "-m", str(e.folder / "model.gguf"), "-n", str(n), prompt],
                          capture_output=True, timeout=300)
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
@@ -224,7 +224,7 @@ def _run_bench(llama_cpp: Path, model: Path) -> tuple[str, str]:
 
 
 def test_a_gguf_llama_cpp_cannot_load_fails_with_the_fix(tiny_ws, llama_cpp, tmp_path, monkeypatch) -> None:
-    import subnets.gguf_export as ge
+    import export.gguf_file as ge
 
     monkeypatch.setattr(ge, "ARCH", "edgenas-future")  # an architecture this build does not know
     e = export_gguf(tiny_ws.weights(tiny_ws.space.full()), tmp_path / "arch", GgufOptions("f32"),
@@ -248,7 +248,7 @@ def test_the_binding_names_a_gguf_it_cannot_load(tiny_ws, llama_cpp, tmp_path, m
     import agent_runtime
     import agent_timing
 
-    import subnets.gguf_export as ge
+    import export.gguf_file as ge
 
     monkeypatch.setattr(ge, "ARCH", "edgenas-future")
     e = export_gguf(tiny_ws.weights(tiny_ws.space.full()), tmp_path, GgufOptions("f32"), tokenizer_dir=tiny_ws.base.path)

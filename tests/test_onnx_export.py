@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from export.onnx_graphs import WEIGHTS_FILE, ExportOptions, export_subnet, min_ir_version
 from subnets.basemodel import load_base_model
 from subnets.config import LayerChoice, SubnetConfig
 from subnets.errors import ExportError
 from subnets.extract import build_model, slice_weights
 from subnets.importance import compute_importance
-from subnets.onnx_export import WEIGHTS_FILE, ExportOptions, export_subnet, min_ir_version
 from subnets.quality import tokenize
 from subnets.textdata import stdlib_docstrings
 from tests.tiny import make_tiny_model
@@ -45,7 +45,7 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     """The graph against torch running exactly the graph's arithmetic: for int4 the same
     dequantized weights, for int8 those and per-tensor uint8 activations (emulated). int4 at
     accuracy level 4 quantizes activations per block too: checked at int8's tolerance."""
-    from subnets.quantize import dequantized, emulate
+    from export.quantize import dequantized, emulate
 
     w = slice_weights(base, imp, config)
     model = emulate(build_model(dequantized(w, precision, block_size)), precision)

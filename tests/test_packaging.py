@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("subnets", "profiler", "predictor", "training", "search", "edgenas")
+PACKAGES = ("subnets", "export", "profiler", "predictor", "training", "search", "edgenas")
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"sklearn": "scikit-learn", "huggingface_hub": "huggingface-hub", "lm_eval": "lm-eval"}
 
@@ -59,3 +59,11 @@ def test_declared_dependencies_are_used_and_minimums_hold() -> None:
     import optuna
 
     assert hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def test_every_package_of_the_tree_is_installed() -> None:
+    """A package left out of setuptools' list imports from a checkout but not once installed."""
+    include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()} - {"tests", "benchmarks"}
+    assert packages == {*PACKAGES, "device_agents"}
+    assert sorted(f"{p}*" for p in packages) == sorted(include)

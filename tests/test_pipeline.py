@@ -7,7 +7,7 @@ import json
 import sqlite3
 
 from edgenas.cli import main as edgenas
-from predictor.cli import evaluate_main, predict_main
+from edgenas.commands.predictor import evaluate_main, predict_main
 
 
 def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
@@ -47,6 +47,36 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert "verified on the device" in report["headings"]
     assert edgenas(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
     assert check_report(tmp_path / "again.html")["headings"] == report["headings"]
+
+
+def test_pipeline_searches_the_trained_weights_refitted_at_the_deployed_precision(tiny_dir, tmp_path, capsys) -> None:
+    """Every setting of the main job reaches its search: after recovery training the search
+    judges the super-network's weights, refitted (--reconstruct) and at int4 (--precision)."""
+    from export.quantize import at_precision
+    from training.recovery import open_supernet
+
+    out = tmp_path / "run"
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "15", "--workload", "16,8",
+                    "--evals", "6", "--budget-share", "0.95", "--verify", "0", "--quality-tokens", "256",
+                    "--min-time", "0.05", "--train-steps", "2", "--reconstruct", "--precision", "int4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    judged = json.loads((out / "search" / "search.json").read_text())["judged"]
+    assert judged["weights"].startswith("supernet:") and judged["reconstructed"] and judged["precision"] == "int4"
+    trained = open_supernet(out / "supernet", 16, None, 256)
+    want = at_precision(trained.reconstructing(True), "int4")
+    assert judged["quality_id"] == want.quality_id()
+    with sqlite3.connect(out / "search" / "study.db") as c:  # every perplexity of that one question
+        assert c.execute("SELECT DISTINCT quality_id FROM edgenas_perplexity").fetchall() == [(want.quality_id(),)]
+
+
+def test_bad_pipeline_settings_are_refused_before_any_work(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert edgenas(["pipeline", "--budget-share", "0", "--out", str(out)]) == 2
+    assert "--budget-share 0.0 is not a share" in capsys.readouterr().err
+    assert edgenas(["pipeline", "--samples", "3", "--out", str(out)]) == 2
+    assert "--samples 3 is too few" in capsys.readouterr().err
+    assert not out.exists()  # nothing profiled, nothing written
 
 
 def check_report(path) -> dict:

@@ -73,7 +73,7 @@ def test_resume_never_repeats_a_measurement(tiny_ws, board, tmp_path) -> None:
 def test_interrupted_sweep_resumes(tiny_dir, tmp_path) -> None:
     """The host process is SIGKILLed mid-sweep; rerunning finishes the rest, each job once."""
     db = tmp_path / "m.db"
-    cmd = [sys.executable, "-m", "profiler.cli", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
+    cmd = [sys.executable, "-m", "edgenas.commands.profile", "--host", "local", "--model", str(tiny_dir), "--neuron-step", "16",
            "--samples", "6", "--seq-len", "16", "--past-len", "16", "--db", str(db), "--min-time", "0.2",
            "--max-time", "0.5", "--reference-every", "0"]
     env = {"EDGENAS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -106,7 +106,7 @@ def test_interrupted_sweep_resumes(tiny_dir, tmp_path) -> None:
 
 
 def test_local_host_through_the_cli(tiny_dir, tmp_path, capsys) -> None:
-    from profiler.cli import main
+    from edgenas.commands.profile import main
 
     db = tmp_path / "local.db"
     code = main(["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--samples", "2", "--phases", "decode",
@@ -245,7 +245,7 @@ def test_incompatible_store_is_refused(tmp_path) -> None:
 
 
 def test_cli_bad_configs_line_is_named(tiny_dir, tiny_base, tmp_path, capsys) -> None:
-    from profiler.cli import main
+    from edgenas.commands.profile import main
 
     cfg = tmp_path / "c.jsonl"
     good = tiny_base.space(16).full().to_json()
@@ -297,7 +297,7 @@ def test_graph_opt_and_decode_min_time_reach_the_agent(tiny_dir, tmp_path) -> No
     cells are timed for at least --decode-min-time."""
     import json
 
-    from profiler.cli import main
+    from edgenas.commands.profile import main
 
     db = tmp_path / "opt.db"
     code = main(["--host", "local", "--model", str(tiny_dir), "--neuron-step", "16", "--samples", "1", "--seq-len", "8",
@@ -391,7 +391,7 @@ def test_a_schema_2_store_keeps_every_measurement_and_merges_backend_devices(tmp
     back-ends was two devices. Migrated, it is one device and nothing measured is lost."""
     from predictor.data import load_measurements
     from profiler.fingerprint import device_fingerprint
-    from subnets.space import BaseDims
+    from subnets.dims import BaseDims
 
     db = _schema2_store(tmp_path / "v2.db")
     with sqlite3.connect(db) as c:

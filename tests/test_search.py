@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -87,20 +86,28 @@ def test_predictor_for_another_device_or_model_is_refused(tiny_ws, tiny_predicto
         LatencyObjective.load(tiny_predictor, Workload(), "local", "smollm2-135m-instruct@000000000000")
 
 
-def search_args(tiny_dir, tiny_predictor, tmp_path, **kw) -> Namespace:
+def search(request, console=None, ws=None) -> dict:
+    """The search stage as every entry point runs it; its outcome as search.json holds it."""
+    from search.run import search as run
+
+    return run(request, ws).to_dict()
+
+
+def search_args(tiny_dir, tiny_predictor, tmp_path, **kw):
     d = dict(device="local", predictor=tiny_predictor, latency_budget_ms=1e6, workload="16,8", algorithm="nsga2",
              evals=12, granularity="per-layer", max_params=None, verify=0, host=None, db=tmp_path / "m.db",
              out=tmp_path / "search", model=str(tiny_dir), neuron_step=16, seed=0, quality_tokens=256, text=None,
              no_baselines=False, override=False, reconstruct=False)
     d.update(kw)
-    return Namespace(**d)
+    from search.request import SearchRequest
+
+    return SearchRequest(**d)
 
 
 def test_cli_search_writes_front_plot_and_verifies_on_the_device(tiny_dir, tiny_ws, tiny_predictor, tmp_path) -> None:
     from rich.console import Console
 
     from profiler.store import Store
-    from search.cli import search
 
     res = search(search_args(tiny_dir, tiny_predictor, tmp_path, verify=2), Console(file=open(tmp_path / "log", "w")), ws=tiny_ws)
     out = tmp_path / "search"
@@ -155,7 +162,6 @@ def test_tapered_genome_gives_influential_layers_more_width(tiny_ws) -> None:
 def test_a_search_with_other_objectives_starts_a_new_study(tiny_ws, tiny_predictor, tmp_path) -> None:
     """Same settings resume; another workload, parameter cap or held-out token count is
     another question: a new study, and perplexities of other held-out tokens are not reused."""
-    import dataclasses
 
     budget = 1e9
     first = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
@@ -167,7 +173,7 @@ def test_a_search_with_other_objectives_starts_a_new_study(tiny_ws, tiny_predict
     capped = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3,
                         max_params=1e12)
     assert "max_params" in capped.resumed
-    fewer_tokens = dataclasses.replace(tiny_ws, eval_budget=128, _eval=None)
+    fewer_tokens = tiny_ws.evaluated_on(tiny_ws.eval_text, 128)
     third = run_search(fewer_tokens, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
     assert "quality" in third.resumed and third.ppl_evaluations == 6
     again = run_search(tiny_ws, objective(tiny_ws, tiny_predictor), "random", 6, budget, tmp_path / "s.db", seed=3)
@@ -202,7 +208,6 @@ def test_a_search_at_int4_uses_int4_predictors_quality_and_verification(tiny_dir
 
     import edgenas
     from profiler.store import Store
-    from search.cli import search
     from search.study import SearchError
     from tests.helpers import FAST_TIMING
 
@@ -231,11 +236,11 @@ def _int4_predictor(tiny_ws, folder: Path) -> Path:
     a quarter of the weight traffic (decode is weight-bound, so int4 is faster there)."""
     import numpy as np
 
+    from export.onnx_graphs import min_ir_version
     from predictor.features import ConfigBatch
     from predictor.model import LatencyPredictor
     from predictor.persist import save_predictor
     from profiler.protocol import Protocol
-    from subnets.onnx_export import min_ir_version
     from tests.helpers import FAST_TIMING, roofline_latency
 
     configs = tiny_ws.space.sample(40, 0)
@@ -256,7 +261,6 @@ def _int4_predictor(tiny_ws, folder: Path) -> Path:
 def test_a_search_over_architecture_and_precision(tiny_dir, tiny_ws, tiny_predictor, tmp_path) -> None:
     from rich.console import Console
 
-    from search.cli import search
     from search.study import SearchError
 
     int4 = _int4_predictor(tiny_ws, tmp_path / "pred-int4")

@@ -12,12 +12,10 @@ from rich.console import Console
 
 from search.storage import StorageError, StudyStorage, parse_storage
 from search.study import SearchError
-from tests.test_search import search_args
+from tests.test_search import search, search_args
 
 
 def _shared_search(tiny_dir, tiny_predictor, tmp_path: Path, storage: str, **kw):
-    from search.cli import search
-
     kw = {"storage": storage, "workers": 2, "study_name": None, "algorithm": "random", "evals": 10,
           "no_baselines": True, **kw}
     args = search_args(tiny_dir, tiny_predictor, tmp_path, **kw)
@@ -89,9 +87,9 @@ def test_a_stopped_workers_running_trial_is_failed_and_its_candidate_queued_agai
     import subprocess
 
     from predictor.workload import LatencyObjective, Workload
+    from profiler.owner import owner_id
     from search.encoding import Encoding
     from search.study import run_search
-    from subnets.owner import owner_id
 
     obj = LatencyObjective.load(tiny_predictor, Workload(16, 8), "local", tiny_ws.base.base_id)
     storage = parse_storage(f"journal:{tmp_path / 's.journal'}", tmp_path / "unused.db")

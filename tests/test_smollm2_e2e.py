@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from export.onnx_graphs import ExportOptions, export_subnet
 from subnets.config import SubnetConfig
 from subnets.extract import build_model
 from subnets.importance import compute_importance
-from subnets.onnx_export import ExportOptions, export_subnet
 from subnets.quality import perplexity, tokenize
 from subnets.textdata import stdlib_docstrings
 

@@ -233,9 +233,9 @@ def test_supernet_folder_opens_as_a_workspace_with_trained_prefix_weights(tiny_d
 def test_finetuned_subnet_reloads_as_hf_folder_and_its_onnx_matches(tiny_dir, tmp_path) -> None:
     import onnxruntime as ort
 
+    from export.onnx_graphs import ExportOptions, export_subnet
     from subnets.basemodel import load_base_model
     from subnets.extract import load_subnet, weights_of_model
-    from subnets.onnx_export import ExportOptions, export_subnet
     from training.recovery import finetune
 
     base_id = load_base_model(tiny_dir).base_id

@@ -193,7 +193,7 @@ def finetune(model: str, config: SubnetConfig, data: list[str], settings: TrainS
     teacher_base = load_base_model(model)
     ws = (open_supernet(supernet, neuron_step, base_id=teacher_base.base_id) if supernet
           else Workspace(teacher_base, importance_for(teacher_base), teacher_base.space(neuron_step)))
-    ws = replace(ws, reconstruct=reconstruct)
+    ws = ws.reconstructing(reconstruct)
     config = ws.space.validate(config)
     windows: TokenWindows = pack(read_documents(data, text_field), teacher_base.tokenizer, settings.seq_len)
     settings = replace(settings, strategy="standard", extra={**settings.extra, "data": windows.digest,
@@ -273,3 +273,17 @@ def load_trained_subnet(folder: Path) -> tuple[Any, SubnetConfig]:
         raise ConfigError(f"{folder} holds no fine-tuned sub-network (no edgenas_subnet.json)",
                           "pass the --out folder of `edgenas finetune` once it finished")
     return load_subnet(hf), SubnetConfig.from_json(cfg.read_text())
+
+
+def open_workspace(model: str, neuron_step: int = 64, eval_text: str | None = None, eval_budget: int = 4096,
+                   reconstruct: bool = False, supernet: Path | None = None) -> Workspace:
+    """The weights a command judges or exports: the base model's, or a trained
+    super-network's (``supernet``, trained from ``model``); refitted with ``reconstruct``."""
+    if supernet is None:
+        return Workspace.open(model, neuron_step=neuron_step, eval_text=eval_text, eval_budget=eval_budget,
+                              reconstruct=reconstruct)
+    from subnets.basemodel import load_base_info
+
+    base_id, _ = load_base_info(model)
+    ws = open_supernet(supernet, neuron_step, eval_text, eval_budget, base_id=base_id)
+    return ws.reconstructing(reconstruct)

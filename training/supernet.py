@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from subnets.config import LayerChoice, SubnetConfig
-from subnets.space import BaseDims
+from subnets.dims import BaseDims
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,12 @@ quantized to Q8_0 blocks (32 values, one scale), an F16 weight with F16 activati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from subnets.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -140,16 +143,14 @@ def gguf_roundtrip(t: Any, precision: str) -> Any:
     import gguf
     import torch
 
-    from subnets.gguf_export import _qtype, stored_type
-
     arr = t.detach().to(torch.float32).contiguous().numpy()
     kind = stored_type("w", arr, precision)
     if kind == "f32":
         return t
     if kind == "f16":
         return torch.from_numpy(arr.astype(np.float16).astype(np.float32)).to(t.dtype)
-    q = gguf.quants.quantize(arr, _qtype(kind))
-    return torch.from_numpy(gguf.quants.dequantize(q, _qtype(kind)).reshape(arr.shape)).to(t.dtype)
+    q = gguf.quants.quantize(arr, gguf_qtype(kind))
+    return torch.from_numpy(gguf.quants.dequantize(q, gguf_qtype(kind)).reshape(arr.shape)).to(t.dtype)
 
 
 def _gguf_dequantized(w: Any, precision: str) -> Any:
@@ -190,3 +191,53 @@ def emulate_gguf(model: Any, precision: str) -> Any:
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(hook)
     return model
+
+
+def gguf_qtype(name: str) -> Any:
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
+
+
+def stored_type(name: str, arr: np.ndarray, precision: str) -> str:
+    """The GGUF type a tensor is written as: norms and other 1-D tensors F32, 2-D weights at
+    ``precision`` unless their rows do not split into 32-value blocks (then F16)."""
+    if arr.ndim == 1 or precision == "f32":
+        return "f32"
+    if precision in ("q8_0", "q4_0") and arr.shape[-1] % 32:
+        return "f16"
+    return precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A deployed precision as the quality objective sees it (``subnets.workspace.Arithmetic``):
+    the sub-network's weights as the runtime's file holds them, computed with the runtime's
+    activation rounding. ``name``: an onnxruntime precision (fp32, fp16, int8, int4) or a GGUF
+    type (f32, f16, q8_0, q4_0); ``block_size``: inputs per int4 scale."""
+
+    name: str
+    block_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.name not in (*PRECISIONS, *GGUF_TYPES):
+            raise ConfigError(f"precision {self.name!r} is not one edgenas deploys",
+                              f"use one of {', '.join((*PRECISIONS, *GGUF_TYPES))}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"int4 block size {self.block_size} is not one MatMulNBits takes",
+                              f"use one of {', '.join(map(str, BLOCK_SIZES))}")
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}|{self.block_size}"
+
+    def model(self, weights: Any) -> Any:
+        from subnets.extract import build_model
+
+        return emulate(build_model(dequantized(weights, self.name, self.block_size)), self.name)
+
+
+def at_precision(ws: Any, precision: str, block_size: int = 32) -> Any:
+    """``ws`` judging quality at ``precision`` (a view: it shares the loaded model)."""
+    return ws.at_precision(None if precision == "fp32" else Precision(precision, block_size))

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from subnets.clikit import add_reconstruct, progress_bar
-from subnets.configio import read_configs
-from subnets.errors import ConfigError
+from edgenas.clikit import add_reconstruct, progress_bar, request_from_args
+from training.request import FinetuneRequest, SupernetRequest, run_finetune, run_supernet
 from training.sampler import STRATEGIES, parse_range
 from training.settings import PRECISIONS, TrainSettings
 
@@ -108,75 +106,44 @@ class StepProgress:
                              tps=f"{rec['tokens_per_s']:.0f}")
 
 
-def _accelerator(args: argparse.Namespace, settings: TrainSettings) -> Any:
-    from training.trainer import make_accelerator
-
-    return make_accelerator(settings, cpu=args.cpu)
+def supernet_request(args: argparse.Namespace) -> SupernetRequest:
+    return request_from_args(SupernetRequest, args, settings=settings_from_args(args))
 
 
-def _predictor_objective(args: argparse.Namespace, base_id: str) -> tuple[Any, str | None]:
-    if args.predictor is None:
-        if args.device:
-            raise ConfigError("--device names the predictor's device, but no --predictor is given",
-                              "add --predictor DIR, or drop --device")
-        return None, None
-    from predictor.workload import LatencyObjective, Workload
-
-    objective = LatencyObjective.load(args.predictor, Workload.parse(args.workload), args.device, base_id)
-    digest = hashlib.sha256(b"".join((args.predictor / ph / "meta.json").read_bytes()
-                                     for ph in ("prefill", "decode"))).hexdigest()[:16]
-    return objective, f"predictor:{objective.device_name}:{digest}"
+def finetune_request(args: argparse.Namespace) -> FinetuneRequest:
+    return request_from_args(FinetuneRequest, args, settings=settings_from_args(args))
 
 
 def train_supernet_cmd(args: argparse.Namespace, console: Console) -> int:
-    from predictor.workload import Workload
-    from subnets.basemodel import load_base_info
     from training.checkpoint import read_state
-    from training.recovery import train_supernet
+    from training.trainer import make_accelerator
 
-    settings = settings_from_args(args)
-    wl = Workload.parse(args.workload)
-    base_id, _ = load_base_info(args.model)
-    objective, ident = _predictor_objective(args, base_id)
-    if objective is not None:
-        objective.identity = ident
-    acc = _accelerator(args, settings)
-    state = read_state(args.out)
-    with StepProgress(settings.steps, f"train-supernet ({settings.strategy}, {acc.num_processes} proc)") as bar:
+    request = supernet_request(args)
+    acc = make_accelerator(request.settings, cpu=request.cpu)
+    state = read_state(request.out)
+    with StepProgress(request.settings.steps, f"train-supernet ({request.settings.strategy}, "
+                                              f"{acc.num_processes} proc)") as bar:
         if state:
             bar.start_at(state.step)
-        res = train_supernet(args.model, args.data, settings, args.out, objective=objective,
-                             workload=(wl.prompt_len, wl.gen_tokens), neuron_step=args.neuron_step,
-                             text_field=args.text_field, on_step=bar, accelerator=acc)
-    _report(console, res, settings, args.out, acc)
+        res = run_supernet(request, on_step=bar, accelerator=acc)
+    _report(console, res, request.settings, request.out, acc)
     return 0
 
 
 def finetune_cmd(args: argparse.Namespace, console: Console) -> int:
     from training.checkpoint import read_state
-    from training.recovery import finetune
+    from training.trainer import make_accelerator
 
-    configs = read_configs(args.config)
-    if not 0 <= args.index < len(configs):
-        raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
-                          f"use --index 0..{len(configs) - 1}")
-    settings = settings_from_args(args)
-    acc = _accelerator(args, settings)
-    state = read_state(args.out)
-    with StepProgress(settings.steps, f"finetune {configs[args.index].summary()}") as bar:
+    request = finetune_request(args)
+    acc = make_accelerator(request.settings, cpu=request.cpu)
+    state = read_state(request.out)
+    with StepProgress(request.settings.steps, f"finetune {request.subnet().summary()}") as bar:
         if state:
             bar.start_at(state.step)
-        res, model = finetune(args.model, configs[args.index], args.data, settings, args.out, supernet=args.supernet,
-                              neuron_step=args.neuron_step, text_field=args.text_field, on_step=bar, accelerator=acc,
-                              reconstruct=args.reconstruct)
-    _report(console, res, settings, args.out, acc)
-    if args.onnx and acc.is_main_process:
-        from subnets.extract import weights_of_model
-        from subnets.onnx_export import ExportOptions, export_subnet
-
-        w = weights_of_model(model.eval(), configs[args.index], weights_id=f"finetune:{settings.digest()}")
-        exported = export_subnet(w, args.out / "onnx", ExportOptions())
-        console.print(f"ONNX (trained weights): {exported.folder}")
+        res, onnx = run_finetune(request, on_step=bar, accelerator=acc)
+    _report(console, res, request.settings, request.out, acc)
+    if onnx is not None:
+        console.print(f"ONNX (trained weights): {onnx}")
     return 0
 
 

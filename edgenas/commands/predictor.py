@@ -1,4 +1,4 @@
-"""``train-predictor``, ``evaluate-predictor``, ``predict-latency``."""
+"""``train-predictor`` (builds a ``PredictorRequest``), ``evaluate-predictor``, ``predict-latency``."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from profiler.database import Location, describe, exists, store_location
-from subnets.clikit import make_parser, run
+from edgenas.clikit import make_parser, request_from_args, run
+from predictor.fitting import DEFAULT_DB, PhaseReport, PredictorRequest, train_predictors
+from profiler.database import describe, exists, store_location
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
-DEFAULT_DB = Path("runs/measurements.db")
 
 
 def metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
@@ -37,59 +36,22 @@ def _phases(text: str) -> list[str]:
     return vals
 
 
-def train(db: Location, device: str, phases: list[str], out: Path, model: str, folds: int = 5,
-          plot: bool = True, prior: Path | None = None, console: Console = out_console,
-          threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
-    """Train, cross-validate against the baselines, save; returns the metrics per phase."""
-    from predictor.data import load_measurements
-    from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
-    from predictor.model import LatencyPredictor
-    from predictor.persist import load_predictor, save_predictor
-    from profiler.errors import StoreError
-    from profiler.store import Store
-    from subnets.basemodel import load_base_info
-
-    if not exists(db):
-        raise StoreError(f"measurement store {db} does not exist", "run profile-device first, or pass --db PATH")
-    base_id, dims = load_base_info(model)
-    store = Store(db)
-    results: dict[str, Any] = {}
-    try:
-        for phase in phases:
-            m = load_measurements(store, device, phase, dims, base_id, threads=threads, backend=backend)
-            prior_p = None
-            if prior is not None:
-                prior_p, _ = load_predictor(prior / phase if (prior / phase).is_dir() else prior, base_id=base_id, phase=phase)
-            kw = {"prior": prior_p} if prior_p is not None else {}
-            k = choose_folds(m, folds)
-            comparison, oof = compare(m, k=k, predictor_kw=kw)
-            p = LatencyPredictor(dims, phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
-            folder = out / phase
-            save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
-                           {"cv": comparison, "threads": m.threads, "backend": m.backend,
-                            "protocol": m.protocol, "protocol_record": m.protocol_record,
-                            "excluded_unstable": m.excluded_unstable,
-                            "excluded_throttled": m.excluded_throttled, "n": len(m), "paired": m.paired})
-            shapes = sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist())))
-            console.print(metrics_table(
-                f"{phase}: {len(m)} measurements of {len(set(m.subnet_hashes.tolist()))} sub-networks on {m.device_name} "
-                f"({m.threads} thread{'s' if m.threads > 1 else ''}, {m.backend}), "
-                f"{k}-fold by sub-network, shapes {', '.join(f'S={int(s)}' if phase == 'prefill' else f'P={int(q)}' for s, q in shapes)}"
-                f"{' (transfer from ' + str(prior) + ')' if prior else ''}", comparison))
-            excluded = m.excluded_unstable + m.excluded_throttled
-            console.print(f"excluded: {m.excluded_unstable} unstable, {m.excluded_throttled} throttled measurement(s)"
-                          if excluded else "excluded: none (no unstable or throttled measurements)")
-            if m.paired:
-                console.print(f"{m.paired} of {len(m)} latencies are paired: ratio to the interleaved companion x its "
-                              "median (profile-device --paired)")
-            if plot:
-                png = plot_predicted_vs_measured(m.y_ms, oof, folder / "predicted_vs_measured.png",
-                                                 f"{m.device_name} {phase}: held-out predictions")
-                console.print(f"saved {folder} (plot: {png})")
-            results[phase] = comparison
-    finally:
-        store.close()
-    return results
+def render_training(reports: dict[str, PhaseReport], console: Console = out_console) -> None:
+    """Each phase's held-out accuracy beside the baselines, and what was left out."""
+    for r in reports.values():
+        shapes = ", ".join(f"S={int(s)}" if r.phase == "prefill" else f"P={int(q)}" for s, q in r.shapes)
+        console.print(metrics_table(
+            f"{r.phase}: {r.n} measurements of {r.n_subnets} sub-networks on {r.device_name} "
+            f"({r.threads} thread{'s' if r.threads > 1 else ''}, {r.backend}), {r.folds}-fold by sub-network, "
+            f"shapes {shapes}{' (transfer from ' + str(r.prior) + ')' if r.prior else ''}", r.comparison))
+        excluded = r.excluded_unstable + r.excluded_throttled
+        console.print(f"excluded: {r.excluded_unstable} unstable, {r.excluded_throttled} throttled measurement(s)"
+                      if excluded else "excluded: none (no unstable or throttled measurements)")
+        if r.paired:
+            console.print(f"{r.paired} of {r.n} latencies are paired: ratio to the interleaved companion x its "
+                          "median (profile-device --paired)")
+        if r.plot is not None:
+            console.print(f"saved {r.folder} (plot: {r.plot})")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -109,8 +71,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def handle_train(a: argparse.Namespace) -> int:
-    train(a.db, a.device, a.phase, a.out or Path("runs/predictors") / a.device, a.model, a.folds,
-          not a.no_plot, a.transfer_from, threads=a.threads, backend=a.backend)
+    render_training(train_predictors(request_from_args(PredictorRequest, a)))
     return 0
 
 

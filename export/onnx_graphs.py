@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +33,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from export.artifact import MANIFEST, ExportedSubnet, TensorRecord
+from export.quantize import BLOCK_SIZES, PRECISIONS, quantize_int4, quantize_int8
 from subnets.errors import ExportError
 from subnets.extract import SubnetWeights
-from subnets.quantize import BLOCK_SIZES, PRECISIONS, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -109,46 +110,6 @@ class ExportOptions:
     @property
     def resolved_ir_version(self) -> int:
         return self.ir_version if self.ir_version is not None else min_ir_version(self.opset)
-
-
-@dataclass
-class TensorRecord:
-    """Where one weight tensor lies in the shared weights file."""
-
-    name: str
-    shape: list[int]
-    offset: int
-    length: int
-    kind: str  # "linear", "norm", "embed", "bias", "q4", "q8", "scale": how a board fills it when weights are absent
-    dtype: str = "float32"  # numpy dtype of the stored values
-
-
-@dataclass
-class ExportedSubnet:
-    key: str
-    folder: Path
-    graphs: dict[str, str]  # phase -> file name
-    graph_sha256: dict[str, str]
-    weights_file: str
-    weights_bytes: int
-    weights_sha256: str | None  # None when the weights were not written
-    options: dict[str, object]
-    tensors: list[TensorRecord] = field(default_factory=list)
-
-    def path(self, phase: str) -> Path:
-        return self.folder / self.graphs[phase]
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["folder"] = str(self.folder)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> ExportedSubnet:
-        d = {k: v for k, v in d.items() if k != "config"}
-        d["folder"] = Path(str(d["folder"]))
-        d["tensors"] = [TensorRecord(**t) for t in d.get("tensors", [])]  # type: ignore[union-attr]
-        return cls(**d)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------
@@ -338,7 +299,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
                 names[r.name[:-2]] = r.name[:-2]
         g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
     if options.graph != "plain":
-        from subnets.onnx_fused import build_fused_graph
+        from export.onnx_fused import build_fused_graph
 
         return _model(g, *build_fused_graph(g, w, names, phase, shared=options.graph == "fused-shared"), phase, options)
     hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
@@ -450,7 +411,6 @@ def export_key(w: SubnetWeights, options: ExportOptions) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-MANIFEST = "export.json"
 
 
 def _complete(folder: Path, phases: tuple[Phase, ...]) -> bool:

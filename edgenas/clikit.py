@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -23,6 +24,7 @@ from rich.progress import (
 from subnets.errors import EdgenasError
 
 console = Console(stderr=True)
+R = TypeVar("R")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +51,7 @@ def make_parser(prog: str, description: str, run_config: bool = True) -> argpars
 
 
 def add_run_config(p: argparse.ArgumentParser) -> None:
-    """``--config run.toml``, read before parsing (subnets.runconfig); listed for --help."""
+    """``--config run.toml``, read before parsing (edgenas.runconfig); listed for --help."""
     p.add_argument("--config", metavar="RUN.toml", dest="run_config", default=None,
                    help="read this command's flags from a TOML file; flags given here override it")
 
@@ -68,7 +70,7 @@ def add_granularity(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int | None]) -> int:
-    from subnets.runconfig import expand
+    from edgenas.runconfig import expand
 
     try:
         args = parser.parse_args(expand(list(sys.argv[1:] if argv is None else argv), parser))
@@ -116,10 +118,22 @@ def add_reconstruct(p: argparse.ArgumentParser) -> None:
 
 def add_graph(p: argparse.ArgumentParser, what: str) -> None:
     """``--graph``: which ONNX decoder graph (``onnx_export.GRAPHS``)."""
-    from subnets.onnx_export import GRAPHS
+    from export.onnx_graphs import GRAPHS
 
     p.add_argument("--graph", choices=GRAPHS, default="plain",
                    help=f"{what}: attention in standard operators (plain, default); onnxruntime's fused decoder operators "
                         "as onnxruntime-genai deploys (fused: GroupQueryAttention, SkipSimplifiedLayerNormalization); "
                         "those with its in-place KV buffer, past and present bound to one preallocated buffer "
                         "(fused-shared)")
+
+
+def request_from_args(cls: type[R], args: argparse.Namespace, **overrides: Any) -> R:
+    """The typed request a command's parsed flags spell: each field of ``cls`` from the flag
+    of the same name (a field the parser does not define keeps its default). Requests, not
+    ``Namespace`` objects, cross into the library."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return cls(**values)

@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.artifact import MANIFEST, ExportedSubnet, TensorRecord
+from export.quantize import GGUF_TYPES as GGUF_PRECISIONS
+from export.quantize import gguf_qtype, stored_type  # llama.cpp's names for the weight types written
 from subnets.errors import ConfigError
 from subnets.extract import SubnetWeights
-from subnets.onnx_export import MANIFEST, ExportedSubnet, TensorRecord
 from subnets.paths import sha256_file
-from subnets.quantize import GGUF_TYPES as GGUF_PRECISIONS  # llama.cpp's names for the weight types written
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ class GgufOptions:
                               f"pass --precision {' or '.join(GGUF_PRECISIONS)} with --backend llama.cpp")
         if self.weights not in ("real", "none"):
             raise ConfigError(f"weights {self.weights!r} is neither 'real' nor 'none'", "pass --weights real or none")
-
-
-def _qtype(name: str) -> Any:
-    import gguf
-
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -125,16 +119,6 @@ def _rope_factors(w: SubnetWeights) -> np.ndarray | None:
     return factors.astype(np.float32)
 
 
-def stored_type(name: str, arr: np.ndarray, precision: str) -> str:
-    """The GGUF type a tensor is written as: norms and other 1-D tensors F32, 2-D weights at
-    ``precision`` unless their rows do not split into 32-value blocks (then F16)."""
-    if arr.ndim == 1 or precision == "f32":
-        return "f32"
-    if precision in ("q8_0", "q4_0") and arr.shape[-1] % 32:
-        return "f16"
-    return precision
-
-
 def _encode(arr: np.ndarray, kind: str) -> np.ndarray:
     import gguf
 
@@ -142,13 +126,13 @@ def _encode(arr: np.ndarray, kind: str) -> np.ndarray:
         return arr.astype(np.float32)
     if kind == "f16":
         return arr.astype(np.float16)
-    return gguf.quants.quantize(arr.astype(np.float32), _qtype(kind))
+    return gguf.quants.quantize(arr.astype(np.float32), gguf_qtype(kind))
 
 
 def _nbytes(shape: tuple[int, ...], kind: str) -> int:
     import gguf
 
-    block, size = gguf.GGML_QUANT_SIZES[_qtype(kind)]
+    block, size = gguf.GGML_QUANT_SIZES[gguf_qtype(kind)]
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
@@ -264,10 +248,10 @@ def _write_file(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_di
         kind = stored_type(name, arr, options.precision)
         nbytes = _nbytes(arr.shape, kind)
         if options.weights == "real":
-            writer.add_tensor(name, _encode(arr, kind), raw_dtype=_qtype(kind))
+            writer.add_tensor(name, _encode(arr, kind), raw_dtype=gguf_qtype(kind))
         else:
             writer.add_tensor_info(name, arr.shape, np.dtype(np.float32 if kind == "f32" else np.float16),
-                                   nbytes, raw_dtype=_qtype(kind))
+                                   nbytes, raw_dtype=gguf_qtype(kind))
         records.append(TensorRecord(name, list(arr.shape), offset, nbytes, "norm" if arr.ndim == 1 else "linear", kind))
         offset += nbytes + (-nbytes) % writer.data_alignment
     writer.write_header_to_file()

@@ -1,4 +1,6 @@
-"""``profile-device``: measure sub-networks on a board (or ``local``) into the store."""
+"""``edgenas profile`` (``profile-device``): the parser builds a ``SweepRequest``; the summary
+tables are drawn from the ``FleetSummary`` that ``profiler.request.profile`` returns. Also
+``edgenas measurements`` (list, CSV/Parquet, merge)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgenas.clikit import add_granularity, add_graph, make_parser, progress_bar, request_from_args, run
 from profiler.database import Location, describe, exists, store_location
 from profiler.errors import StoreError
-from subnets.clikit import add_granularity, add_graph, make_parser, progress_bar, run
-from subnets.errors import ConfigError
+from profiler.request import DEFAULT_DB, SweepRequest, profile
 
 out_console = Console(width=None if sys.stdout.isatty() else 150)
 
-DEFAULT_DB = Path("runs/measurements.db")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -107,50 +108,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent-memory-mb", type=int, default=None, help="limit the agent's address space (ulimit -v)")
 
 
-def configs_for(args: argparse.Namespace, ws: Any) -> list[Any]:
-    from subnets.configio import read_configs
-
-    if args.configs is not None:
-        configs = read_configs(args.configs)
-        for i, c in enumerate(configs, 1):
-            try:
-                ws.space.validate(c)
-            except ConfigError as e:
-                raise ConfigError(f"{args.configs}, config {i}: {e.problem}", e.fix) from None
-        return configs
-    n = args.samples if args.samples is not None else 10
-    if n < 1:
-        raise ConfigError(f"--samples {n} is not positive", "ask for at least 1 sample")
-    return ws.space.sample(n, args.seed, granularity=args.granularity, strategy="stratified",
-                           layer_ranking=ws.importance.layer_ranking())
-
-
-def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = None) -> tuple[Any, Any]:
-    """Run a sweep from parsed arguments over one board or several; returns (FleetSummary,
-    store path)."""
-    from profiler.fleet import run_fleet
-    from profiler.hosts import resolve_hosts
-    from profiler.store import Store
-    from profiler.sweep import SweepSpec
-    from profiler.targets import make_target
-    from subnets.workspace import Workspace
-
-    for flag, value in (("--sessions", args.sessions), ("--decode-sessions", args.decode_sessions)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value} is not a session count", f"pass {flag} 1 or more")
-    hosts, group = resolve_hosts(args.host, args.inventory, args.ssh_config)
-    hosts = [_with_overrides(h, args) for h in hosts]
-    for h in hosts:
-        if (args.backend or h.backend) != "auto":  # before the long model load
-            SweepSpec(backend=args.backend or h.backend, precision=args.precision, paired=args.paired,
-                      graph=args.graph).check()
-    Store(args.db).close()  # open before the long model load: a bad store fails fast
-    ws = ws or Workspace.open(args.model, neuron_step=args.neuron_step)
-    configs = configs if configs is not None else configs_for(args, ws)
-    boards = [(make_target(h, _timeouts(args, h), args.accept_new_host_key, args.inventory, args.ssh_config),
-               _spec(args, h)) for h in hosts]
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    record["db"] = describe(args.db)
+def sweep(request: SweepRequest, ws: Any = None, configs: list[Any] | None = None) -> Any:
+    """``profile(request)`` under a progress bar per board; returns the ``FleetSummary``."""
     with progress_bar() as prog:
         def progress(board: str) -> Any:
             task = prog.add_task(f"profiling on {board}", total=None)
@@ -160,41 +119,7 @@ def sweep(args: argparse.Namespace, ws: Any = None, configs: list[Any] | None = 
 
             return update
 
-        fleet = run_fleet(ws, boards, args.db, configs, progress, record, group)
-    return fleet, args.db
-
-
-def _with_overrides(host: Any, args: argparse.Namespace) -> Any:
-    from dataclasses import replace
-
-    if args.agent_memory_mb:
-        host = replace(host, agent_memory_mb=args.agent_memory_mb)
-    if args.connect_timeout:
-        host = replace(host, connect_timeout=args.connect_timeout)
-    return host
-
-
-def _timeouts(args: argparse.Namespace, host: Any) -> Any:
-    from profiler.targets import Timeouts
-
-    return Timeouts(connect=host.connect_timeout, handshake=args.handshake_timeout, upload_stall=args.upload_timeout,
-                    measure=args.measure_timeout or 3 * args.max_time + 120)
-
-
-def _spec(args: argparse.Namespace, host: Any) -> Any:
-    """One board's sweep settings: the command line's, its inventory entry's threads and
-    back-end where the command line leaves them out."""
-    from profiler.sweep import SweepSpec
-
-    timing = {"min_time_s": args.min_time, "max_time_s": args.max_time, "target_rel_ci": args.target_ci,
-              "sessions": args.sessions}
-    return SweepSpec(phases=args.phases, seq_lens=args.seq_len, past_lens=args.past_len,
-                     threads=args.threads or host.threads or 1, backend=args.backend or host.backend, timing=timing,
-                     decode_min_time_s=args.decode_min_time or 3 * args.min_time, decode_sessions=args.decode_sessions,
-                     weights=args.weights, max_attempts=args.max_attempts, reference_every=args.reference_every,
-                     drift_threshold=args.drift_threshold, retry_failed=args.retry_failed, precision=args.precision,
-                     block_size=args.block_size, graph_opt=args.graph_opt, keep_models=args.keep_models,
-                     paired=args.paired, gpu_layers=args.gpu_layers, graph=args.graph, lease_s=args.lease)
+        return profile(request, ws, configs, progress)
 
 
 def print_summary(fleet: Any, db: Location) -> int:
@@ -286,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_profile_args(p)
 
     def handle(args: argparse.Namespace) -> int:
-        fleet, db = sweep(args)
-        return print_summary(fleet, db)
+        request = request_from_args(SweepRequest, args)
+        return print_summary(sweep(request), request.db)
 
     return run(p, argv, handle)
 
