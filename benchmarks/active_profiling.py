@@ -24,7 +24,7 @@ from predictor.data import load_measurements
 from predictor.evaluate import group_folds
 from predictor.features import ConfigBatch
 from predictor.metrics import accuracy
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 from profiler.store import Store
 from subnets.basemodel import load_base_info
 
@@ -49,7 +49,7 @@ def main() -> None:
     at_shape = (m.seq_len == shape[0]) & (m.past_len == shape[1])
     region = np.ones(len(m), dtype=bool)
     if args.near is not None:
-        full_ms = float(LatencyPredictor(dims, args.phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms).predict(
+        full_ms = float(BoostedCostModel(dims, args.phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms).predict(
             ConfigBatch.from_configs([full_config(m)], dims.num_layers), shape[0], shape[1])[0])
         hs = m.subnet_hashes[at_shape & (np.abs(m.y_ms / (args.near * full_ms) - 1) <= BAND)]
         region = np.isin(m.subnet_hashes, hs)
@@ -72,7 +72,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 train = m.subset(np.isin(m.subnet_hashes, chosen))
                 te = m.subset(test)
-                p = LatencyPredictor(dims, args.phase, seed=seed).fit(train.batch, train.seq_len, train.past_len, train.y_ms)
+                p = BoostedCostModel(dims, args.phase, seed=seed).fit(train.batch, train.seq_len, train.past_len, train.y_ms)
                 acc = accuracy(te.y_ms, p.predict(te.batch, te.seq_len, te.past_len))
                 acc["n_subnets"] = len(chosen)
                 curve.append(acc)

@@ -13,7 +13,7 @@ import numpy as np
 
 from predictor.data import load_measurements
 from predictor.features import ConfigBatch
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 from predictor.workload import LatencyObjective, Workload
 from profiler.store import Store
 from subnets.basemodel import load_base_info
@@ -36,7 +36,7 @@ def main() -> None:
         fitted = {}
         for phase in ("prefill", "decode"):
             m = load_measurements(store, args.device, phase, dims, base_id)
-            fitted[phase] = LatencyPredictor(dims, phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+            fitted[phase] = BoostedCostModel(dims, phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
     finally:
         store.close()
     obj = LatencyObjective(fitted["prefill"], fitted["decode"], Workload.parse(args.workload), args.device, base_id)

@@ -17,7 +17,7 @@ import numpy as np
 from predictor.data import load_measurements
 from predictor.evaluate import compare, learning_curve
 from predictor.features import ConfigBatch
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 from profiler.store import Store
 from subnets.basemodel import load_base_info
 
@@ -51,7 +51,7 @@ def main() -> None:
             cells = "   ".join(f"{k}: {v['within_5pct']:.0%} / {v['within_10pct']:.0%} / {v['mape']:.1%}"
                                for k, v in row.items() if k != "n_train")
             print(f"  {row['n_train']:4d}  {cells}")
-        model = LatencyPredictor(dims, phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+        model = BoostedCostModel(dims, phase).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
         reps = max(1, 100_000 // len(m))
         big = ConfigBatch(*(np.repeat(a, reps, 0) for a in (m.batch.kept, m.batch.kv_groups, m.batch.heads_per_group,
                                                              m.batch.neurons)))

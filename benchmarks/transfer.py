@@ -28,7 +28,7 @@ import numpy as np
 from predictor.data import load_measurements
 from predictor.evaluate import group_folds
 from predictor.metrics import accuracy
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 from profiler.store import Store
 from subnets.basemodel import load_base_info
 
@@ -52,7 +52,7 @@ def main() -> None:
     b = load_measurements(store, args.device, args.phase, dims, base_id, threads=args.target_threads,
                           backend=args.target_backend)
     store.close()
-    source = LatencyPredictor(dims, args.phase).fit(a.batch, a.seq_len, a.past_len, a.y_ms)
+    source = BoostedCostModel(dims, args.phase).fit(a.batch, a.seq_len, a.past_len, a.y_ms)
     ratio = np.median(b.y_ms) / np.median(a.y_ms)
     print(f"source: {len(a)} measurements ({args.source_backend}, {args.source_threads} thread(s)); target: {len(b)} "
           f"({args.target_backend}, {args.target_threads} thread(s); {b.excluded_unstable} unstable excluded); "
@@ -74,7 +74,7 @@ def main() -> None:
             for name, prior in (("scratch", None), ("transfer", source)):
                 if prior is None and n < 10:
                     continue  # without a prior the predictor refuses fewer than 10 measurements
-                m = LatencyPredictor(dims, args.phase, prior=prior).fit(tr.batch, tr.seq_len, tr.past_len, tr.y_ms)
+                m = BoostedCostModel(dims, args.phase, prior=prior).fit(tr.batch, tr.seq_len, tr.past_len, tr.y_ms)
                 res[name].append(accuracy(te.y_ms, m.predict(te.batch, te.seq_len, te.past_len)))
         cells = []
         for name in ("scratch", "transfer"):

@@ -290,26 +290,9 @@ class _Graph:
         return self.op("Add", [self.op("Mul", [x, cos]), self.op("Mul", [rot, sin])])
 
 
-def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
-    g = _Graph(options.opset, options.precision, options.block_size, options.accuracy_level)
-    names = {r.name: g.external(r) for r in recs}
-    if options.precision in ("int8", "int4"):  # a linear layer is named by its weight; its parts carry suffixes
-        for r in recs:
-            if r.name.endswith(".q"):
-                names[r.name[:-2]] = r.name[:-2]
-        g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
-    if options.graph != "plain":
-        from export.onnx_fused import build_fused_graph
-
-        return _model(g, *build_fused_graph(g, w, names, phase, shared=options.graph == "fused-shared"), phase, options)
-    hd, half, d = w.head_dim, w.head_dim // 2, w.hidden_size
-    vocab = int(w.embed.shape[0])
-    eps = w.rms_norm_eps
-    f32 = g.float
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence" if phase == "prefill" else 1])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, vocab])]
-
-    # positions and RoPE tables, computed in the graph from the dynamic shapes
+def _positions(g: _Graph, w: SubnetWeights, phase: Phase) -> tuple[str, str, str | None]:
+    """(cos, sin, causal mask or None): positions and RoPE tables, computed in the graph
+    from the dynamic shapes (angles in fp32 at any precision)."""
     if phase == "prefill":
         seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)
         pos = g.op("Range", [g.const(0), seq, g.const(1)])
@@ -320,7 +303,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
         past = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"]), g.const(2)], axis=0)
         pos = g.op("Reshape", [past, g.const([1])])
         mask = None
-    posf = g.unsqueeze(g.op("Cast", [pos], to=TensorProto.FLOAT), [1])  # angles in fp32 at any precision
+    posf = g.unsqueeze(g.op("Cast", [pos], to=TensorProto.FLOAT), [1])
     freqs = g.op("Mul", [posf, g.const(w.inv_freq.numpy()[None, :], np.float32)])
     emb = g.op("Concat", [freqs, freqs], axis=1)
     cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
@@ -329,49 +312,87 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
         cos, sin = g.op("Mul", [cos, s]), g.op("Mul", [sin, s])
     if g.float != TensorProto.FLOAT:
         cos, sin = g.op("Cast", [cos], to=g.float), g.op("Cast", [sin], to=g.float)
+    return cos, sin, mask
 
+
+def _attention_kv(g: _Graph, w: SubnetWeights, i: int, h: str, names: dict[str, str], rope: tuple[str, str],
+                  phase: Phase, io: tuple[list[Any], list[Any]]) -> tuple[str, str]:
+    """Layer ``i``'s keys and values with RoPE, appended to the past in decode; the present
+    KV graph outputs (and past inputs) added to ``io``."""
+    lw, p, hd = w.layers[i], f"l{i}.", w.head_dim
+    G, (cos, sin), (inputs, outputs) = lw.num_kv_heads, rope, io
+    k = g.linear(h, names[p + "k"], names.get(p + "k_bias"))
+    k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
+    v = g.linear(h, names[p + "v"], names.get(p + "v_bias"))
+    v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
+    kname, vname = f"present.{i}.key", f"present.{i}.value"
+    if phase == "decode":
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        inputs += [helper.make_tensor_value_info(n, g.float, ["batch", G, "past_sequence", hd]) for n in (pk, pv)]
+        k = g.op("Concat", [pk, g.rope(k, cos, sin, hd // 2)], kname, axis=2)
+        v = g.op("Concat", [pv, v], vname, axis=2)
+    else:
+        k = g.op("Identity", [g.rope(k, cos, sin, hd // 2)], kname)
+        v = g.op("Identity", [v], vname)
+    total = "sequence" if phase == "prefill" else "total_sequence"
+    outputs += [helper.make_tensor_value_info(n, g.float, ["batch", G, total, hd]) for n in (kname, vname)]
+    return k, v
+
+
+def _decoder_layer(g: _Graph, w: SubnetWeights, i: int, x: str, names: dict[str, str],
+                   rope: tuple[str, str, str | None], phase: Phase, io: tuple[list[Any], list[Any]]) -> str:
+    """One GQA decoder layer in standard operators; returns the residual stream after it."""
+    lw, p, hd = w.layers[i], f"l{i}.", w.head_dim
+    G, hpg = lw.num_kv_heads, lw.num_heads // lw.num_kv_heads
+    cos, sin, mask = rope
+    h = g.rms_norm(x, names[p + "in_norm"], w.rms_norm_eps)
+    q = g.linear(h, names[p + "q"], names.get(p + "q_bias"))
+    q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, G, hpg, hd])])], perm=[0, 2, 3, 1, 4])
+    q = g.rope(q, cos, sin, hd // 2)  # [B,G,hpg,S,hd]
+    k, v = _attention_kv(g, w, i, h, names, (cos, sin), phase, io)
+    kt = g.unsqueeze(g.op("Transpose", [k], perm=[0, 1, 3, 2]), [2])  # [B,G,1,hd,T]
+    scores = g.op("MatMul", [q, kt])  # [B,G,hpg,S,T]
+    if mask is not None:
+        scores = g.op("Add", [scores, mask])
+    probs = g.op("Softmax", [scores], axis=-1)
+    ctx = g.op("MatMul", [probs, g.unsqueeze(v, [2])])  # [B,G,hpg,S,hd]
+    ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4]), g.const([0, 0, -1])])
+    x = g.op("Add", [x, g.linear(ctx, names[p + "o"], names.get(p + "o_bias"))])
+    h = g.rms_norm(x, names[p + "post_norm"], w.rms_norm_eps)
+    gate = g.linear(h, names[p + "gate"])
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), g.linear(h, names[p + "up"])])
+    return g.op("Add", [x, g.linear(act, names[p + "down"])])
+
+
+def _initializer_names(g: _Graph, w: SubnetWeights, recs: list[TensorRecord], options: ExportOptions) -> dict[str, str]:
+    names = {r.name: g.external(r) for r in recs}
+    if options.precision in ("int8", "int4"):  # a linear layer is named by its weight; its parts carry suffixes
+        for r in recs:
+            if r.name.endswith(".q"):
+                names[r.name[:-2]] = r.name[:-2]
+        g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
+    return names
+
+
+def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
+    g = _Graph(options.opset, options.precision, options.block_size, options.accuracy_level)
+    names = _initializer_names(g, w, recs, options)
+    if options.graph != "plain":
+        from export.onnx_fused import build_fused_graph
+
+        return _model(g, *build_fused_graph(g, w, names, phase, shared=options.graph == "fused-shared"), phase, options)
+    vocab = int(w.embed.shape[0])
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence" if phase == "prefill" else 1])]
+    outputs = [helper.make_tensor_value_info("logits", g.float, ["batch", 1, vocab])]
+    rope = _positions(g, w, phase)
     x = g.op("Gather", [names["embed"], "input_ids"], axis=0)
-    for i, lw in enumerate(w.layers):
-        p = f"l{i}."
-        G, hpg = lw.num_kv_heads, lw.num_heads // lw.num_kv_heads
-        h = g.rms_norm(x, names[p + "in_norm"], eps)
-        q = g.linear(h, names[p + "q"], names.get(p + "q_bias"))
-        q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, G, hpg, hd])])], perm=[0, 2, 3, 1, 4])
-        q = g.rope(q, cos, sin, half)  # [B,G,hpg,S,hd]
-        k = g.linear(h, names[p + "k"], names.get(p + "k_bias"))
-        k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
-        v = g.linear(h, names[p + "v"], names.get(p + "v_bias"))
-        v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, G, hd])])], perm=[0, 2, 1, 3])
-        kname, vname = f"present.{i}.key", f"present.{i}.value"
-        total = "sequence" if phase == "prefill" else "total_sequence"
-        if phase == "decode":
-            pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-            inputs += [helper.make_tensor_value_info(n, f32, ["batch", G, "past_sequence", hd]) for n in (pk, pv)]
-            k = g.op("Concat", [pk, g.rope(k, cos, sin, half)], kname, axis=2)
-            v = g.op("Concat", [pv, v], vname, axis=2)
-        else:
-            k = g.op("Identity", [g.rope(k, cos, sin, half)], kname)
-            v = g.op("Identity", [v], vname)
-        outputs += [helper.make_tensor_value_info(n, f32, ["batch", G, total, hd]) for n in (kname, vname)]
-        kt = g.unsqueeze(g.op("Transpose", [k], perm=[0, 1, 3, 2]), [2])  # [B,G,1,hd,T]
-        scores = g.op("MatMul", [q, kt])  # [B,G,hpg,S,T]
-        if mask is not None:
-            scores = g.op("Add", [scores, mask])
-        probs = g.op("Softmax", [scores], axis=-1)
-        ctx = g.op("MatMul", [probs, g.unsqueeze(v, [2])])  # [B,G,hpg,S,hd]
-        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4]), g.const([0, 0, -1])])
-        x = g.op("Add", [x, g.linear(ctx, names[p + "o"], names.get(p + "o_bias"))])
-        h = g.rms_norm(x, names[p + "post_norm"], eps)
-        gate = g.linear(h, names[p + "gate"])
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), g.linear(h, names[p + "up"])])
-        x = g.op("Add", [x, g.linear(act, names[p + "down"])])
-
-    x = g.rms_norm(x, names["final_norm"], eps)
+    for i in range(len(w.layers)):
+        x = _decoder_layer(g, w, i, x, names, rope, phase, (inputs, outputs))
+    x = g.rms_norm(x, names["final_norm"], w.rms_norm_eps)
     if phase == "prefill":
         x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
-    flat = g.op("Reshape", [x, g.const([-1, d])])
-    lm = names.get("lm_head", names["embed"])
-    logits = g.op("Gemm", [flat, lm], transB=1)
+    flat = g.op("Reshape", [x, g.const([-1, w.hidden_size])])
+    logits = g.op("Gemm", [flat, names.get("lm_head", names["embed"])], transB=1)
     g.op("Unsqueeze", [logits, g.const([1])], "logits")
     return _model(g, inputs, outputs, phase, options)
 

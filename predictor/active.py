@@ -21,7 +21,7 @@ import numpy as np
 
 from predictor.data import Measurements
 from predictor.features import ConfigBatch, feature_matrix
-from predictor.model import LatencyPredictor, Shapes
+from predictor.model import BoostedCostModel, Shapes
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 
@@ -38,7 +38,7 @@ def uncertainty(m: Measurements, batch: ConfigBatch, seq_len: Any, past_len: Any
         drawn = rng.choice(groups, len(groups), replace=True)
         rows = np.concatenate([np.flatnonzero(m.subnet_hashes == g) for g in drawn])
         X = feature_matrix(m.batch, m.dims, m.phase, m.seq_len, m.past_len)[rows]
-        p = LatencyPredictor(m.dims, m.phase, boost="off")
+        p = BoostedCostModel(m.dims, m.phase, boost="off")
         sub_batch = ConfigBatch(*(a[rows] for a in (m.batch.kept, m.batch.kv_groups, m.batch.heads_per_group,
                                                     m.batch.neurons)))
         p._fit_base(X, m.y_ms[rows], sub_batch, Shapes(m.seq_len[rows], m.past_len[rows]))
@@ -55,7 +55,7 @@ def near_budget(m: Measurements, candidates: list[SubnetConfig], share: float, s
                 band: float = BAND, seed: int = 0) -> list[SubnetConfig]:
     """The candidates a predictor fitted to ``m`` puts within ``band`` (relative) of ``share``
     x the full model's predicted latency."""
-    p = LatencyPredictor(m.dims, m.phase, seed=seed).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+    p = BoostedCostModel(m.dims, m.phase, seed=seed).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
     target = share * float(p.predict(ConfigBatch.from_configs([full_config(m)], m.dims.num_layers), seq_len, past_len)[0])
     pred = p.predict(ConfigBatch.from_configs(candidates, m.dims.num_layers), seq_len, past_len)
     return [c for c, v in zip(candidates, pred) if abs(v / target - 1) <= band]

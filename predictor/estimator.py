@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from predictor.baselines import BASELINES
 from predictor.features import ConfigBatch
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 from subnets.dims import BaseDims
 
 
@@ -50,7 +50,7 @@ class LatencyEstimator(RegressorMixin, BaseEstimator):
     """``fit(X, y)`` / ``predict(X)`` / ``predict_upper(X)`` over ``config_table`` rows."""
 
     def __init__(self, dims: BaseDims | None = None, phase: str = "prefill", model: str = "edgenas",
-                 alpha: float = 0.1, boost: str = "auto", seed: int = 0, prior: LatencyPredictor | None = None) -> None:
+                 alpha: float = 0.1, boost: str = "auto", seed: int = 0, prior: BoostedCostModel | None = None) -> None:
         self.dims = dims
         self.phase = phase
         self.model = model
@@ -63,7 +63,7 @@ class LatencyEstimator(RegressorMixin, BaseEstimator):
         if self.dims is None:
             raise ValueError("LatencyEstimator needs dims (the base model's BaseDims)")
         if self.model == "edgenas":
-            return LatencyPredictor(self.dims, self.phase, alpha=self.alpha, boost=self.boost, seed=self.seed,
+            return BoostedCostModel(self.dims, self.phase, alpha=self.alpha, boost=self.boost, seed=self.seed,
                                     prior=self.prior)
         for cls in BASELINES:
             if cls.name == self.model:
@@ -87,3 +87,26 @@ class LatencyEstimator(RegressorMixin, BaseEstimator):
             raise AttributeError(f"the {self.model} baseline has no upper bound")
         batch, seq, past = split_table(X, self.model_.dims.num_layers)
         return self.model_.predict_upper(batch, seq, past, alpha=alpha)
+
+    def coverage(self, alpha: float | None = None) -> dict[str, Any]:
+        """What the fitted model's upper bound guarantees at ``alpha`` (``BoostedCostModel.coverage``)."""
+        check_is_fitted(self, "model_")
+        return self.model_.coverage(alpha)
+
+    @classmethod
+    def from_model(cls, model: Any) -> LatencyEstimator:
+        """The estimator around an already fitted model (a loaded predictor)."""
+        est = cls(model.dims, model.phase, alpha=getattr(model, "alpha", 0.1))
+        est.model_ = model
+        est.n_features_in_ = 4 * model.dims.num_layers + 2
+        return est
+
+    @classmethod
+    def load(cls, folder: Any, device: str | None = None, base_id: str | None = None, phase: str | None = None,
+             override: bool = False) -> tuple[LatencyEstimator, dict[str, Any]]:
+        """A saved predictor folder (``train-predictor --out``/PHASE) as a fitted estimator,
+        with its metadata; refused for another device, base model, phase or schema."""
+        from predictor.persist import load_predictor
+
+        model, meta = load_predictor(folder, device=device, base_id=base_id, phase=phase, override=override)
+        return cls.from_model(model), meta

@@ -12,7 +12,7 @@ from predictor.baselines import BASELINES
 from predictor.data import Measurements
 from predictor.estimator import LatencyEstimator, config_table
 from predictor.metrics import accuracy
-from predictor.model import LatencyPredictor
+from predictor.model import BoostedCostModel
 
 
 def group_folds(m: Measurements, k: int, seed: int = 0) -> np.ndarray:
@@ -98,7 +98,7 @@ def learning_curve(m: Measurements, sizes: tuple[int, ...] = (20, 50, 100, 200),
             pick = np.zeros(len(m), dtype=bool)
             pick[np.random.default_rng(seed + r).choice(pool, n, replace=False)] = True
             a, b = m.subset(pick), m.subset(test)
-            for name, make in (("edgenas predictor", lambda: LatencyPredictor(m.dims, m.phase, seed=seed)),
+            for name, make in (("edgenas predictor", lambda: BoostedCostModel(m.dims, m.phase, seed=seed)),
                                ("linear in FLOPs", lambda: LinearInFlops(m.dims, m.phase)),
                                ("linear 3 terms", lambda: LinearThreeTerms(m.dims, m.phase))):
                 model = make().fit(a.batch, a.seq_len, a.past_len, a.y_ms)

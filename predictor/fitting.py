@@ -66,7 +66,7 @@ class PhaseReport:
 
 def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: Any) -> PhaseReport:
     from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
-    from predictor.model import LatencyPredictor
+    from predictor.model import BoostedCostModel
     from predictor.persist import load_predictor, save_predictor
 
     prior = request.transfer_from
@@ -76,7 +76,7 @@ def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: A
         kw["prior"] = load_predictor(folder, base_id=base_id, phase=m.phase)[0]
     k = choose_folds(m, request.folds)
     comparison, oof = compare(m, k=k, predictor_kw=kw)
-    p = LatencyPredictor(dims, m.phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
+    p = BoostedCostModel(dims, m.phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
     folder = request.folder / m.phase
     save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
                    {"cv": comparison, "threads": m.threads, "backend": m.backend, "protocol": m.protocol,

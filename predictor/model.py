@@ -1,5 +1,8 @@
-"""The per-device, per-phase latency predictor: a physics-shaped base with a boosted
-correction, scikit-learn's fit/predict/score shape.
+"""The model inside each per-device, per-phase latency predictor: a physics-shaped base with
+a boosted correction and a CV+ bound, over a ``ConfigBatch`` and the phase's shapes. Users
+and the search hold it through ``predictor.estimator.LatencyEstimator``, the scikit-learn
+estimator (``fit(X, y)``, ``predict(X)``, ``score(X, y)`` as R^2); ``metrics`` here gives the
+suite's accuracy table (within ±5%/±10%, MAPE, Kendall tau, bound coverage).
 
 Base: latency = sum_k a_k * cost_k with non-negative a_k (NNLS, fitted for relative error)
 over analytic costs: a constant, linear-layer MACs, attention MACs, LM-head MACs, layers
@@ -72,7 +75,7 @@ def _base_design(X: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class LatencyPredictor:
+class BoostedCostModel:
     dims: BaseDims
     phase: str
     alpha: float = 0.1  # the upper bound covers 1 - alpha
@@ -83,9 +86,9 @@ class LatencyPredictor:
     base_scale: np.ndarray | None = None
     transfer_coef: tuple[float, float] | None = None
     transfer_terms: np.ndarray | None = None  # B's scale of each of the prior's base terms
-    prior: LatencyPredictor | None = None
+    prior: BoostedCostModel | None = None
     booster: Any = None
-    folds: list[LatencyPredictor] = field(default_factory=list)  # CV+: the model fitted without fold k
+    folds: list[BoostedCostModel] = field(default_factory=list)  # CV+: the model fitted without fold k
     scores: np.ndarray | None = None  # per held-out sub-network: its largest log residual
     score_fold: np.ndarray | None = None  # the fold each score was held out in
     fit_info: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +168,7 @@ class LatencyPredictor:
         return m
 
     # --- fitting ------------------------------------------------------------------------
-    def fit(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> LatencyPredictor:
+    def fit(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> BoostedCostModel:
         """Fit on all measurements, and the CV+ fold models and scores of the bound."""
         y = np.asarray(y_ms, dtype=np.float64)
         n = len(y)
@@ -186,7 +189,7 @@ class LatencyPredictor:
         self.folds = []
         for f in range(k):
             tr, te = folds != f, folds == f
-            sub = LatencyPredictor(self.dims, self.phase, self.alpha, self.boost, self.seed, prior=self.prior)
+            sub = BoostedCostModel(self.dims, self.phase, self.alpha, self.boost, self.seed, prior=self.prior)
             sub._fit_once(_take(batch, tr), Shapes(shapes.seq_len[tr], shapes.past_len[tr]), y[tr])
             oof[te] = sub.predict(_take(batch, te), shapes.seq_len[te], shapes.past_len[te])
             self.folds.append(sub)
@@ -231,7 +234,7 @@ class LatencyPredictor:
         boost_pred = np.zeros(n)
         for f in range(k):
             tr, te = folds != f, folds == f
-            sub = LatencyPredictor(self.dims, self.phase, self.alpha, "off", self.seed, prior=self.prior)
+            sub = BoostedCostModel(self.dims, self.phase, self.alpha, "off", self.seed, prior=self.prior)
             btr, bte = _take(batch, tr), _take(batch, te)
             str_, ste = Shapes(shapes.seq_len[tr], shapes.past_len[tr]), Shapes(shapes.seq_len[te], shapes.past_len[te])
             Xtr = feature_matrix(btr, self.dims, self.phase, str_.seq_len, str_.past_len)
@@ -266,7 +269,7 @@ class LatencyPredictor:
         rank = min(math.ceil((1 - a) * (g + 1)), g)  # beyond the scores: the widest there is
         return np.exp(np.partition(vals, rank - 1, axis=0)[rank - 1])
 
-    def score(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> dict[str, float]:
+    def metrics(self, batch: ConfigBatch, seq_len: Any, past_len: Any, y_ms: np.ndarray) -> dict[str, float]:
         return accuracy(np.asarray(y_ms), self.predict(batch, seq_len, past_len),
                         self.predict_upper(batch, seq_len, past_len))
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from predictor.features import FEATURE_SCHEMA_VERSION, FEATURES
-from predictor.model import BASE_TERMS, LatencyPredictor
+from predictor.model import BASE_TERMS, BoostedCostModel
 from subnets.dims import BaseDims
 from subnets.errors import EdgenasError
 
@@ -42,7 +42,7 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_predictor(p: LatencyPredictor, folder: Path, device_name: str, fingerprint: str, base_id: str,
+def save_predictor(p: BoostedCostModel, folder: Path, device_name: str, fingerprint: str, base_id: str,
                    data_hash: str, metrics: dict[str, Any] | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,11 +92,8 @@ def _current_protocol_digest(metrics: dict[str, Any]) -> None:
         metrics["protocol"] = Protocol.from_dict(metrics["protocol_record"]).digest
 
 
-def load_predictor(folder: Path, device: str | None = None, base_id: str | None = None, phase: str | None = None,
-                   override: bool = False) -> tuple[LatencyPredictor, dict[str, Any]]:
-    """Load and check a predictor; refuse one for another device, base model, phase or
-    feature schema unless ``override``."""
-    folder = Path(folder)
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """meta.json, checked to be an untouched predictor of this format."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise PredictorFileError(f"{folder} is not a predictor folder (no meta.json)",
@@ -114,6 +111,13 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
     if meta.get("sha256") != _meta_digest(meta):
         raise PredictorFileError(f"{meta_path} was modified after training (its digest differs)",
                                  "retrain, or restore the original file")
+    return meta
+
+
+def _check_use(folder: Path, meta: dict[str, Any], device: str | None, base_id: str | None, phase: str | None,
+               override: bool) -> None:
+    """Refuse a predictor of another schema, with files changed since training, or of another
+    device, base model or phase (unless ``override``)."""
     if meta.get("feature_schema") != FEATURE_SCHEMA_VERSION or meta.get("features") != list(FEATURES):
         if not override:
             raise PredictorFileError(
@@ -135,32 +139,53 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
             raise PredictorFileError(
                 f"{folder} predicts {what} {have[0]!r}, not {want!r}",
                 f"train a predictor for {want!r} (train-predictor), or pass --override to use it anyway")
+
+
+def _restore_bound(p: BoostedCostModel, folder: Path, meta: dict[str, Any], base_id: str | None, phase: str | None,
+                   override: bool) -> None:
+    """The CV+ bound: held-out scores and the fold models they came from."""
+    if meta.get("scores") is None:
+        return
+    p.scores = np.asarray(meta["scores"], dtype=np.float64)
+    p.score_fold = np.asarray(meta["score_fold"], dtype=np.int64)
+    p.folds = [load_predictor(folder / "folds" / str(k), base_id=base_id, phase=phase, override=override)[0]
+               for k in range(int(meta["folds"]))]
+    if len(p.scores) != len(p.score_fold) or not np.all(np.isfinite(p.scores)) or \
+            (len(p.score_fold) and int(p.score_fold.max()) >= len(p.folds)):
+        raise ValueError("bound scores malformed")
+
+
+def _restore_base(p: BoostedCostModel, folder: Path, meta: dict[str, Any], base_id: str | None, phase: str | None,
+                  override: bool) -> None:
+    """The physics-shaped base: its own coefficients, or a prior device's scaled (transfer)."""
+    if meta.get("transfer_terms") is None and meta.get("transfer_coef") is None:
+        p.base_coef = np.asarray(meta["base_coef"], dtype=np.float64)
+        p.base_scale = np.asarray(meta["base_scale"], dtype=np.float64)
+        if p.base_coef.shape != p.base_scale.shape or not np.all(np.isfinite(p.base_coef)):
+            raise ValueError("base coefficients malformed")
+        return
+    if meta.get("transfer_terms") is not None:
+        p.transfer_terms = np.asarray(meta["transfer_terms"], dtype=np.float64)
+        if p.transfer_terms.shape != (len(BASE_TERMS),) or not np.all(np.isfinite(p.transfer_terms)):
+            raise ValueError("transfer scales malformed")
+    else:
+        p.transfer_coef = tuple(float(x) for x in meta["transfer_coef"])  # type: ignore[assignment]
+    p.prior, _ = load_predictor(folder / "prior", base_id=base_id, phase=phase, override=override)
+
+
+def load_predictor(folder: Path, device: str | None = None, base_id: str | None = None, phase: str | None = None,
+                   override: bool = False) -> tuple[BoostedCostModel, dict[str, Any]]:
+    """Load and check a predictor (JSON and XGBoost's JSON model, never a pickle); refuse one
+    for another device, base model, phase or feature schema unless ``override``."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    _check_use(folder, meta, device, base_id, phase, override)
     _current_protocol_digest(meta.get("metrics") or {})
     try:
-        dims = BaseDims.from_dict(meta["dims"])
-        p = LatencyPredictor(dims, meta["phase"], alpha=float(meta["alpha"]))
-        if meta.get("scores") is not None:
-            p.scores = np.asarray(meta["scores"], dtype=np.float64)
-            p.score_fold = np.asarray(meta["score_fold"], dtype=np.int64)
-            p.folds = [load_predictor(folder / "folds" / str(k), base_id=base_id, phase=phase, override=override)[0]
-                       for k in range(int(meta["folds"]))]
-            if len(p.scores) != len(p.score_fold) or not np.all(np.isfinite(p.scores)) or \
-                    (len(p.score_fold) and int(p.score_fold.max()) >= len(p.folds)):
-                raise ValueError("bound scores malformed")
+        p = BoostedCostModel(BaseDims.from_dict(meta["dims"]), meta["phase"], alpha=float(meta["alpha"]))
+        _restore_bound(p, folder, meta, base_id, phase, override)
         p.fit_info = dict(meta.get("fit_info") or {})
-        if meta.get("transfer_terms") is not None or meta.get("transfer_coef") is not None:
-            if meta.get("transfer_terms") is not None:
-                p.transfer_terms = np.asarray(meta["transfer_terms"], dtype=np.float64)
-                if p.transfer_terms.shape != (len(BASE_TERMS),) or not np.all(np.isfinite(p.transfer_terms)):
-                    raise ValueError("transfer scales malformed")
-            else:
-                p.transfer_coef = tuple(float(x) for x in meta["transfer_coef"])  # type: ignore[assignment]
-            p.prior, _ = load_predictor(folder / "prior", base_id=base_id, phase=phase, override=override)
-        else:
-            p.base_coef = np.asarray(meta["base_coef"], dtype=np.float64)
-            p.base_scale = np.asarray(meta["base_scale"], dtype=np.float64)
-            if p.base_coef.shape != p.base_scale.shape or not np.all(np.isfinite(p.base_coef)):
-                raise ValueError("base coefficients malformed")
+        _restore_base(p, folder, meta, base_id, phase, override)
         if meta.get("boosted"):
             import xgboost as xgb
 
@@ -168,5 +193,6 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
             booster.load_model(str(folder / "booster.json"))
             p.booster = booster
     except (KeyError, TypeError, ValueError) as e:
-        raise PredictorFileError(f"{meta_path} is malformed ({type(e).__name__}: {e})", "retrain the predictor") from None
+        raise PredictorFileError(f"{folder / 'meta.json'} is malformed ({type(e).__name__}: {e})",
+                                 "retrain the predictor") from None
     return p, meta

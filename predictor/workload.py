@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from predictor.estimator import LatencyEstimator, config_table
 from predictor.features import ConfigBatch
-from predictor.model import LatencyPredictor
-from predictor.persist import load_predictor
 from subnets.errors import EdgenasError
 
 
@@ -48,8 +47,8 @@ class Workload:
 
 @dataclass
 class LatencyObjective:
-    prefill: LatencyPredictor
-    decode: LatencyPredictor
+    prefill: LatencyEstimator
+    decode: LatencyEstimator
     workload: Workload
     device_name: str
     base_id: str
@@ -57,6 +56,13 @@ class LatencyObjective:
     # what verification must reproduce; empty for a predictor that did not record it
     measured_as: dict[str, dict] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # per phase, the predictor's meta digest
+
+    def __post_init__(self) -> None:
+        # a fitted model (BoostedCostModel) is held through its estimator, like a loaded one
+        for phase in ("prefill", "decode"):
+            est = getattr(self, phase)
+            if not isinstance(est, LatencyEstimator):
+                setattr(self, phase, LatencyEstimator.from_model(est))
 
     @classmethod
     def load(cls, folder: Path, workload: Workload, device: str | None, base_id: str | None,
@@ -67,8 +73,8 @@ class LatencyObjective:
 
             raise PredictorFileError(f"{folder} does not hold prefill/ and decode/ predictors",
                                      "pass the --out folder of train-predictor --phase prefill,decode")
-        pre, meta = load_predictor(folder / "prefill", device=device, base_id=base_id, phase="prefill", override=override)
-        dec, dmeta = load_predictor(folder / "decode", device=device, base_id=base_id, phase="decode", override=override)
+        pre, meta = LatencyEstimator.load(folder / "prefill", device, base_id, "prefill", override)
+        dec, dmeta = LatencyEstimator.load(folder / "decode", device, base_id, "decode", override)
         keys = ("threads", "backend", "protocol", "protocol_record")
         measured_as = {phase: {k: (m.get("metrics") or {}).get(k) for k in keys} for phase, m in
                        (("prefill", meta), ("decode", dmeta))}
@@ -81,12 +87,12 @@ class LatencyObjective:
         the whole workload with probability >= 1 - 2 alpha (see ``bound``)."""
         wl = self.workload
         half = self.prefill.alpha / 2
-        pre = self.prefill.predict(batch, wl.prompt_len, 0)
-        dec = [self.decode.predict(batch, 1, p) for p in wl.decode_points()]
-        mean = wl.total(pre, dec)
-        pre_up = self.prefill.predict_upper(batch, wl.prompt_len, 0, alpha=half)
-        dec_up = [self.decode.predict_upper(batch, 1, p, alpha=half) for p in wl.decode_points()]
-        return mean, wl.total(pre_up, dec_up)
+        X_pre = config_table(batch, wl.prompt_len, 0)
+        X_dec = [config_table(batch, 1, p) for p in wl.decode_points()]
+        mean = wl.total(self.prefill.predict(X_pre), [self.decode.predict(X) for X in X_dec])
+        upper = wl.total(self.prefill.predict_upper(X_pre, alpha=half),
+                         [self.decode.predict_upper(X, alpha=half) for X in X_dec])
+        return mean, upper
 
     def bound(self) -> dict[str, float | bool]:
         """What the workload bound promises: each phase fails with probability <= 2 (alpha/2),

@@ -399,13 +399,27 @@ class Profiler:
             log.warning("could not delete %d model(s) from %s: %s", len(keys), self.target.spec.name, e)
         self._on_board -= keys
 
+    def _measure_reference(self, exported: ExportedSubnet, phase: str, seq: int, past: int,
+                           summary: SweepSummary) -> dict[str, Any]:
+        """The reference cell; a reference the board no longer has (its model cache was
+        cleared) is sent again once, as a job's model would be, rather than lost for the sweep."""
+        try:
+            return self._measure(exported, phase, seq, past, summary)
+        except MeasureError as e:
+            if e.error_class != ErrorClass.LOAD_ERROR:
+                raise
+            summary.faults.append({"job": "reference", "attempt": 1, "error_class": e.error_class.value,
+                                   "message": e.message[:300]})
+            self._on_board.discard(exported.key)
+            return self._measure(exported, phase, seq, past, summary)
+
     def _reference(self, options: ExportOptions | GgufOptions, device_id: int, summary: SweepSummary) -> None:
         phase = self.spec.phases[0]
         seq = self.spec.seq_lens[0] if phase == "prefill" else 1
         past = self.spec.past_lens[0] if phase == "decode" else 0
         exported = self._export(self.reference, options, summary)
         try:
-            r = self._measure(exported, phase, seq, past, summary)
+            r = self._measure_reference(exported, phase, seq, past, summary)
         except MeasureError as e:
             log.warning("reference measurement failed: %s", e)
             return

@@ -164,6 +164,99 @@ def smallest_latency(objective: LatencyObjective, enc: Encoding) -> tuple[float,
     return float(objective.predict_upper(enc.batch([c]))[0]), c
 
 
+def _check_budget(deps: dict[str, Deployment], enc: Encoding, budget_ms: float, objective: LatencyObjective) -> None:
+    floor, smallest = min(smallest_latency(d.objective, enc) for d in deps.values())
+    if budget_ms < floor:
+        raise SearchError(
+            f"latency budget {budget_ms:g} ms is below the smallest sub-network's predicted bound, {floor:.2f} ms "
+            f"({smallest.summary()}) for workload S={objective.workload.prompt_len}, N={objective.workload.gen_tokens}",
+            f"raise --latency-budget-ms above {floor:.2f}, or shorten --workload",
+        )
+
+
+@dataclass
+class _Limits:
+    budget_ms: float
+    max_params: float
+    max_perplexity: float
+
+
+class _Loop:
+    """One worker's ask/tell loop on a study: each candidate predicted, rejected at once when
+    over the budget, else evaluated for perplexity (shared across workers) and told."""
+
+    def __init__(self, study: Any, enc: Encoding, deps: dict[str, Deployment], qualities: dict[str, SharedQuality],
+                 limits: _Limits, worker: int) -> None:
+        self.study, self.enc, self.deps, self.qualities, self.limits = study, enc, deps, qualities, limits
+        self.worker, self.mixed, self.me = worker, len(deps) > 1, owner_id()
+        self.t_pred = self.t_quality = 0.0
+        self.best: dict[str, Any] | None = None
+
+    def done_trials(self) -> list[Any]:
+        import optuna
+
+        return [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def enqueue_mutation(self, rng: np.random.Generator) -> None:
+        """``local``: a one-step mutation of a random point of the current front."""
+        trials = [t for t in self.done_trials() if t.user_attrs.get("feasible")]
+        if trials:
+            vals = np.array([t.values for t in trials])
+            front = [t for t, k in zip(trials, pareto_mask(vals[:, 0], vals[:, 1])) if k]
+            parent = front[int(rng.integers(len(front)))]
+            self.study.enqueue_trial(self.enc.mutate(dict(parent.params), rng), skip_if_exists=True)
+
+    def step(self) -> bool:
+        """Propose, judge and tell one candidate; True when it was evaluated for perplexity."""
+        lim = self.limits
+        trial = self.study.ask()
+        trial.set_user_attr("owner", self.me)
+        config = self.enc.decode(self.enc.suggest(trial))
+        dep = self.deps[trial.suggest_categorical("precision", sorted(self.deps))] if self.mixed \
+            else next(iter(self.deps.values()))
+        a = time.perf_counter()
+        lat_a, up_a = dep.objective.predict_both(self.enc.batch([config]))
+        lat, up = float(lat_a[0]), float(up_a[0])
+        self.t_pred += time.perf_counter() - a
+        n_params = count_params(config, self.enc.space.dims)
+        evaluate = up <= lim.budget_ms and n_params <= lim.max_params
+        trial.set_constraint("latency_upper_ms", up - lim.budget_ms)
+        trial.set_constraint("params", (n_params - lim.max_params) if math.isfinite(lim.max_params) else -1.0)
+        for k, v in (("config", config.to_json()), ("upper_ms", up), ("params", n_params),
+                     ("precision", dep.precision), ("worker", self.worker)):
+            trial.set_user_attr(k, v)
+        a = time.perf_counter()
+        ppl = self.qualities[dep.precision](config) if evaluate else INFEASIBLE_PPL
+        self.t_quality += time.perf_counter() - a
+        feasible = evaluate and ppl <= lim.max_perplexity
+        trial.set_constraint("perplexity", (ppl - lim.max_perplexity) if math.isfinite(lim.max_perplexity) else -1.0)
+        trial.set_user_attr("feasible", feasible)
+        trial.set_user_attr("evaluated", evaluate)
+        self.study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
+        if feasible and (self.best is None or ppl < self.best["perplexity"]):
+            self.best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, self.mixed)}
+        return evaluate
+
+
+def _open_for(ws: Any, objective: LatencyObjective, deps: dict[str, Deployment], storage: StudyStorage,
+              algorithm: str, granularity: str, seed: int, worker: int, evals: int, limits: _Limits,
+              study_name: str | None) -> tuple[Any, str]:
+    """The study of these settings (resumed or new), stale trials of stopped workers retired."""
+    identity = study_identity(ws, objective, algorithm, granularity, seed, limits.budget_ms, limits.max_params)
+    if math.isfinite(limits.max_perplexity):
+        identity["max_perplexity"] = limits.max_perplexity
+    if len(deps) > 1:
+        identity["deployments"] = {k: {"quality": d.ws.quality_id(), "predictor": dict(d.objective.digests)}
+                                   for k, d in sorted(deps.items())}
+    sampler = make_sampler(algorithm, seed + 1000 * worker, max(8, min(40, evals // 5)))
+    study, note = open_study(storage, identity, sampler, study_name)
+    log.info("%s", note)
+    retired = retire_stale_trials(study)
+    if retired:
+        log.info("%d trial(s) left running by stopped workers failed; their candidates queued again", retired)
+    return study, note
+
+
 def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int, budget_ms: float,
                storage: StudyStorage | Path, max_params: float = math.inf, seed: int = 0, granularity: str = "per-layer",
                ref_ppl: float = 1e5, warm_start: Sequence[SubnetConfig] = (), max_perplexity: float = math.inf,
@@ -184,101 +277,41 @@ def run_search(ws: Any, objective: LatencyObjective, algorithm: str, evals: int,
     if algorithm not in ALGORITHMS:
         raise SearchError(f"unknown algorithm {algorithm!r}", f"use one of {', '.join(ALGORITHMS)}")
     deps = {d.precision: d for d in deployments} or {ws.precision: Deployment(ws.precision, ws, objective)}
-    mixed = len(deps) > 1
     enc = Encoding(ws.space, ws.importance.layer_ranking(), granularity)
-    floor, smallest = min(smallest_latency(d.objective, enc) for d in deps.values())
-    if budget_ms < floor:
-        raise SearchError(
-            f"latency budget {budget_ms:g} ms is below the smallest sub-network's predicted bound, {floor:.2f} ms "
-            f"({smallest.summary()}) for workload S={objective.workload.prompt_len}, N={objective.workload.gen_tokens}",
-            f"raise --latency-budget-ms above {floor:.2f}, or shorten --workload",
-        )
-    if isinstance(storage, Path):
-        storage = parse_storage(None, storage)
-    identity = study_identity(ws, objective, algorithm, granularity, seed, budget_ms, max_params)
-    if math.isfinite(max_perplexity):
-        identity["max_perplexity"] = max_perplexity
-    if mixed:
-        identity["deployments"] = {k: {"quality": d.ws.quality_id(), "predictor": dict(d.objective.digests)}
-                                   for k, d in sorted(deps.items())}
-    draw_seed = seed + 1000 * worker
-    study, note = open_study(storage, identity, make_sampler(algorithm, draw_seed, max(8, min(40, evals // 5))),
-                             study_name)
-    log.info("%s", note)
-    retired = retire_stale_trials(study)
-    if retired:
-        log.info("%d trial(s) left running by stopped workers failed; their candidates queued again", retired)
-    me = owner_id()
-    qualities = {k: shared_quality(storage, d.ws) for k, d in deps.items()}
-    rng = np.random.default_rng(draw_seed)
-    t_pred = t_quality = 0.0
+    _check_budget(deps, enc, budget_ms, objective)
+    storage = parse_storage(None, storage) if isinstance(storage, Path) else storage
+    limits = _Limits(budget_ms, max_params, max_perplexity)
+    study, note = _open_for(ws, objective, deps, storage, algorithm, granularity, seed, worker, evals, limits, study_name)
+    loop = _Loop(study, enc, deps, {k: shared_quality(storage, d.ws) for k, d in deps.items()}, limits, worker)
+    rng = np.random.default_rng(seed + 1000 * worker)
     t0 = time.perf_counter()
-    best: dict[str, Any] | None = None
-
-    def done_trials() -> list[Any]:
-        return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-
     max_trials = max_trials or 20 * evals + 100
-    done = done_trials()
-    n_done = len(done)
+    done = loop.done_trials()
     n_eval = _evaluated(done)
-    if n_done == 0:
+    if not done:
         # Known-good structured points (the baselines) as the first generation: the search
         # starts from them and improves on them rather than rediscovering them.
         for c in warm_start[:evals]:
             for k in deps:
-                study.enqueue_trial(enc.encode(c) | ({"precision": k} if mixed else {}), skip_if_exists=True)
-    init = max(8, evals // 5)
-    mine = 0
+                study.enqueue_trial(enc.encode(c) | ({"precision": k} if loop.mixed else {}), skip_if_exists=True)
+    init, mine = max(8, evals // 5), 0
     while n_eval < evals and mine < max_trials:
         if algorithm == "local" and n_eval >= init:
-            trials = [t for t in done_trials() if t.user_attrs.get("feasible")]
-            if trials:
-                vals = np.array([t.values for t in trials])
-                front = [t for t, k in zip(trials, pareto_mask(vals[:, 0], vals[:, 1])) if k]
-                parent = front[int(rng.integers(len(front)))]
-                study.enqueue_trial(enc.mutate(dict(parent.params), rng), skip_if_exists=True)
-        trial = study.ask()
-        trial.set_user_attr("owner", me)
-        config = enc.decode(enc.suggest(trial))
-        dep = deps[trial.suggest_categorical("precision", sorted(deps))] if mixed else next(iter(deps.values()))
-        a = time.perf_counter()
-        b = enc.batch([config])
-        lat_a, up_a = dep.objective.predict_both(b)
-        lat, up = float(lat_a[0]), float(up_a[0])
-        t_pred += time.perf_counter() - a
-        n_params = count_params(config, ws.space.dims)
-        evaluate = up <= budget_ms and n_params <= max_params
-        trial.set_constraint("latency_upper_ms", up - budget_ms)
-        trial.set_constraint("params", (n_params - max_params) if math.isfinite(max_params) else -1.0)
-        trial.set_user_attr("config", config.to_json())
-        trial.set_user_attr("upper_ms", up)
-        trial.set_user_attr("params", n_params)
-        trial.set_user_attr("precision", dep.precision)
-        trial.set_user_attr("worker", worker)
-        a = time.perf_counter()
-        ppl = qualities[dep.precision](config) if evaluate else INFEASIBLE_PPL
-        t_quality += time.perf_counter() - a
-        feasible = evaluate and ppl <= max_perplexity
-        trial.set_constraint("perplexity", (ppl - max_perplexity) if math.isfinite(max_perplexity) else -1.0)
-        trial.set_user_attr("feasible", feasible)
-        trial.set_user_attr("evaluated", evaluate)
-        study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
+            loop.enqueue_mutation(rng)
+        evaluated = loop.step()
         mine += 1
         # the study's count (other workers' evaluations count too), read when ours grew it and
         # now and then: reading every trial after each microsecond rejection would cost O(n^2)
-        if evaluate or mine % 20 == 0:
-            n_eval = _evaluated(done_trials())
-        if feasible and (best is None or ppl < best["perplexity"]):
-            best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, mixed)}
+        if evaluated or mine % 20 == 0:
+            n_eval = _evaluated(loop.done_trials())
         if progress:
-            progress(n_eval, evals, best)
+            progress(n_eval, evals, loop.best)
     if n_eval < evals:
         log.warning("stopped after %d proposed sub-networks with %d of %d evaluations: most candidates exceed the "
                     "budget; raise --latency-budget-ms", mine, n_eval, evals)
-    res = collect(study, ws.precision, mixed, ref_ppl, budget_ms)
-    res.seconds = {"total": time.perf_counter() - t0, "predictor": t_pred, "perplexity": t_quality}
-    res.ppl_evaluations = sum(q.evaluations for q in qualities.values())
+    res = collect(study, ws.precision, loop.mixed, ref_ppl, budget_ms)
+    res.seconds = {"total": time.perf_counter() - t0, "predictor": loop.t_pred, "perplexity": loop.t_quality}
+    res.ppl_evaluations = sum(q.evaluations for q in loop.qualities.values())
     res.resumed = note
     return res
 

@@ -95,72 +95,81 @@ def _layers(model: Any) -> Any:
     return model.model.layers
 
 
-@torch.inference_mode()
-def compute_importance(base: Any, tokens: EvalTokens, method: Method = "activation", batch_size: int = 4) -> Importance:
-    """Score every neuron, head and layer of ``base`` (a ``BaseModel``) on ``tokens``."""
-    model = base.model
-    dims = base.dims
-    layers = _layers(model)
-    L, H, hd = dims.num_layers, dims.num_heads, dims.head_dim
-    act_sq = [torch.zeros(dims.intermediate_size, dtype=torch.float64) for _ in range(L)]
-    gram = [torch.zeros(H, hd, hd, dtype=torch.float64) for _ in range(L)]
-    cos_sum = torch.zeros(L, dtype=torch.float64)
-    n_tok = 0
-    hooks = []
+class _Activations:
+    """Calibration statistics gathered by forward hooks: each MLP neuron's squared activation,
+    each head's output Gram matrix (the inputs of ``o_proj``), each layer's input/output cosine."""
 
-    def mlp_hook(i: int):
+    def __init__(self, dims: Any) -> None:
+        L, self.H, self.hd = dims.num_layers, dims.num_heads, dims.head_dim
+        self.act_sq = [torch.zeros(dims.intermediate_size, dtype=torch.float64) for _ in range(L)]
+        self.gram = [torch.zeros(self.H, self.hd, self.hd, dtype=torch.float64) for _ in range(L)]
+        self.cos_sum = torch.zeros(L, dtype=torch.float64)
+        self.n_tok = 0
+
+    def mlp_hook(self, i: int) -> Any:
         def f(_m: Any, args: tuple[torch.Tensor, ...]) -> None:
             a = args[0].reshape(-1, args[0].shape[-1]).double()
-            act_sq[i] += (a * a).sum(0)
+            self.act_sq[i] += (a * a).sum(0)
         return f
 
-    def attn_hook(i: int):
+    def attn_hook(self, i: int) -> Any:
         def f(_m: Any, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, H, hd).double()
-            gram[i] += torch.einsum("nhi,nhj->hij", x, x)
+            x = args[0].reshape(-1, self.H, self.hd).double()
+            self.gram[i] += torch.einsum("nhi,nhj->hij", x, x)
         return f
 
-    def layer_hook(i: int):
+    def layer_hook(self, i: int) -> Any:
         def f(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = out[0] if isinstance(out, tuple) else out
-            c = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
-            cos_sum[i] += c.sum()
+            self.cos_sum[i] += torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1).sum()
         return f
 
-    try:
-        for i, layer in enumerate(layers):
-            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
-            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook(i)))
-            hooks.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
-        for b in range(0, tokens.windows.shape[0], batch_size):
-            batch = tokens.windows[b : b + batch_size]
-            model(input_ids=batch, use_cache=False)
-            n_tok += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    def collect(self, model: Any, layers: list[Any], tokens: EvalTokens, batch_size: int) -> None:
+        hooks = []
+        try:
+            for i, layer in enumerate(layers):
+                hooks.append(layer.mlp.down_proj.register_forward_pre_hook(self.mlp_hook(i)))
+                hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(self.attn_hook(i)))
+                hooks.append(layer.register_forward_hook(self.layer_hook(i), with_kwargs=True))
+            for b in range(0, tokens.windows.shape[0], batch_size):
+                batch = tokens.windows[b : b + batch_size]
+                model(input_ids=batch, use_cache=False)
+                self.n_tok += batch.numel()
+        finally:
+            for h in hooks:
+                h.remove()
 
-    neuron_scores, head_scores = [], []
-    for i, layer in enumerate(layers):
-        down = layer.mlp.down_proj.weight.double()  # [d, I]
-        o = layer.self_attn.o_proj.weight.double().view(dims.hidden_size, H, hd)  # [d, H, hd]
-        if method == "activation":
-            neuron_scores.append((act_sq[i].sqrt() * down.norm(dim=0)).numpy())
-            # ||x_h W_h^T||_F^2 = trace(W_h G_h W_h^T)
-            contrib = torch.einsum("dhi,hij,dhj->h", o, gram[i], o)
-            head_scores.append(contrib.clamp_min(0).sqrt().numpy())
-        elif method == "magnitude":
-            up = layer.mlp.up_proj.weight.double()
-            gate = layer.mlp.gate_proj.weight.double()
-            neuron_scores.append((gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)).numpy())
-            q = layer.self_attn.q_proj.weight.double().view(H, hd, dims.hidden_size)
-            head_scores.append((q.flatten(1).norm(dim=1) * o.permute(1, 0, 2).flatten(1).norm(dim=1)).numpy())
-        else:
-            raise ValueError(f"unknown importance method {method!r}")
-    bi = (1.0 - cos_sum / n_tok).numpy()
+
+def _unit_scores(layer: Any, i: int, stats: _Activations, dims: Any, method: Method) -> tuple[np.ndarray, np.ndarray]:
+    """(neuron scores, head scores) of one layer: the norm of each unit's contribution to the
+    residual stream (activation x output weights), or weight magnitudes alone."""
+    H, hd = dims.num_heads, dims.head_dim
+    down = layer.mlp.down_proj.weight.double()  # [d, I]
+    o = layer.self_attn.o_proj.weight.double().view(dims.hidden_size, H, hd)  # [d, H, hd]
+    if method == "activation":
+        # ||x_h W_h^T||_F^2 = trace(W_h G_h W_h^T)
+        contrib = torch.einsum("dhi,hij,dhj->h", o, stats.gram[i], o)
+        return (stats.act_sq[i].sqrt() * down.norm(dim=0)).numpy(), contrib.clamp_min(0).sqrt().numpy()
+    if method == "magnitude":
+        up = layer.mlp.up_proj.weight.double()
+        gate = layer.mlp.gate_proj.weight.double()
+        q = layer.self_attn.q_proj.weight.double().view(H, hd, dims.hidden_size)
+        return ((gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)).numpy(),
+                (q.flatten(1).norm(dim=1) * o.permute(1, 0, 2).flatten(1).norm(dim=1)).numpy())
+    raise ValueError(f"unknown importance method {method!r}")
+
+
+@torch.inference_mode()
+def compute_importance(base: Any, tokens: EvalTokens, method: Method = "activation", batch_size: int = 4) -> Importance:
+    """Score every neuron, head and layer of ``base`` (a ``BaseModel``) on ``tokens``."""
+    layers = _layers(base.model)
+    stats = _Activations(base.dims)
+    stats.collect(base.model, layers, tokens, batch_size)
+    scores = [_unit_scores(layer, i, stats, base.dims, method) for i, layer in enumerate(layers)]
+    bi = (1.0 - stats.cos_sum / stats.n_tok).numpy()
     calib = {"corpus": tokens.corpus, "sha256": tokens.corpus_sha256, "tokens": tokens.num_tokens}
-    return Importance(base.base_id, method, neuron_scores, head_scores, bi, calib)
+    return Importance(base.base_id, method, [n for n, _ in scores], [h for _, h in scores], bi, calib)
 
 
 def importance_for(base: Any, tokens: EvalTokens | None = None, method: Method = "activation",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -80,15 +81,25 @@ class LoopbackSSHD:
         raise RuntimeError(f"sshd did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
+        """This server goes away with the connections it serves, as in a reboot; other sshd
+        servers on the machine, and their sessions, are left alone (ended by pid, not name)."""
+        if self.proc is None:
+            return
+        # sshd forks a process per connection (and those start the agent): found before the
+        # server ends, while they are still its descendants
+        served = _descendants(self.proc.pid)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+        for pid in served:
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
-        # sshd forks a process per connection; end those too, as a reboot would
-        subprocess.run(["pkill", "-f", f"sshd: {self.user}.*"], capture_output=True)
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def drop(self) -> None:
         """The board falls off the network: this server and every connection it serves end

@@ -109,3 +109,77 @@ def test_the_api_is_documented(name: str) -> None:
     fn = getattr(edgenas, name)
     assert fn.__doc__ and len(fn.__doc__) > 40
     assert f"`{name}(" in (ROOT / "docs" / "api.md").read_text()
+
+
+LAYERS = ("subnets", "export", "profiler", "predictor", "training", "search", "edgenas")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for pkg in (*LAYERS, "device_agents"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            if f.name != "__init__.py" and "hf_modeling" not in f.parts:
+                found[".".join(f.relative_to(ROOT).with_suffix("").parts)] = f
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """First-party modules a file imports, at module level or inside functions."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.split(".")[0] in (*LAYERS, "device_agents")}
+
+
+def test_the_design_page_lists_every_module() -> None:
+    layout = (ROOT / "docs" / "design.md").read_text().split("## Layout", 1)[1]
+    missing = [m for m, f in _modules().items() if f.name not in layout]
+    assert not missing, f"docs/design.md's layout does not name {missing}"
+
+
+def test_dependencies_run_one_way_without_circles() -> None:
+    """No package imports one above it (device_agents imports no host code and no host code
+    imports it), and no two modules import each other, directly or around a circle."""
+    modules = _modules()
+    graph = {m: {i for i in _imports(f) if i in modules} for m, f in modules.items()}
+    for m, deps in graph.items():
+        pkg = m.split(".")[0]
+        for d in deps:
+            other = d.split(".")[0]
+            if "device_agents" in (pkg, other):
+                assert pkg == other, f"{m} imports {d}: the board program and the host share no code"
+            else:
+                assert LAYERS.index(other) <= LAYERS.index(pkg), f"{m} imports {d}, a layer above it"
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, f"import circle: {' -> '.join([*path, m, d])}"
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_no_library_or_command_function_is_long() -> None:
+    """A long function is a concept not yet named: none over 60 lines outside benchmarks/tests."""
+    import ast
+
+    long = []
+    for m, f in _modules().items():
+        if m.startswith("device_agents"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{m}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -131,14 +131,18 @@ def test_sshd_restarted(tiny_ws, board, sshd, tmp_path) -> None:
 
 
 def test_model_cache_deleted_mid_sweep(tiny_ws, board, tmp_path) -> None:
+    removed: list[str] = []
+
     def wipe() -> None:
+        removed.extend(p.name for p in (board["remote"] / "models").glob("*"))
         shutil.rmtree(board["remote"] / "models", ignore_errors=True)
 
-    s, db = run_with_fault(tiny_ws, board, tmp_path, wipe, seed=4)
-    # Where the wipe lands decides whether a job meets it (load_error, the model re-sent) or
-    # only later uploads do; either way nothing is lost and nothing fails.
+    # the reference sub-network stays on the board and is measured again every 4 jobs, so a
+    # job after the wipe always meets a model that is gone: a load error, the model re-sent
+    s, db = run_with_fault(tiny_ws, board, tmp_path, wipe, seed=4, reference_every=4)
+    assert removed, "the wipe found no model on the board: it tested nothing"
     assert s.measured == 30 and not s.failed
-    assert set(s.fault_counts()) <= {"load_error"}
+    assert set(s.fault_counts()) == {"load_error"}, s.fault_counts()
     check_store(db)
 
 

@@ -104,6 +104,46 @@ def test_quantized_graphs_compute_their_stated_arithmetic(tiny_base, tiny_import
     assert quant.weights_bytes < fp32.weights_bytes and quant.options["precision"] == precision
     ops = {n.op_type for n in onnx.load(str(quant.path("decode")), load_external_data=False).graph.node}
     assert ("MatMulNBits" in ops) == (precision == "int4") and ("MatMulInteger" in ops) == (precision == "int8")
+    if precision in ("int4", "int8"):
+        check_packed_weights(w, quant, precision, block_size)
+    # the quantization error itself: near the fp32 graph's logits, and not equal to them
+    x = np.random.default_rng(1).integers(0, tiny_base.dims.vocab_size, (2, 17))
+    ref = session(fp32.path("prefill")).run(None, {"input_ids": x})[0].astype(np.float32)
+    got = session(quant.path("prefill")).run(None, {"input_ids": x})[0].astype(np.float32)
+    err = float(np.abs(got - ref).max() / np.ptp(ref))
+    assert 1e-6 < err < {"int8": 0.1, "int4": 0.6, "fp16": 0.01}[precision], err  # random tiny weights: int4 is coarse
+
+
+def _stored(exp, name: str) -> np.ndarray:
+    rec = next(r for r in exp.tensors if r.name == name)
+    raw = np.fromfile(exp.folder / exp.weights_file, dtype=np.uint8, count=rec.length, offset=rec.offset)
+    return raw.view(np.dtype(rec.dtype)).reshape(rec.shape)
+
+
+def check_packed_weights(w, exp, precision: str, block_size: int) -> None:
+    """The weights the graph holds, unpacked by the formats' own definitions (MatMulNBits:
+    two 4-bit values a byte, low nibble first, zero point 8, one scale per block of inputs;
+    int8: one scale per output column, +-63), equal a quantization written here from the
+    same definitions, not by the exporter's quantizer."""
+    for i, lw in enumerate(w.layers):
+        for name in ("gate", "up", "down"):
+            dense = getattr(lw, name).t().detach().to(torch.float32).numpy()  # [in, out]
+            k, n = dense.shape
+            packed, scale = _stored(exp, f"l{i}.{name}.q"), _stored(exp, f"l{i}.{name}.scale")
+            if precision == "int8":
+                want_scale = np.abs(dense).max(axis=0) / 63
+                want = np.clip(np.rint(dense / want_scale), -63, 63) * want_scale
+                np.testing.assert_allclose(packed.astype(np.float32) * scale, want, rtol=1e-5, atol=1e-7)
+                continue
+            nb = -(-k // block_size)
+            q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, nb * block_size).astype(np.float32) - 8
+            got = (q.reshape(n, nb, block_size) * scale.reshape(n, nb, 1)).reshape(n, -1)[:, :k].T
+            blocks = np.zeros((nb * block_size, n), np.float32)
+            blocks[:k] = dense
+            blocks = blocks.T.reshape(n, nb, block_size)
+            bscale = np.abs(blocks).max(axis=2, keepdims=True) / 7
+            want = (np.clip(np.rint(blocks / np.where(bscale > 0, bscale, 1)), -8, 7) * bscale).reshape(n, -1)[:, :k].T
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_a_graph_only_quantized_export_runs_on_board_made_weights(tiny_ws, tmp_path) -> None:

@@ -547,3 +547,23 @@ def test_retry_failed_gives_a_failed_job_its_attempts_again(tiny_ws, tmp_path) -
         c.execute("UPDATE jobs SET status='failed', attempts=3, error_class='runtime_error'")
     s = sweep(tiny_ws, "local", db, cs, phases=("prefill",), retry_failed=True, target_cls=FailOnceTarget)
     assert s.measured == 1 and not s.failed and s.retries == 1
+
+
+def test_a_larger_sub_network_measures_slower(tiny_ws, tmp_path) -> None:
+    """The timings are of the graphs asked for: the full model against its smallest
+    sub-network (one layer, one head, the fewest neurons), each phase, real timing on this CPU."""
+    from subnets.config import LayerChoice, SubnetConfig
+
+    full = tiny_ws.space.full()
+    small = SubnetConfig(full.base_id, (LayerChoice(0, 1, 1, tiny_ws.space.neuron_choices()[0]),))
+    db = tmp_path / "m.db"
+    summary = sweep(tiny_ws, "local", db, [full, small], seq_lens=(64,), past_lens=(64,), threads=1,
+                    timing={**FAST_TIMING, "min_time_s": 0.3, "max_time_s": 2.0})
+    assert summary.measured == 4 and not summary.failed
+    store = Store(db)
+    try:
+        med = {(r["subnet_hash"], r["phase"]): r["median_ms"] for r in store.measurement_rows()}
+    finally:
+        store.close()
+    for phase in ("prefill", "decode"):
+        assert med[(full.config_hash(), phase)] > 1.3 * med[(small.config_hash(), phase)], med

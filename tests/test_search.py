@@ -238,7 +238,7 @@ def _int4_predictor(tiny_ws, folder: Path) -> Path:
 
     from export.onnx_graphs import min_ir_version
     from predictor.features import ConfigBatch
-    from predictor.model import LatencyPredictor
+    from predictor.model import BoostedCostModel
     from predictor.persist import save_predictor
     from profiler.protocol import Protocol
     from tests.helpers import FAST_TIMING, roofline_latency
@@ -251,7 +251,7 @@ def _int4_predictor(tiny_ws, folder: Path) -> Path:
         seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
         past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
         y = roofline_latency(configs, tiny_ws.space.dims, phase, seq, past, 0.01, seed=1, peak=1e6, bw=8e6, launch=0.3)
-        p = LatencyPredictor(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
+        p = BoostedCostModel(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
         save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic",
                        {"threads": 2, "backend": "ort-cpu:int4-b32", "protocol": proto.digest,
                         "protocol_record": proto.to_dict()})

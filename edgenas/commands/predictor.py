@@ -103,7 +103,7 @@ def handle_evaluate(a: argparse.Namespace) -> int:
                               threads=rec.get("threads"), backend=rec.get("backend"), protocol=rec.get("protocol"))
     finally:
         store.close()
-    res = pred.score(m.batch, m.seq_len, m.past_len, m.y_ms)
+    res = pred.metrics(m.batch, m.seq_len, m.past_len, m.y_ms)
     out_console.print(metrics_table(f"{a.predictor} on {len(m)} {meta['phase']} measurements of {m.device_name} in {describe(a.db)}",
                                     {"saved predictor": res}))
     if m.fingerprint != meta["device_fingerprint"]:

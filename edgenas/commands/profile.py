@@ -40,7 +40,8 @@ def _phases(text: str) -> tuple[str, ...]:
     return vals
 
 
-def add_profile_args(p: argparse.ArgumentParser) -> None:
+def _add_what_args(p: argparse.ArgumentParser) -> None:
+    """The board, the model and which sub-networks."""
     p.add_argument("--host", required=True,
                    help="~/.ssh/config alias, inventory entry, or 'local'; several boards as a comma-separated list or "
                         "an inventory [groups] name: boards of one fingerprint share the jobs")
@@ -51,10 +52,18 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--configs", type=Path, default=None, help="JSON-lines file of sub-network configs")
     p.add_argument("--seed", type=int, default=0)
     add_granularity(p, "what varies between the sampled sub-networks' layers")
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The shapes, threads and store."""
     p.add_argument("--phases", type=_phases, default=("prefill", "decode"))
     p.add_argument("--seq-len", type=_ints, default=(128,), help="prefill lengths, e.g. 64,128")
     p.add_argument("--past-len", type=_ints, default=(128,), help="decode past lengths, e.g. 128,512")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: inventory, else 1)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The runtime and weights measured, and where the measurements go."""
     p.add_argument("--backend", default=None,
                    help="ort-cpu (default), ort-cuda, ort-trt, trt (TensorRT Python API), trtexec, llama.cpp (GGUF "
                         "files timed by the board's llama-bench), llama.cpp-py (the same files through the board's "
@@ -79,6 +88,10 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="int4 weights: inputs per scale (default 32)")
     p.add_argument("--graph-opt", choices=["all", "extended", "basic", "disabled"], default="all",
                    help="onnxruntime graph optimization level (default all; stored as part of the back-end)")
+
+
+def _add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The timing protocol, leases and retries."""
     p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per cell at least")
     p.add_argument("--decode-min-time", type=float, default=None,
                    help="timed seconds per decode cell at least (default 3 x --min-time: decode steps are short and drift)")
@@ -101,11 +114,20 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                         "shared or drifting board's common slow-downs; cells take twice as long)")
     p.add_argument("--keep-models", action="store_true",
                    help="leave measured models on the board (default: delete each once its cells are measured)")
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    """Connection timeouts and limits."""
     p.add_argument("--connect-timeout", type=float, default=None)
     p.add_argument("--handshake-timeout", type=float, default=120.0)
     p.add_argument("--measure-timeout", type=float, default=None, help="seconds for one measurement (default 3 x max-time + 120)")
     p.add_argument("--upload-timeout", type=float, default=60.0, help="seconds an upload may stall")
     p.add_argument("--agent-memory-mb", type=int, default=None, help="limit the agent's address space (ulimit -v)")
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    for add in (_add_what_args, _add_shape_args, _add_runtime_args, _add_protocol_args, _add_connection_args):
+        add(p)
 
 
 def sweep(request: SweepRequest, ws: Any = None, configs: list[Any] | None = None) -> Any:
