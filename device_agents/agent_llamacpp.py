@@ -27,7 +27,8 @@ import time
 
 from agent_runtime import AgentError
 
-GGML_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+GGML_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "q8_0": (32, 34), "q5_1": (32, 24), "q5_0": (32, 22),
+               "q4_1": (32, 20), "q4_0": (32, 18)}
 MIN_DECI_BUILD = 4350  # llama.cpp build that loads the per-layer 'deci' architecture
 
 
@@ -353,9 +354,15 @@ def _stand_in(np, rng, t):
     if kind in ("f32", "f16"):
         base = 1.0 if t["kind"] == "norm" else 0.0
         return (base + 0.02 * rng.standard_normal(nblocks)).astype(np.float32 if kind == "f32" else np.float16)
-    scales = np.abs(0.01 + 0.002 * rng.standard_normal(nblocks)).astype(np.float16).view(np.uint8).reshape(nblocks, 2)
+    def half(values):  # an fp16 field per block: a scale (d) or a minimum (m)
+        return values.astype(np.float16).view(np.uint8).reshape(nblocks, 2)
+
+    fields = [half(np.abs(0.01 + 0.002 * rng.standard_normal(nblocks)))]
+    if kind in ("q4_1", "q5_1"):
+        fields.append(half(-0.02 + 0.002 * rng.standard_normal(nblocks)))
     if kind == "q8_0":
-        quants = rng.integers(-127, 128, (nblocks, 32), dtype=np.int8).view(np.uint8)
-    else:
-        quants = rng.integers(0, 256, (nblocks, 16), dtype=np.uint8)
-    return np.concatenate([scales, quants], axis=1)
+        fields.append(rng.integers(-127, 128, (nblocks, 32), dtype=np.int8).view(np.uint8))
+    else:  # the 5th bits (q5_*: 4 bytes), then two 4-bit values a byte
+        rest = size - 2 * len(fields)
+        fields.append(rng.integers(0, 256, (nblocks, rest), dtype=np.uint8))
+    return np.concatenate(fields, axis=1)

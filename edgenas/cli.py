@@ -76,6 +76,10 @@ def _export_args(s: argparse.ArgumentParser) -> None:
     add_graph(s, "the ONNX graphs")
     s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], default=None,
                    help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE")
+    s.add_argument("--mix", type=Path, default=None, metavar="MIX.json",
+                   help="a precision mix (JSON: runtime, head, attention and mlp types per kept layer): the deployment's "
+                        "file as its runtime loads it, OUT/model.mix.gguf with per-tensor types (llama.cpp) or the ONNX "
+                        "graphs with each layer's MatMuls at its type (onnxruntime); perplexity as that mix computes")
 
 
 def _train_supernet_args(s: argparse.ArgumentParser) -> None:

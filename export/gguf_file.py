@@ -55,8 +55,14 @@ class GgufOptions:
     # what the sweep's protocol record reads from any export's options
     opset: int | None = None
     ir_version: int | None = None
+    # per-tensor types (export.mix.PrecisionMix of runtime llama.cpp); None: every 2-D weight
+    # at ``precision``
+    mix: Any = None
 
     def validate(self) -> None:
+        if self.mix is not None and self.mix.runtime != "llama.cpp":
+            raise ConfigError(f"a GGUF file cannot carry an {self.mix.runtime} precision mix",
+                              "give a llama.cpp mix (types f16, q8_0, q5_1, q5_0, q4_1, q4_0)")
         if self.precision not in GGUF_PRECISIONS:
             raise ConfigError(f"GGUF type {self.precision!r} is not one this exporter writes",
                               f"pass --precision {' or '.join(GGUF_PRECISIONS)} with --backend llama.cpp")
@@ -141,8 +147,11 @@ def _kv(writer: Any, w: SubnetWeights, precision: str, tokenizer_dir: Path | Non
 
     cfg = w.hf_config
     writer.add_name(f"edgenas sub-network {w.config.config_hash()}")
+    # the file's "mostly" type: informational (llama-bench prints it); a mix names its most common
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[precision])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+                          "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[precision])
     writer.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
     writer.add_embedding_length(w.hidden_size)
     writer.add_block_count(len(w.layers))
@@ -217,9 +226,37 @@ def _adds_bos(folder: Path) -> bool:
     return bool(tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id)
 
 
+# llama.cpp tensor name suffix -> the mix's tensor group
+_GROUPS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
+           "ffn_down": "down"}
+
+
+def tensor_type(name: str, arr: np.ndarray, options: GgufOptions) -> str:
+    """The GGUF type tensor ``name`` is written as: the mix's type of its group (the
+    embedding / LM head, or a layer's attention or MLP), else ``options.precision``; 1-D
+    tensors F32, and a block type falls back to F16 where rows do not split into blocks."""
+    mix = options.mix
+    if mix is None or arr.ndim == 1:
+        return stored_type(name, arr, options.precision)
+    if name.startswith(("token_embd.", "output.")):
+        return stored_type(name, arr, mix.head)
+    parts = name.split(".")  # blk.<i>.<group>.weight
+    return stored_type(name, arr, mix.layer_type(int(parts[1]), _GROUPS[parts[2]]))
+
+
+def file_type(options: GgufOptions) -> str:
+    if options.mix is None:
+        return options.precision
+    from collections import Counter
+
+    return Counter((*options.mix.mlp, *options.mix.attention)).most_common(1)[0][0]
+
+
 def gguf_key(w: SubnetWeights, options: GgufOptions) -> str:
     ident = {"gguf_exporter": GGUF_EXPORTER_VERSION, "config": w.config.to_dict(), "precision": options.precision,
              "weights": options.weights}
+    if options.mix is not None:
+        ident["mix"] = options.mix.to_dict()
     if w.weights_id is not None and options.weights == "real":
         ident["weights_id"] = w.weights_id
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
@@ -242,10 +279,12 @@ def _write_file(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_di
 
     plan = tensor_plan(w)
     writer = gguf.GGUFWriter(path, ARCH)
-    _kv(writer, w, options.precision, tokenizer_dir)
+    _kv(writer, w, file_type(options), tokenizer_dir)
+    if options.mix is not None:
+        options.mix.check_layers(len(w.layers))
     records, offset = [], 0
     for name, arr in plan:
-        kind = stored_type(name, arr, options.precision)
+        kind = tensor_type(name, arr, options)
         nbytes = _nbytes(arr.shape, kind)
         if options.weights == "real":
             writer.add_tensor(name, _encode(arr, kind), raw_dtype=gguf_qtype(kind))
@@ -297,6 +336,7 @@ def export_gguf(w: SubnetWeights, root: Path, options: GgufOptions | None = None
         done = ExportedSubnet(key, folder, {"prefill": fname, "decode": fname}, {"prefill": sha, "decode": sha},
                               GGUF_FILE, total, sha if options.weights == "real" else None,
                               {"format": "gguf", "arch": ARCH, "precision": options.precision,
+                               **({} if options.mix is None else {"mix": options.mix.to_dict()}),
                                "weights": options.weights, "exporter": GGUF_EXPORTER_VERSION,
                                "header_file": HEADER_FILE if options.weights == "none" else None}, records)
         rec = done.to_dict()

@@ -82,8 +82,16 @@ class ExportOptions:
     # "fused-shared": those with onnxruntime-genai's past_present_share_buffer KV cache (one
     # preallocated buffer per layer, appended in place; see onnx_fused)
     graph: str = "plain"
+    # per-MatMul types (export.mix.PrecisionMix of runtime onnxruntime: fp32, int8, int4 for each
+    # layer's attention and MLP); None: every linear layer at ``precision``
+    mix: Any = None
 
     def validate(self) -> None:
+        if self.mix is not None:
+            if self.mix.runtime != "onnxruntime" or self.precision != "fp32" or self.graph != "plain":
+                raise ExportError(f"an ONNX precision mix is an onnxruntime mix over fp32 plain graphs, not "
+                                  f"{self.mix.runtime} over {self.precision} {self.graph} graphs",
+                                  "give an onnxruntime mix (fp32, int8, int4 per layer) with --graph plain")
         if self.graph not in GRAPHS:
             raise ExportError(f"graph variant {self.graph!r} is not one edgenas exports", f"use {', '.join(GRAPHS)}")
         if self.precision not in PRECISIONS:
@@ -119,21 +127,34 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32) -> list[tuple[str, np.ndarray, str]]:
+def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32,
+                 mix: Any = None) -> list[tuple[str, np.ndarray, str]]:
     """(name, array, kind) for every initializer. Linear weights are stored [in, out] for
-    MatMul (or quantized, see ``_quantized``); the query projection carries the
-    1/sqrt(head_dim) attention scale (RoPE is linear, so scaling before it is exact)."""
+    MatMul (or quantized, see ``_quantized``; with a ``mix``, each at its layer's type); the
+    query projection carries the 1/sqrt(head_dim) attention scale (RoPE is linear, so
+    scaling before it is exact)."""
     plan = _plan_fp32(w)
+    if mix is not None:
+        mix.check_layers(len(w.layers))
+
+        def kind_of(name: str) -> str:
+            layer, part = name.split(".")
+            return mix.layer_type(int(layer[1:]), part)
+
+        return _quantized(plan, kind_of, mix.block_size)
     if precision == "fp16":
         return [(name, arr.astype(np.float16), kind) for name, arr, kind in plan]
-    return plan if precision == "fp32" else _quantized(plan, precision, block_size)
+    return plan if precision == "fp32" else _quantized(plan, lambda _name: precision, block_size)
 
 
-def _quantized(plan: list[tuple[str, np.ndarray, str]], precision: str, block_size: int) -> list[tuple[str, np.ndarray, str]]:
-    """Each linear weight as its quantized values (``name.q``) and scales (``name.scale``)."""
+def _quantized(plan: list[tuple[str, np.ndarray, str]], kind_of: Any,
+               block_size: int) -> list[tuple[str, np.ndarray, str]]:
+    """Each linear weight as its quantized values (``name.q``) and scales (``name.scale``),
+    at ``kind_of(name)`` (int4, int8; fp32 keeps the weight as it is)."""
     out = []
     for name, arr, kind in plan:
-        if kind != "linear":
+        precision = kind_of(name) if kind == "linear" else "fp32"
+        if precision == "fp32":
             out.append((name, arr, kind))
             continue
         if precision == "int4":
@@ -206,6 +227,7 @@ class _Graph:
         self.np_float: type = np.float16 if precision == "fp16" else np.float32
         self.shapes: dict[str, list[int]] = {}
         self._k: dict[str, int] = {}  # in-features of each quantized linear layer
+        self.kinds: dict[str, str] = {}  # each quantized linear layer's type (int4, int8)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
@@ -269,11 +291,12 @@ class _Graph:
         return self.op("Mul", [normed, weight])
 
     def linear(self, x: str, w: str, b: str | None = None) -> str:
-        if self.precision == "int4":
+        kind = self.kinds.get(w, "fp32")
+        if kind == "int4":
             n, k = self.shapes[w + ".q"][0], self._k[w]
             y = self.op("MatMulNBits", [x, w + ".q", w + ".scale"], domain="com.microsoft", K=k, N=n, bits=4,
                         block_size=self.block_size, accuracy_level=self.accuracy_level)
-        elif self.precision == "int8":
+        elif kind == "int8":
             xq, xs, xz = (f"{x}_q{self._n}", f"{x}_s{self._n}", f"{x}_z{self._n}")
             self._n += 1
             self.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"n{self._n}_dql"))
@@ -366,16 +389,19 @@ def _decoder_layer(g: _Graph, w: SubnetWeights, i: int, x: str, names: dict[str,
 
 def _initializer_names(g: _Graph, w: SubnetWeights, recs: list[TensorRecord], options: ExportOptions) -> dict[str, str]:
     names = {r.name: g.external(r) for r in recs}
-    if options.precision in ("int8", "int4"):  # a linear layer is named by its weight; its parts carry suffixes
-        for r in recs:
-            if r.name.endswith(".q"):
-                names[r.name[:-2]] = r.name[:-2]
-        g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in recs if r.name.endswith(".q")}
+    # a quantized linear layer is named by its weight; its parts carry suffixes
+    # (by the record's kind: an fp32 query projection is also named "l<i>.q")
+    quantized = [r for r in recs if r.kind in ("q4", "q8")]
+    for r in quantized:
+        names[r.name[:-2]] = r.name[:-2]
+        g.kinds[r.name[:-2]] = {"q4": "int4", "q8": "int8"}[r.kind]
+    g._k = {r.name[:-2]: _in_features(w, r.name[:-2]) for r in quantized}
     return names
 
 
 def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
-    g = _Graph(options.opset, options.precision, options.block_size, options.accuracy_level)
+    block = options.mix.block_size if options.mix is not None else options.block_size
+    g = _Graph(options.opset, options.precision, block, options.accuracy_level)
     names = _initializer_names(g, w, recs, options)
     if options.graph != "plain":
         from export.onnx_fused import build_fused_graph
@@ -400,7 +426,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
 def _model(g: _Graph, inputs: list[Any], outputs: list[Any], phase: Phase, options: ExportOptions) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, f"edgenas_{phase}", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", options.opset)]
-    if options.precision == "int4" or options.graph != "plain":
+    if "int4" in g.kinds.values() or options.graph != "plain":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="edgenas", producer_version=str(EXPORTER_VERSION))
@@ -429,6 +455,8 @@ def export_key(w: SubnetWeights, options: ExportOptions) -> str:
         ident["weights_id"] = w.weights_id
     if options.graph != "plain":
         ident["graph"] = options.graph
+    if options.mix is not None:
+        ident.update(mix=options.mix.to_dict(), accuracy_level=options.accuracy_level)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -477,7 +505,7 @@ def export_subnet(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        plan = plan_weights(w, options.precision, options.block_size)
+        plan = plan_weights(w, options.precision, options.block_size, options.mix)
         recs = _layout(plan)
         weights_sha = None
         if options.weights == "real":
@@ -493,7 +521,8 @@ def export_subnet(
                               {"opset": options.opset, "ir_version": options.resolved_ir_version,
                                "weights": options.weights, "exporter": EXPORTER_VERSION,
                                "precision": options.precision, "block_size": options.block_size,
-                               "accuracy_level": options.accuracy_level, "graph": options.graph}, recs)
+                               "accuracy_level": options.accuracy_level, "graph": options.graph,
+                               **({} if options.mix is None else {"mix": options.mix.to_dict()})}, recs)
         rec = done.to_dict()
         rec["config"] = w.config.to_dict()
         (tmp / MANIFEST).write_text(json.dumps(rec, indent=1))

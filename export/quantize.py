@@ -26,6 +26,9 @@ from subnets.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp's 32-value block types this suite writes in numpy (the uniform --precision menu is
+# GGUF_TYPES; mixes may use all of these); their activations are rounded to Q8_0 blocks
+GGUF_BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -119,21 +122,29 @@ def emulate_dynamic_int8(model: Any) -> Any:
     dequantized. The LM head stays fp32, as in the graph. Returns ``model``."""
     import torch
 
-    def fake_quant(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = inputs[0]
-        lo = torch.clamp(x.min(), max=0.0)
-        hi = torch.clamp(x.max(), min=0.0)
-        scale = (hi - lo) / 255.0
-        if float(scale) == 0.0:
-            return inputs
-        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-        q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
-        return ((q - zp) * scale, *inputs[1:])
-
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            module.register_forward_pre_hook(fake_quant)
+            module.register_forward_pre_hook(_dynamic_uint8_hook)
     return model
+
+
+def _dynamic_uint8(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """ONNX's ``DynamicQuantizeLinear`` on a linear layer's input, then dequantized."""
+    import torch
+
+    x = inputs[0]
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if float(scale) == 0.0:
+        return inputs
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    return ((q - zp) * scale, *inputs[1:])
+
+
+def _dynamic_uint8_hook(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return _dynamic_uint8(inputs)
 
 
 def gguf_roundtrip(t: Any, precision: str) -> Any:
@@ -169,23 +180,8 @@ def emulate_gguf(model: Any, precision: str) -> Any:
     rounded to Q8_0 blocks for quantized weights, to F16 for F16 weights. Returns ``model``."""
     import torch
 
-    def q8_0(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = inputs[0]
-        if x.shape[-1] % 32:
-            return inputs
-        blocks = x.reshape(*x.shape[:-1], -1, 32)
-        d = (blocks.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).to(x.dtype)
-        q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1.0)), 0.0)
-        return ((q * d).reshape(x.shape), *inputs[1:])
-
-    def f16(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (inputs[0].to(torch.float16).to(inputs[0].dtype), *inputs[1:])
-
-    if precision in ("q8_0", "q4_0"):
-        hook = q8_0
-    elif precision == "f16":
-        hook = f16
-    else:
+    hook = activation_hook(precision)
+    if hook is None:
         return model
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -193,11 +189,42 @@ def emulate_gguf(model: Any, precision: str) -> Any:
     return model
 
 
+def _q8_0_activations(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """llama.cpp's CPU kernels multiply a block-quantized weight with its input quantized to
+    Q8_0 (Q8_1 for q4_1/q5_1: the same values): 32-value blocks, one fp16 scale."""
+    import torch
+
+    x = inputs[0]
+    if x.shape[-1] % 32:
+        return inputs
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = (blocks.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).to(x.dtype)
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1.0)), 0.0)
+    return ((q * d).reshape(x.shape), *inputs[1:])
+
+
+def _f16_activations(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    import torch
+
+    return (inputs[0].to(torch.float16).to(inputs[0].dtype), *inputs[1:])
+
+
+def activation_hook(kind: str) -> Any:
+    """What a runtime does to a linear layer's input for a weight of ``kind`` (None: nothing)."""
+    if kind in GGUF_BLOCK_TYPES:
+        return _q8_0_activations
+    if kind in ("f16", "fp16"):
+        return _f16_activations
+    return None
+
+
 def gguf_qtype(name: str) -> Any:
     import gguf
 
     return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
+            "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
 
 
 def stored_type(name: str, arr: np.ndarray, precision: str) -> str:
@@ -205,7 +232,7 @@ def stored_type(name: str, arr: np.ndarray, precision: str) -> str:
     ``precision`` unless their rows do not split into 32-value blocks (then F16)."""
     if arr.ndim == 1 or precision == "f32":
         return "f32"
-    if precision in ("q8_0", "q4_0") and arr.shape[-1] % 32:
+    if precision in GGUF_BLOCK_TYPES and arr.shape[-1] % 32:
         return "f16"
     return precision
 
@@ -241,3 +268,84 @@ class Precision:
 def at_precision(ws: Any, precision: str, block_size: int = 32) -> Any:
     """``ws`` judging quality at ``precision`` (a view: it shares the loaded model)."""
     return ws.at_precision(None if precision == "fp32" else Precision(precision, block_size))
+
+
+def _onnx_roundtrip(t: Any, kind: str, block_size: int, scale: float = 1.0) -> Any:
+    """A torch weight [out, in] as an onnxruntime int4/int8 MatMul holds it (``scale``: the
+    attention scale the exporter folds into the query weight before quantizing)."""
+    import torch
+
+    if kind == "fp32":
+        return t
+    arr = (t * scale).t().detach().to(torch.float32).contiguous().numpy()
+    deq = quantize_int4(arr, block_size)[2] if kind == "int4" else quantize_int8(arr)[2]
+    return torch.from_numpy(deq).t().contiguous().to(t.dtype) / scale
+
+
+def mixed_weights(w: Any, mix: Any) -> Any:
+    """``SubnetWeights`` whose every linear weight is what the mix's file holds for it
+    (quantized to its tensor group's type, then dequantized)."""
+    import dataclasses
+
+    from export.mix import ATTENTION, MLP
+
+    mix.check_layers(len(w.layers))
+    onnx = mix.runtime == "onnxruntime"
+    q_scale = w.head_dim ** -0.5
+
+    def rt(t: Any, kind: str, scale: float = 1.0) -> Any:
+        return _onnx_roundtrip(t, kind, mix.block_size, scale) if onnx else gguf_roundtrip(t, kind)
+
+    layers = [dataclasses.replace(lw, **{part: rt(getattr(lw, part), mix.layer_type(i, part),
+                                                  q_scale if part == "q" else 1.0) for part in (*ATTENTION, *MLP)})
+              for i, lw in enumerate(w.layers)]
+    embed = w.embed if onnx else gguf_roundtrip(w.embed, mix.head)
+    head = None if w.lm_head is None or onnx else gguf_roundtrip(w.lm_head, mix.head)
+    return dataclasses.replace(w, layers=layers, embed=embed, lm_head=w.lm_head if onnx else head)
+
+
+def emulate_mix(model: Any, mix: Any) -> Any:
+    """Make ``model`` (built from ``mixed_weights(w, mix)``) round each linear layer's input as
+    its runtime does for that layer's weight type. Returns ``model``."""
+    from export.mix import ATTENTION, MLP
+
+    def hook_for(kind: str) -> Any:
+        if mix.runtime == "onnxruntime":
+            return _dynamic_uint8_hook if kind == "int8" else None
+        return activation_hook(kind)
+
+    for i, layer in enumerate(model.model.layers):
+        for part in (*ATTENTION, *MLP):
+            module = getattr(layer.self_attn if part in ATTENTION else layer.mlp, f"{part}_proj")
+            hook = hook_for(mix.layer_type(i, part))
+            if hook is not None:
+                module.register_forward_pre_hook(hook)
+    head_hook = None if mix.runtime == "onnxruntime" else activation_hook(mix.head)
+    if head_hook is not None:
+        model.lm_head.register_forward_pre_hook(head_hook)
+    return model
+
+
+@dataclass(frozen=True)
+class MixArithmetic:
+    """A precision mix as the quality objective sees it (``subnets.workspace.Arithmetic``)."""
+
+    mix: Any  # export.mix.PrecisionMix
+
+    @property
+    def name(self) -> str:
+        kind = self.mix.uniform_type()
+        return f"mix:{self.mix.runtime}:{kind or self.mix.digest()}"
+
+    @property
+    def block_size(self) -> int:
+        return int(self.mix.block_size)
+
+    @property
+    def identity(self) -> str:
+        return f"mix|{self.mix.to_json()}"
+
+    def model(self, weights: Any) -> Any:
+        from subnets.extract import build_model
+
+        return emulate_mix(build_model(mixed_weights(weights, self.mix)), self.mix)

@@ -175,16 +175,17 @@ def _token_bytes(tokenizer, ids: list[int]) -> bytes:
     return b"".join(bytes(inv[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in ids)
 
 
-def _parity(ws, cfg, precision: str, prompt: str, llama_cpp: Path, tmp_path: Path, n: int = 12) -> None:
+def _parity(ws, cfg, precision: str, prompt: str, llama_cpp: Path, tmp_path: Path, n: int = 12, mix=None) -> None:
     """llama.cpp's greedy continuation of ``prompt`` equals torch's, torch computing what
-    llama.cpp computes at ``precision`` (Workspace.precision)."""
-    from export.quantize import at_precision
+    llama.cpp computes at ``precision`` (Workspace.precision), or for a precision ``mix``."""
+    from export.quantize import MixArithmetic, at_precision
 
     tok = ws.base.tokenizer
-    e = export_gguf(ws.weights(cfg), tmp_path, GgufOptions(precision), tokenizer_dir=ws.base.path)
+    e = export_gguf(ws.weights(cfg), tmp_path, GgufOptions(precision, mix=mix), tokenizer_dir=ws.base.path)
     ids = tok(prompt).input_ids
     eos = {i for i in (tok.eos_token_id,) if i is not None}
-    want = _greedy_torch(at_precision(ws, precision).model(cfg).eval(), ids, n, eos)
+    judged = at_precision(ws, precision) if mix is None else ws.at_precision(MixArithmetic(mix))
+    want = _greedy_torch(judged.model(cfg).eval(), ids, n, eos)
     res = subprocess.run([str(llama_cpp / "llama-simple"), "-m", str(e.folder / "model.gguf"), "-n", str(n), prompt],
                          capture_output=True, timeout=300)
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
@@ -210,6 +211,118 @@ def test_a_q8_0_smollm2_gguf_generates_the_tokens_of_its_torch_emulation(smollm2
     cfg = dataclasses.replace(full, layers=tuple(dataclasses.replace(lc, neurons=lc.neurons - 64 * (i % 3))
                                                  for i, lc in enumerate(full.layers) if i != 20))
     _parity(smollm2, cfg, "q8_0", "The capital of France is", llama_cpp, tmp_path)
+
+
+def test_a_mixed_precision_smollm2_gguf_generates_the_tokens_of_its_torch_emulation(smollm2, llama_cpp,
+                                                                                   tmp_path) -> None:
+    """Per-layer types in one GGUF (the head at Q8_0; attention and MLP types varying by
+    layer, F16 to Q4_0): llama.cpp's greedy tokens are those of the same mix in torch."""
+    from export.mix import PrecisionMix
+
+    cfg = smollm2.space.full()
+    L = len(cfg.layers)
+    attention = tuple(("q8_0", "f16", "q5_1", "q8_0", "q5_0")[i % 5] for i in range(L))
+    mlp = tuple(("q8_0", "q5_0", "q8_0", "q4_1", "q8_0", "q5_1")[i % 6] for i in range(L))
+    mix = PrecisionMix("llama.cpp", "q8_0", attention, mlp)
+    _parity(smollm2, cfg, "f16", "The capital of France is", llama_cpp, tmp_path, mix=mix)
+
+
+def _perplexity_as_llama_cpp(model, ids: list[int], n_ctx: int, chunks: int) -> float:
+    """llama-perplexity's protocol in torch: chunks of ``n_ctx`` tokens (no BOS where the
+    vocabulary adds none), each scoring the tokens of its second half."""
+    import math
+
+    nll, count = 0.0, 0
+    for c in range(chunks):
+        chunk = ids[c * n_ctx:(c + 1) * n_ctx]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([chunk])).logits[0].double(), -1)
+        for j in range(n_ctx // 2, n_ctx - 1):
+            nll -= float(logp[j, chunk[j + 1]])
+            count += 1
+    return math.exp(nll / count)
+
+
+def test_a_mixed_gguf_scores_in_llama_perplexity_what_its_emulation_scores(smollm2, llama_cpp, tmp_path) -> None:
+    """The quality objective of a mix is what llama.cpp itself measures: llama-perplexity on
+    the exported GGUF against the torch emulation of the same mix, on the same held-out text."""
+    import re
+
+    from export.mix import PrecisionMix
+    from export.quantize import MixArithmetic
+    from subnets.textdata import stdlib_docstrings
+
+    cfg = smollm2.space.full()
+    L = len(cfg.layers)
+    mix = PrecisionMix("llama.cpp", "q8_0", tuple(("q8_0", "q4_0")[i % 2] for i in range(L)),
+                       tuple(("q4_0", "q8_0", "q5_0")[i % 3] for i in range(L)))
+    text = tmp_path / "heldout.txt"
+    text.write_text(stdlib_docstrings("heldout").text[:30_000])
+    e = export_gguf(smollm2.weights(cfg), tmp_path, GgufOptions("f16", mix=mix), tokenizer_dir=smollm2.base.path)
+    res = subprocess.run([str(llama_cpp / "llama-perplexity"), "-m", str(e.folder / "model.gguf"), "-f", str(text),
+                          "-c", "256", "--chunks", "4", "-t", "2"], capture_output=True, text=True, timeout=600)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
+    assert found, (res.stdout + res.stderr)[-2000:]
+    tok = smollm2.base.tokenizer
+    ids = tok(text.read_text(), add_special_tokens=False).input_ids
+    want = _perplexity_as_llama_cpp(smollm2.at_precision(MixArithmetic(mix)).model(cfg).eval(), ids, 256, 4)
+    assert float(found.group(1)) == pytest.approx(want, rel=0.005)
+    plain = _perplexity_as_llama_cpp(smollm2.model(cfg).eval(), ids, 256, 4)
+    assert abs(want / plain - 1) > 0.01  # the mix's own quantization error, not the fp32 model's
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny Llama whose rows split into 32-value blocks everywhere (hidden 64)."""
+    from subnets.workspace import Workspace
+    from tests.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("t64") / "tiny64", hidden=64, heads=4, kv_heads=2, head_dim=16)
+    return Workspace.open(str(folder), neuron_step=32, eval_budget=256)
+
+
+def test_a_mixed_gguf_holds_each_group_at_its_type_as_the_quality_emulation_does(tiny64, tmp_path) -> None:
+    import gguf
+
+    from export.mix import PrecisionMix
+    from export.quantize import mixed_weights
+
+    cfg = tiny64.space.full()
+    mix = PrecisionMix("llama.cpp", "q5_1", ("q8_0", "f16", "q4_1", "q5_0"), ("q4_0", "q5_1", "f16", "q8_0"))
+    w = tiny64.weights(cfg)
+    e = export_gguf(w, tmp_path, GgufOptions("f16", mix=mix), tokenizer_dir=tiny64.base.path)
+    t = {x.name: x for x in gguf.GGUFReader(e.folder / "model.gguf").tensors}
+    assert t["token_embd.weight"].tensor_type.name == "Q5_1" and t["output_norm.weight"].tensor_type.name == "F32"
+    emulated = mixed_weights(w, mix)
+    for i in range(4):
+        assert t[f"blk.{i}.attn_k.weight"].tensor_type.name == mix.attention[i].upper()
+        assert t[f"blk.{i}.ffn_up.weight"].tensor_type.name == mix.mlp[i].upper()
+        for name, part in (("attn_v", "v"), ("attn_output", "o"), ("ffn_down", "down"), ("ffn_gate", "gate")):
+            x = t[f"blk.{i}.{name}.weight"]
+            got = gguf.quants.dequantize(x.data, x.tensor_type).reshape(getattr(w.layers[i], part).shape)
+            np.testing.assert_array_equal(got, getattr(emulated.layers[i], part).numpy())
+    other = export_gguf(w, tmp_path, GgufOptions("f16", mix=PrecisionMix.uniform("llama.cpp", "q8_0", 4)),
+                        tokenizer_dir=tiny64.base.path)
+    assert other.key != e.key and e.options["mix"] == mix.to_dict()
+
+
+def test_a_weightless_mixed_gguf_runs_in_llama_cpp_once_the_board_fills_it(tiny64, llama_cpp, tmp_path) -> None:
+    """Latency profiling ships a mix's header only; the board fills each tensor with stand-in
+    blocks of its own type, and llama.cpp loads and runs the result."""
+    from export.mix import PrecisionMix
+
+    cfg = tiny64.space.full()
+    mix = PrecisionMix("llama.cpp", "q4_1", ("q8_0", "f16", "q4_1", "q5_0"), ("q4_0", "q5_1", "f16", "q8_0"))
+    w = tiny64.weights(cfg)
+    real = export_gguf(w, tmp_path, GgufOptions("f16", "real", mix=mix), tokenizer_dir=tiny64.base.path)
+    head = export_gguf(w, tmp_path, GgufOptions("f16", "none", mix=mix), tokenizer_dir=tiny64.base.path)
+    manifest = json.loads((head.folder / "export.json").read_text())
+    filled = tmp_path / "filled.gguf"
+    agent_llamacpp.materialize_gguf(np, np.random.default_rng(0), str(head.folder), manifest, str(filled))
+    assert _gguf_table(filled) == _gguf_table(real.folder / "model.gguf")
+    res = subprocess.run([str(llama_cpp / "llama-simple"), "-m", str(filled), "-n", "4", "The module"],
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
 
 
 def _run_bench(llama_cpp: Path, model: Path) -> tuple[str, str]:

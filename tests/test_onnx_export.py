@@ -41,16 +41,22 @@ def session(path) -> ort.InferenceSession:
 
 
 def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: str = "fp32", block_size: int = 32,
-                 accuracy_level: int = 0, graph: str = "plain") -> None:
+                 accuracy_level: int = 0, graph: str = "plain", mix=None) -> None:
     """The graph against torch running exactly the graph's arithmetic: for int4 the same
     dequantized weights, for int8 those and per-tensor uint8 activations (emulated). int4 at
-    accuracy level 4 quantizes activations per block too: checked at int8's tolerance."""
-    from export.quantize import dequantized, emulate
+    accuracy level 4 quantizes activations per block too: checked at int8's tolerance. With a
+    precision ``mix``, each MatMul at its layer's type against ``MixArithmetic``'s emulation."""
+    from export.quantize import MixArithmetic, dequantized, emulate
 
     w = slice_weights(base, imp, config)
-    model = emulate(build_model(dequantized(w, precision, block_size)), precision)
-    exp = export_subnet(w, root, ExportOptions(opset=opset, precision=precision, block_size=block_size,
-                                               accuracy_level=accuracy_level, graph=graph))
+    if mix is None:
+        model = emulate(build_model(dequantized(w, precision, block_size)), precision)
+    else:
+        model = MixArithmetic(mix).model(w)
+        precision = "int8" if "int8" in (*mix.attention, *mix.mlp) else "fp32"
+    exp = export_subnet(w, root, ExportOptions(opset=opset, precision="fp32" if mix else precision,
+                                               block_size=block_size, accuracy_level=accuracy_level, graph=graph,
+                                               mix=mix))
     precision = "int4-acc4" if precision == "int4" and accuracy_level == 4 else precision
     if graph == "plain":  # the fused graph's SimplifiedLayerNormalization is onnxruntime's, unknown to onnx
         onnx.checker.check_model(str(exp.path("prefill")))
@@ -288,3 +294,39 @@ def test_a_fused_graph_sweep_is_its_own_back_end(tiny16, tmp_path) -> None:
     assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:fused", "ort-cpu:fused-shared"}
     assert "fused" in json.loads(store.devices()[0]["info"])["hello"]["onnxruntime"]["graphs"]
     store.close()
+
+
+def test_a_mixed_precision_graph_computes_its_mix(tiny16, tmp_path) -> None:
+    """Each layer's MatMuls at their own type (fp32, int8 MatMulInteger, int4 MatMulNBits) in
+    one graph: prefill and decode steps as torch computes the same mix; the file holds
+    exactly that, and a layer's type changes its weights' bytes."""
+    from export.mix import PrecisionMix
+
+    base, imp = tiny16
+    config = SubnetConfig(base.base_id, (LayerChoice(0, 1, 2, 64), LayerChoice(2, 2, 1, 128), LayerChoice(3, 2, 2, 32)))
+    int4_only = PrecisionMix("onnxruntime", "fp32", ("int4", "fp32", "int4"), ("fp32", "int4", "int4"))
+    check_parity(base, imp, config, tmp_path / "a", 17, mix=int4_only)
+    with_int8 = PrecisionMix("onnxruntime", "fp32", ("int8", "fp32", "int4"), ("int4", "int8", "fp32"))
+    check_parity(base, imp, config, tmp_path / "b", 17, mix=with_int8)
+    w = slice_weights(base, imp, config)
+    exp = export_subnet(w, tmp_path / "c", ExportOptions(mix=with_int8))
+    kinds = {r.name: r.kind for r in exp.tensors}
+    assert kinds["l0.q.q"] == "q8" and kinds["l0.gate.q"] == "q4" and kinds["l1.q"] == "linear" and \
+        kinds["l1.gate.q"] == "q8" and kinds["l2.gate"] == "linear" and exp.options["mix"] == with_int8.to_dict()
+    ops = [n.op_type for n in onnx.load(str(exp.path("decode")), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 4 + 3 and ops.count("MatMulInteger") == 4 + 3
+    uniform = export_subnet(w, tmp_path / "d", ExportOptions(mix=PrecisionMix.uniform("onnxruntime", "fp32", 3)))
+    assert exp.key != uniform.key and exp.weights_bytes < uniform.weights_bytes
+
+
+def test_a_mix_the_runtime_cannot_run_is_refused() -> None:
+    from export.mix import PrecisionMix
+    from subnets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="onnxruntime has no weight type q4_0") as e:
+        PrecisionMix("onnxruntime", "fp32", ("q4_0",), ("int4",))
+    assert "fp32, int8, int4" in e.value.fix
+    with pytest.raises(ConfigError, match=r"llama\.cpp has no weight type q4_k"):
+        PrecisionMix("llama.cpp", "q8_0", ("q4_k",), ("q4_0",))
+    with pytest.raises(ConfigError, match="one of each per kept layer"):
+        PrecisionMix("llama.cpp", "q8_0", ("q8_0", "q4_0"), ("q4_0",))
