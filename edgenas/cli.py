@@ -414,6 +414,8 @@ VERBS = (
          _train_supernet_args, cmd_train_supernet),
     Verb("finetune", "fine-tune one sub-network with distillation from the full model", _finetune_args, cmd_finetune),
     Verb("evaluate", "downstream-task accuracy through lm-evaluation-harness (offline)", _evaluate_args, cmd_evaluate),
+    Verb("mix", "choose each layer's weight type within a byte budget (per-group sensitivity, mixed-integer allocation)",
+         _lazy("edgenas.commands.mix", "add_mix_args"), _lazy("edgenas.commands.mix", "handle")),
 )
 COMMANDS.update({v.name: v.handle for v in VERBS})
 

@@ -57,6 +57,7 @@ REQUESTS = {
     "export": ("export.request", "ExportRequest", set()),
     "train-supernet": ("training.request", "SupernetRequest", {"settings"}),
     "finetune": ("training.request", "FinetuneRequest", {"settings"}),
+    "mix": ("search.mix_allocation", "MixRequest", set()),
 }
 
 
