@@ -40,7 +40,10 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
                budget_ms: float | None, path: Path, title: str, ppl_cap: float | None = None,
                full_ppl: float | None = None) -> Path:
     """Front, evaluated points and baselines; with ``ppl_cap`` the perplexity axis stops
-    there (points above it are counted in the legend), so the useful range fills the plot."""
+    there (points above it are counted in the legend), so the useful range fills the plot.
+    Each front and baseline point is drawn at its predicted latency with a whisker to its
+    upper bound, the value the budget is applied to; a baseline whose bound misses the budget
+    is drawn hollow, so the plot and the tables agree on what fits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,11 +57,16 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
     if front:
         f = sorted(front, key=lambda p: p["latency_ms"])
         ax.plot([p["latency_ms"] for p in f], [p["perplexity"] for p in f], "o-", color="C0", ms=4, label="Pareto front")
+        _whiskers(ax, f, "C0")
     markers = {"full model": ("*", "k"), "uniform width": ("s", "C1"), "layer dropping": ("^", "C2")}
     for name, pts in baselines.items():
         if pts:
             mk, col = markers.get(name, ("x", "C3"))
-            ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], mk + "--", color=col, ms=6, lw=0.8, label=name)
+            ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], "--", color=col, lw=0.8)
+            fits = [budget_ms is None or p.get("upper_ms", p["latency_ms"]) <= budget_ms for p in pts]
+            ax.scatter([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], marker=mk, s=36,
+                       facecolors=[col if ok else "none" for ok in fits], edgecolors=col, label=name)
+            _whiskers(ax, pts, col)
     if budget_ms:
         ax.axvline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
     if full_ppl:
@@ -71,7 +79,9 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
         ax.set_ylim(low, ppl_cap * 1.15)
         if above:
             ax.plot([], [], " ", label=f"{above} point(s) above perplexity {ppl_cap:.0f} (off the plot)")
-    ax.set_xlabel("predicted latency of the workload (ms)")
+    if budget_ms and any(p.get("upper_ms") is not None for ps in baselines.values() for p in ps):
+        ax.plot([], [], " ", label="hollow: upper bound over the budget")
+    ax.set_xlabel("workload latency (ms): predicted; whisker to the upper bound the budget applies to")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -80,3 +90,10 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _whiskers(ax: Any, pts: Sequence[dict[str, Any]], color: str) -> None:
+    """A line from each point's predicted latency to its upper bound."""
+    for p in pts:
+        if p.get("upper_ms") is not None:
+            ax.plot([p["latency_ms"], p["upper_ms"]], [p["perplexity"]] * 2, color=color, lw=0.6, alpha=0.6)
