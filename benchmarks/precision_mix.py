@@ -7,7 +7,9 @@ For the full model: per-group sensitivity (each tensor group alone at each lower
 rest at Q8_0; measured once and cached), then deployments: the uniform types a llama.cpp user
 picks without the suite, the hand rule of a probe (head at Q8_0, the k most sensitive groups
 at Q8_0, the rest at Q4_0), and the mixed-integer allocation (search/mix_allocation.py) at a
-range of byte budgets. Each is judged as llama.cpp computes it (torch emulation, which
+range of byte budgets and of decode-time budgets (each type's cost per weight fitted to a first
+timing session of the hand-made deployments: on this CPU a Q5_0 weight costs more than a
+Q8_0 one, so bytes alone mislead). Each is judged as llama.cpp computes it (torch emulation, which
 llama-perplexity matches; tests/test_llamacpp.py) on the held-out docstrings and on a
 second domain (GPL-3 text), exported as a GGUF with its per-tensor types, and timed by
 llama-bench (decode of 16 tokens at depth 128, 1 thread) in interleaved rounds: every
@@ -38,21 +40,29 @@ import agent_llamacpp  # noqa: E402
 from export.gguf_file import GGUF_FILE, GgufOptions, export_gguf  # noqa: E402
 from export.mix import PrecisionMix  # noqa: E402
 from export.quantize import MixArithmetic  # noqa: E402
-from search.mix_allocation import allocate, greedy, group_params, mix_bytes  # noqa: E402
+from search.mix_allocation import allocate, fit_type_costs, greedy, group_params, mix_bytes  # noqa: E402
 from search.sensitivity import measure_sensitivity  # noqa: E402
 from subnets.paths import cache_dir  # noqa: E402
 from subnets.workspace import Workspace  # noqa: E402
 
 
-def candidates(sens: Any, params: dict[str, int], L: int, budgets: list[float]) -> dict[str, PrecisionMix]:
+def hand_made(sens: Any, L: int) -> dict[str, PrecisionMix]:
+    """What a llama.cpp user picks without the suite, and the probe's hand rule."""
     out = {f"uniform {k}": PrecisionMix.uniform("llama.cpp", k, L) for k in ("f16", "q8_0", "q5_0", "q4_0")}
     out["q4_0, head q8_0"] = PrecisionMix("llama.cpp", "q8_0", ("q4_0",) * L, ("q4_0",) * L)
     for k in (2, 6, 10):
         out[f"hand rule k={k}"] = greedy(sens, "q4_0", keep=k)
-    lo = mix_bytes(out["uniform q4_0"], params)
-    for share in budgets:
-        mix = allocate(sens, params, share * lo)
-        out[f"MILP {share:.2f}x q4_0 bytes"] = mix
+    return out
+
+
+def allocated(sens: Any, params: dict[str, int], byte_budgets: list[float], costs: Any, q4_ms: float,
+              time_budgets: list[float]) -> dict[str, PrecisionMix]:
+    """MILP mixes within byte budgets (x uniform Q4_0's bytes) and within time budgets (x
+    uniform Q4_0's measured decode time, by the per-type costs fitted on the board)."""
+    lo = mix_bytes(PrecisionMix.uniform("llama.cpp", "q4_0", sens.num_layers), params)
+    out = {f"MILP {share:.2f}x q4_0 bytes": allocate(sens, params, share * lo) for share in byte_budgets}
+    for share in time_budgets:
+        out[f"MILP {share:.2f}x q4_0 time"] = allocate(sens, params, share * q4_ms, costs=costs)
     return out
 
 
@@ -117,7 +127,9 @@ def main() -> None:
     ap.add_argument("--sensitivity-tokens", type=int, default=2048)
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--second-text", default="/usr/share/common-licenses/GPL-3")
-    ap.add_argument("--budgets", default="1.10,1.20,1.30,1.45,1.60,1.75", help="MILP byte budgets, x uniform Q4_0")
+    ap.add_argument("--budgets", default="1.10,1.30,1.60", help="MILP byte budgets, x uniform Q4_0's bytes")
+    ap.add_argument("--time-budgets", default="1.05,1.10,1.20,1.30,1.45,1.60",
+                    help="MILP time budgets, x uniform Q4_0's measured decode time")
     ap.add_argument("--llama-cpp", type=Path, default=cache_dir() / "llama.cpp" / "0.3.36" / "bin")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
@@ -134,24 +146,38 @@ def main() -> None:
                                progress=lambda n, t: logging.info("sensitivity %d/%d", n, t))
     t_sens = time.perf_counter() - t0
     params = group_params(base.weights(cfg))
-    mixes = candidates(sens, params, len(cfg.layers), [float(b) for b in args.budgets.split(",")])
     ws = base.evaluated_on(None, args.quality_tokens)
     second = base.evaluated_on(args.second_text, args.quality_tokens)
-    rows = evaluate(ws, second, cfg, mixes, params, args.out)
-    ms = time_decode(str(args.llama_cpp / "llama-bench"), {n: Path(r["gguf"]) for n, r in rows.items()},
-                     args.rounds, args.reps, args.depth, args.seed)
+    bench = str(args.llama_cpp / "llama-bench")
+    rows = evaluate(ws, second, cfg, hand_made(sens, len(cfg.layers)), params, args.out)
+    # a first timing session of the hand-made deployments gives each type's cost per weight
+    first = time_decode(bench, {n: Path(r["gguf"]) for n, r in rows.items()}, 3, args.reps, args.depth, args.seed + 1)
+    costs = fit_type_costs([(PrecisionMix.from_dict(r["mix"]), params, first[n]) for n, r in rows.items()])
+    logging.info("type costs (ms per million weights): %s",
+                 {k: round(1e6 * v, 4) for k, v in costs.per_weight.items()})
+    mixes = allocated(sens, params, [float(b) for b in args.budgets.split(",")], costs, first["uniform q4_0"],
+                      [float(b) for b in args.time_budgets.split(",")])
+    rows |= evaluate(ws, second, cfg, mixes, params, args.out)
+    # the final table: every deployment timed side by side in one interleaved session
+    ms = time_decode(bench, {n: Path(r["gguf"]) for n, r in rows.items()}, args.rounds, args.reps, args.depth,
+                     args.seed)
+    for r in rows.values():
+        r["fitted_ms_per_token"] = costs.of(PrecisionMix.from_dict(r["mix"]), params)
     for n, r in rows.items():
         r["ms_per_token"] = ms[n]
     gains(rows)
     result = {"model": base.base.base_id, "sensitivity_s": t_sens, "sensitivity_tokens": args.sensitivity_tokens,
+              "type_costs_ms_per_million": {k: 1e6 * v for k, v in costs.per_weight.items()},
               "quality_tokens": args.quality_tokens, "base_ppl_q8_0": sens.base_perplexity,
               "most_sensitive": sens.ranked("q4_0")[:10], "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"{'deployment':28} {'MB':>6} {'ppl':>7} {'GPL-3':>7} {'ms/tok':>7} {'vs uniform @bytes':>18} {'@latency':>9}")
-    for n, r in sorted(rows.items(), key=lambda kv: kv[1]["mb"]):
+    print(f"{'deployment':28} {'MB':>6} {'ppl':>7} {'GPL-3':>7} {'ms/tok':>7} {'fitted':>7} "
+          f"{'vs uniform @bytes':>18} {'@latency':>9}")
+    for n, r in sorted(rows.items(), key=lambda kv: kv[1]["ms_per_token"]):
         gb, gm = r.get("gain_at_bytes"), r.get("gain_at_ms")
         print(f"{n:28} {r['mb']:6.1f} {r['ppl']:7.2f} {r['ppl_second']:7.2f} {r['ms_per_token']:7.2f} "
-              f"{'-' if gb is None else f'{gb:+.1%}':>18} {'-' if gm is None else f'{gm:+.1%}':>9}")
+              f"{r['fitted_ms_per_token']:7.2f} {'-' if gb is None else f'{gb:+.1%}':>18} "
+              f"{'-' if gm is None else f'{gm:+.1%}':>9}")
     print(f"results: {args.out / 'results.json'}; sensitivity measured in {t_sens:.0f} s")
 
 

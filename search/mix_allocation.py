@@ -35,31 +35,75 @@ def group_params(w: Any) -> dict[str, int]:
 
 def mix_bytes(mix: PrecisionMix, params: dict[str, int]) -> float:
     """Bytes of the mix's linear weights and head (what a decode step reads, norms aside)."""
-    kinds = {HEAD: mix.head, **{f"attn.{i}": k for i, k in enumerate(mix.attention)},
-             **{f"mlp.{i}": k for i, k in enumerate(mix.mlp)}}
+    kinds = _kinds(mix)
     return float(sum(params[g] * mix.bytes_per_weight(kinds[g]) for g in params))
 
 
-def allocate(sens: Sensitivity, params: dict[str, int], budget_bytes: float, block_size: int = 32) -> PrecisionMix:
-    """The mix of least summed sensitivity whose weights fit ``budget_bytes``."""
+@dataclass(frozen=True)
+class TypeCosts:
+    """Decode time of a mix on a board as ``intercept + sum over types of weights at that
+    type x per_weight[type]``: each type's kernel has its own cost per weight (on this x86 CPU
+    Q5_0 cost more per weight than Q8_0), which bytes alone cannot say. Fitted by non-negative
+    least squares to deployments measured on the board (``fit_type_costs``). For one
+    architecture the intercept and a cost common to every type are one unknown (the weights
+    add up to the same total in every mix): the fit predicts mixes of that architecture, and
+    differences between types, which is what the allocation needs."""
+
+    intercept: float
+    per_weight: dict[str, float]
+
+    def of(self, mix: PrecisionMix, params: dict[str, int]) -> float:
+        return self.intercept + sum(params[g] * self.per_weight[k] for g, k in _kinds(mix).items())
+
+
+def _kinds(mix: PrecisionMix) -> dict[str, str]:
+    return {HEAD: mix.head, **{f"attn.{i}": k for i, k in enumerate(mix.attention)},
+            **{f"mlp.{i}": k for i, k in enumerate(mix.mlp)}}
+
+
+def fit_type_costs(measured: list[tuple[PrecisionMix, dict[str, int], float]]) -> TypeCosts:
+    """``TypeCosts`` from (mix, group weights, measured time) of deployments on one board."""
+    from scipy.optimize import nnls
+
+    kinds = sorted({k for mix, _, _ in measured for k in _kinds(mix).values()})
+    rows = []
+    for mix, params, _ in measured:
+        per = dict.fromkeys(kinds, 0.0)
+        for g, k in _kinds(mix).items():
+            per[k] += params[g]
+        rows.append([1.0, *(per[k] / 1e6 for k in kinds)])
+    coef, _ = nnls(np.array(rows), np.array([t for _, _, t in measured]))
+    return TypeCosts(float(coef[0]), {k: float(c) / 1e6 for k, c in zip(kinds, coef[1:])})
+
+
+def allocate(sens: Sensitivity, params: dict[str, int], budget: float, block_size: int = 32,
+             costs: TypeCosts | None = None) -> PrecisionMix:
+    """The mix of least summed sensitivity within ``budget``: bytes of weights, or with
+    ``costs`` the board's time (``TypeCosts``, in its unit)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     groups = groups_of(sens.num_layers)
     probe = PrecisionMix.uniform(sens.runtime, sens.high, sens.num_layers, block_size=block_size)
     var = [(g, k) for g in groups for k in (sens.high, *sens.lows) if k == sens.high or allowed(sens.runtime, g, k)]
     cost = np.array([sens.cost(g, k) for g, k in var])
-    size = np.array([params[g] * probe.bytes_per_weight(k) for g, k in var])
+    if costs is not None:
+        budget -= costs.intercept
+        size = np.array([params[g] * costs.per_weight[k] for g, k in var])
+    else:
+        size = np.array([params[g] * probe.bytes_per_weight(k) for g, k in var])
+    budget_bytes = budget
     one = np.zeros((len(groups), len(var)))
     for j, (g, _) in enumerate(var):
         one[groups.index(g), j] = 1.0
     lightest = sum(min(size[j] for j, (h, _) in enumerate(var) if h == g) for g in groups)
+    unit = (lambda v: f"{v:.2f} (time)") if costs is not None else (lambda v: f"{v / 1e6:.1f} MB")
     if budget_bytes < lightest:
-        raise ConfigError(f"a budget of {budget_bytes / 1e6:.1f} MB is below the lightest mix of these types "
-                          f"({lightest / 1e6:.1f} MB)", "raise the budget, or allow lower weight types")
+        raise ConfigError(f"a budget of {unit(budget_bytes)} is below the lightest mix of these types "
+                          f"({unit(lightest)})", "raise the budget, or allow lower weight types")
     res = milp(cost, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
                constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size[None, :], -np.inf, budget_bytes)])
     if res.x is None:
-        raise ConfigError(f"no mix fits {budget_bytes / 1e6:.1f} MB ({res.message})", "raise the budget")
+        raise ConfigError(f"no mix fits {unit(budget_bytes)} ({res.message})", "raise the budget")
     chosen = {g: k for (g, k), x in zip(var, res.x) if x > 0.5}
     return mix_of(chosen, sens.runtime, sens.high, sens.num_layers, block_size)
 

@@ -78,3 +78,31 @@ def test_the_mix_command_writes_a_mix_that_export_takes(tiny_dir, tmp_path, caps
     # a type the runtime lacks, named with the menu
     assert edgenas([*args[:-2], "--lows", "q4_0", "--out", str(out)]) == 2
     assert "onnxruntime has no weight type q4_0" in capsys.readouterr().err
+
+
+def test_type_costs_are_fitted_from_measured_mixes_and_budget_the_allocation() -> None:
+    """Each type's own cost per weight (a slow kernel costs more than its bytes say) is
+    recovered from measured deployments, and the allocation then keeps within a time budget."""
+    from export.mix import PrecisionMix
+    from search.mix_allocation import TypeCosts, fit_type_costs
+    from search.sensitivity import mix_of
+
+    L = 3
+    params = {g: 1000 * (i + 1) for i, g in enumerate(groups_of(L))}
+    truth = TypeCosts(0.5, {"q8_0": 2e-3, "q5_0": 3e-3, "q4_0": 1e-3})  # q5_0 slower than q8_0
+    mixes = [PrecisionMix.uniform("llama.cpp", k, L) for k in ("q8_0", "q5_0", "q4_0")]
+    mixes += [mix_of({"mlp.0": "q4_0", "attn.1": "q5_0"}, "llama.cpp", "q8_0", L),
+              mix_of({HEAD: "q4_0", "mlp.2": "q5_0"}, "llama.cpp", "q8_0", L)]
+    fitted = fit_type_costs([(m, params, truth.of(m, params)) for m in mixes])
+    # one architecture: the intercept and a shift common to all types are one unknown, so
+    # judge the fit by what it predicts for a mix it was not given
+    unseen = mix_of({"mlp.1": "q4_0", "attn.2": "q5_0", "mlp.2": "q5_0"}, "llama.cpp", "q8_0", L)
+    assert fitted.of(unseen, params) == pytest.approx(truth.of(unseen, params), rel=1e-6)
+    sens = synthetic({g: 0.1 for g in groups_of(L)}, layers=L)
+    sens.lows = ("q5_0", "q4_0")
+    for g in sens.perplexity:
+        sens.perplexity[g]["q5_0"] = sens.base_perplexity * math.exp(0.02)
+    budget = 0.5 * (truth.of(mixes[0], params) + truth.of(mixes[2], params))
+    mix = allocate(sens, params, budget, costs=truth)
+    assert truth.of(mix, params) <= budget + 1e-9
+    assert "q5_0" not in {mix.head, *mix.attention, *mix.mlp}  # slower than q8_0 here: never worth it
