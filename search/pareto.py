@@ -61,7 +61,7 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
     markers = {"full model": ("*", "k"), "uniform width": ("s", "C1"), "layer dropping": ("^", "C2")}
     for name, pts in baselines.items():
         if pts:
-            mk, col = markers.get(name, ("x", "C3"))
+            mk, col = markers.get(name, ("D", "C3"))
             ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], "--", color=col, lw=0.8)
             fits = [budget_ms is None or p.get("upper_ms", p["latency_ms"]) <= budget_ms for p in pts]
             ax.scatter([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], marker=mk, s=36,

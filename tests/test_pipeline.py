@@ -56,7 +56,7 @@ def test_pipeline_searches_the_trained_weights_refitted_at_the_deployed_precisio
     from training.recovery import open_supernet
 
     out = tmp_path / "run"
-    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "15", "--workload", "16,8",
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "20", "--workload", "16,8",
                     "--evals", "6", "--budget-share", "0.95", "--verify", "0", "--quality-tokens", "256",
                     "--min-time", "0.05", "--train-steps", "2", "--reconstruct", "--precision", "int4", "--out", str(out)])
     captured = capsys.readouterr()

@@ -212,7 +212,9 @@ def test_a_search_at_int4_uses_int4_predictors_quality_and_verification(tiny_dir
     from tests.helpers import FAST_TIMING
 
     db = tmp_path / "int4.db"
-    configs = [tiny_ws.space.full(), *edgenas.sample(tiny_ws, 13, seed=5)]
+    # enough sub-networks that a few cells flagged unstable on a busy machine leave the 13 that
+    # cross-validation needs
+    configs = [tiny_ws.space.full(), *edgenas.sample(tiny_ws, 19, seed=5)]
     edgenas.profile(tiny_ws, "local", configs, db, seq_lens=(16,), past_lens=(16, 19, 23), timing=FAST_TIMING,
                     precision="int4", reference_every=0)
     edgenas.train_predictors(db, "local", tmp_path / "pred", model=str(tiny_dir))
