@@ -25,7 +25,9 @@ def test_two_stores_merge_with_each_cell_once_and_conflicts_reported(tiny_ws, tm
         db.execute("UPDATE measurements SET median_ms = median_ms * 20 WHERE subnet_hash=? AND phase='decode'",
                    (b_cfg.config_hash(),))
     before = _digest(a), _digest(b)
-    report = merge_stores([a, b], tmp_path / "m.db", tolerance=0.5)  # run-to-run noise of a sub-millisecond cell is not a conflict
+    # a sub-millisecond cell on a busy machine swings 2-3x between sweeps (both phases seen
+    # here): only a difference past 5x is a conflict in this test, and the injected 20x is one
+    report = merge_stores([a, b], tmp_path / "m.db", tolerance=4.0)
     assert (_digest(a), _digest(b)) == before  # sources are read, never changed
     assert report.cells_added == 6 and report.cells_duplicate == 2
     assert report.devices_added == 1 and report.devices_matched == 1 and report.subnets_added == 3
