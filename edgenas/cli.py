@@ -24,7 +24,7 @@ from edgenas.clikit import (
     subparsers,
 )
 from profiler.database import exists, store_location
-from subnets.configio import read_configs
+from subnets.configio import read_config
 from subnets.errors import ConfigError
 
 # Wide enough for the tables when output goes to a file or CI log (rich assumes 80 columns).
@@ -269,12 +269,9 @@ def _model_to_evaluate(args: argparse.Namespace) -> tuple[object, object, str]:
     if args.config is None:
         base = load_base_model(args.model)
         return base.model, base.tokenizer, base.base_id
-    configs = read_configs(args.config)
-    if not 0 <= args.index < len(configs):
-        raise ConfigError(f"--index {args.index} is out of range: {args.config} has {len(configs)} configs",
-                          f"use --index 0..{len(configs) - 1}")
+    config = read_config(args.config, args.index)
     ws = _workspace(args)
-    return ws.model(configs[args.index]), ws.base.tokenizer, configs[args.index].summary()
+    return ws.model(config), ws.base.tokenizer, config.summary()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -138,6 +138,7 @@ def open_workspace(request: PipelineRequest) -> Workspace:
 def profile_and_judge(request: PipelineRequest, ws: Workspace, configs: list[SubnetConfig],
                       console: Console) -> tuple[SweepSummary, dict[tuple[Any, ...], Any], dict[str, float]]:
     """Stages 1 and 2: every config measured on the device, and its perplexity."""
+    from edgenas.clikit import progress_bar
     from edgenas.commands.profile import sweep
     from profiler.store import Store
 
@@ -149,8 +150,6 @@ def profile_and_judge(request: PipelineRequest, ws: Workspace, configs: list[Sub
                    for r in store.measurement_rows(device=summary.fingerprint)}
     finally:
         store.close()
-    from edgenas.clikit import progress_bar
-
     with progress_bar() as prog:
         task = prog.add_task("perplexity", total=len(configs))
         ppl = {}

@@ -66,29 +66,16 @@ def dequantized(w: Any, precision: str, block_size: int = 32) -> Any:
     """``SubnetWeights`` whose linear weights are exactly what a ``precision`` export holds
     (quantized then dequantized, the query's attention scale undone): torch on these computes
     what the quantized graph computes with fp32 arithmetic, so its perplexity is the
-    sub-network's quality at that precision."""
-    import dataclasses
-
-    import torch
+    sub-network's quality at that precision. A uniform precision is the uniform mix of it
+    (llama.cpp types: the embedding / LM head too; onnxruntime: the linear layers only)."""
+    from export.mix import PrecisionMix
 
     if precision in ("fp32", "f32"):
         return w
     if precision == "fp16":
         return _half(w)
-    if precision in GGUF_TYPES:
-        return _gguf_dequantized(w, precision)
-    scale = w.head_dim ** -0.5
-    layers = []
-    for lw in w.layers:
-        new = {}
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
-            t = getattr(lw, name)
-            s = scale if name == "q" else 1.0
-            arr = (t * s).t().detach().to(torch.float32).contiguous().numpy()
-            deq = quantize_int4(arr, block_size)[2] if precision == "int4" else quantize_int8(arr)[2]
-            new[name] = torch.from_numpy(deq).t().contiguous().to(t.dtype) / s
-        layers.append(dataclasses.replace(lw, **new))
-    return dataclasses.replace(w, layers=layers)
+    runtime = "llama.cpp" if precision in GGUF_TYPES else "onnxruntime"
+    return mixed_weights(w, PrecisionMix.uniform(runtime, precision, len(w.layers), block_size=block_size))
 
 
 def _half(w: Any) -> Any:
@@ -162,16 +149,6 @@ def gguf_roundtrip(t: Any, precision: str) -> Any:
         return torch.from_numpy(arr.astype(np.float16).astype(np.float32)).to(t.dtype)
     q = gguf.quants.quantize(arr, gguf_qtype(kind))
     return torch.from_numpy(gguf.quants.dequantize(q, gguf_qtype(kind)).reshape(arr.shape)).to(t.dtype)
-
-
-def _gguf_dequantized(w: Any, precision: str) -> Any:
-    import dataclasses
-
-    layers = [dataclasses.replace(lw, **{n: gguf_roundtrip(getattr(lw, n), precision)
-                                         for n in ("q", "k", "v", "o", "gate", "up", "down")}) for lw in w.layers]
-    embed = gguf_roundtrip(w.embed, precision)  # token_embd is a 2-D weight like the others (--pure)
-    head = None if w.lm_head is None else gguf_roundtrip(w.lm_head, precision)
-    return dataclasses.replace(w, layers=layers, embed=embed, lm_head=head)
 
 
 def emulate_gguf(model: Any, precision: str) -> Any:

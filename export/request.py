@@ -68,13 +68,9 @@ class ExportRequest:
         return ExportOptions(opset=self.opset, ir_version=self.ir_version, graph=self.graph, mix=onnx_mix)
 
     def subnet(self) -> SubnetConfig:
-        from subnets.configio import read_configs
+        from subnets.configio import read_config
 
-        configs = read_configs(self.config)
-        if not 0 <= self.index < len(configs):
-            raise ConfigError(f"--index {self.index} is out of range: {self.config} has {len(configs)} configs",
-                              f"use --index 0..{len(configs) - 1}")
-        return configs[self.index]
+        return read_config(self.config, self.index)
 
 
 def summarize(ws: Any, config: SubnetConfig, exported: Any, ppl: float | None, seq_len: int = 128,

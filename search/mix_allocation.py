@@ -86,24 +86,25 @@ def allocate(sens: Sensitivity, params: dict[str, int], budget: float, block_siz
     probe = PrecisionMix.uniform(sens.runtime, sens.high, sens.num_layers, block_size=block_size)
     var = [(g, k) for g in groups for k in (sens.high, *sens.lows) if k == sens.high or allowed(sens.runtime, g, k)]
     cost = np.array([sens.cost(g, k) for g, k in var])
-    if costs is not None:
-        budget -= costs.intercept
+    if costs is not None:  # the intercept is paid whatever the mix: the groups share the rest
         size = np.array([params[g] * costs.per_weight[k] for g, k in var])
+        room = budget - costs.intercept
     else:
         size = np.array([params[g] * probe.bytes_per_weight(k) for g, k in var])
-    budget_bytes = budget
+        room = budget
     one = np.zeros((len(groups), len(var)))
     for j, (g, _) in enumerate(var):
         one[groups.index(g), j] = 1.0
     lightest = sum(min(size[j] for j, (h, _) in enumerate(var) if h == g) for g in groups)
     unit = (lambda v: f"{v:.2f} (time)") if costs is not None else (lambda v: f"{v / 1e6:.1f} MB")
-    if budget_bytes < lightest:
-        raise ConfigError(f"a budget of {unit(budget_bytes)} is below the lightest mix of these types "
-                          f"({unit(lightest)})", "raise the budget, or allow lower weight types")
+    if room < lightest:
+        floor = lightest + (costs.intercept if costs is not None else 0.0)
+        raise ConfigError(f"a budget of {unit(budget)} is below the lightest mix of these types ({unit(floor)})",
+                          "raise the budget, or allow lower weight types")
     res = milp(cost, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size[None, :], -np.inf, budget_bytes)])
+               constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size[None, :], -np.inf, room)])
     if res.x is None:
-        raise ConfigError(f"no mix fits {unit(budget_bytes)} ({res.message})", "raise the budget")
+        raise ConfigError(f"no mix fits {unit(budget)} ({res.message})", "raise the budget")
     chosen = {g: k for (g, k), x in zip(var, res.x) if x > 0.5}
     return mix_of(chosen, sens.runtime, sens.high, sens.num_layers, block_size)
 
@@ -166,12 +167,12 @@ def choose_mix(request: MixRequest, progress: Any = None) -> MixChoice:
     uniform types as the runtime computes them, and write the mix's JSON to ``request.out``."""
     from export.quantize import MixArithmetic
     from search.sensitivity import measure_sensitivity
-    from subnets.configio import read_configs
+    from subnets.configio import read_config
     from subnets.workspace import Workspace
 
     ws = Workspace.open(request.model, neuron_step=request.neuron_step, eval_text=request.text,
                         eval_budget=request.quality_tokens)
-    config = ws.space.full() if request.config is None else ws.space.validate(read_configs(request.config)[request.index])
+    config = ws.space.full() if request.config is None else ws.space.validate(read_config(request.config, request.index))
     lows = tuple(request.lows.split(","))
     sens = measure_sensitivity(ws, config, request.runtime, request.high, lows, request.block_size, progress)
     params = group_params(ws.weights(config))

@@ -51,5 +51,14 @@ def read_configs(path: str | Path) -> list[SubnetConfig]:
     return out
 
 
+def read_config(path: str | Path, index: int = 0) -> SubnetConfig:
+    """The ``index``-th config of a configs file (``--configs FILE --index N``)."""
+    configs = read_configs(path)
+    if not 0 <= index < len(configs):
+        raise ConfigError(f"--index {index} is out of range: {path} has {len(configs)} configs",
+                          f"use --index 0..{len(configs) - 1}")
+    return configs[index]
+
+
 def write_configs(configs: Iterable[SubnetConfig], path: str | Path) -> None:
     Path(path).write_text("".join(c.to_json() + "\n" for c in configs))

@@ -59,6 +59,7 @@ def _accuracy(args: list[str], capsys) -> float:
 
 def test_evaluate_scores_what_the_model_computes_on_a_model_and_a_subnet(tiny_dir, tiny_base, mc_task, tmp_path,
                                                                          capsys):
+    # mc_task: for its isolated datasets cache (the items are written below)
     from subnets.workspace import Workspace
 
     task = tmp_path / "arith.jsonl"

@@ -65,13 +65,9 @@ class FinetuneRequest:
         self.subnet()  # a missing file or an index out of range, before any work
 
     def subnet(self) -> SubnetConfig:
-        from subnets.configio import read_configs
+        from subnets.configio import read_config
 
-        configs = read_configs(self.config)
-        if not 0 <= self.index < len(configs):
-            raise ConfigError(f"--index {self.index} is out of range: {self.config} has {len(configs)} configs",
-                              f"use --index 0..{len(configs) - 1}")
-        return configs[self.index]
+        return read_config(self.config, self.index)
 
 
 def latency_objective(request: SupernetRequest, base_id: str) -> Any:
