@@ -115,22 +115,29 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
 
 def _pipeline_args(s: argparse.ArgumentParser) -> None:
     _add_model(s)
-    add_reconstruct(s)
-    s.add_argument("--samples", "--n", dest="n", type=int, default=24,
-                   help="sampled sub-networks to profile besides the full model")
+    add_reconstruct(s, default=True)
+    s.add_argument("--samples", "--n", dest="n", type=int, default=12,
+                   help="sampled sub-networks to profile at fp32 besides the full model (default 12)")
+    s.add_argument("--transfer-samples", type=int, default=5,
+                   help="sub-networks profiled at each other precision, the full model among them: that precision's "
+                        "predictors are the fp32 ones rescaled to them (default 5)")
     s.add_argument("--seed", type=int, default=0)
     add_granularity(s, "the sampled and searched sub-networks")
     s.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     s.add_argument("--host", default="local", help="device to profile on (default: this machine's CPU)")
     s.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     s.add_argument("--workload", default="128,64", help="S,N for the search: a prompt of S tokens, N generated")
-    s.add_argument("--budget-share", type=float, default=0.85,
-                   help="latency budget as a share of the full model's (default 0.85: below ~0.8 no SmolLM2 sub-network "
-                        "is usable without retraining)")
+    s.add_argument("--budget-share", type=float, default=None,
+                   help="latency budget as a share of the full fp32 model's predicted latency (default: 85%% of the "
+                        "fastest full-model deployment's, so that neither a precision nor a cut alone is the answer)")
     s.add_argument("--evals", type=int, default=40, help="perplexity evaluations the search may spend")
-    s.add_argument("--verify", type=int, default=3, help="front points measured on the device")
-    s.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
-                   help="weights of the deployed graphs (onnxruntime): profiled, predicted and judged for quality at it")
+    s.add_argument("--verify", type=int, default=3,
+                   help="deployments measured on the device: up to K tries for the recommendation, and the best "
+                        "obvious alternatives (0: by prediction alone)")
+    s.add_argument("--precision", default="auto",
+                   help="deployment precisions searched, comma-separated: onnxruntime fp32, fp16, int8, int4; llama.cpp "
+                        "f32, f16, q8_0, q4_0 (default auto: fp32,int8,int4, plus q8_0,q4_0 where llama.cpp's tools "
+                        "are on this machine)")
     s.add_argument("--max-perplexity", default="3x", metavar="PPL|Rx",
                    help="quality ceiling for the search, a perplexity or a multiple of the full model's (default 3x)")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
@@ -238,10 +245,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
-def cmd_pipeline(args: argparse.Namespace) -> None:
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Exit 1 when the constraints admit no deployment (the table names the nearest)."""
     from edgenas.pipeline import PipelineRequest, run_pipeline
 
-    run_pipeline(request_from_args(PipelineRequest, args), out_console)
+    result = run_pipeline(request_from_args(PipelineRequest, args), out_console)
+    return 0 if result.recommendation.chosen is not None else 1
 
 
 def _fmt_ppl(p: float) -> str:

@@ -108,12 +108,13 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Ca
         return 130
 
 
-def add_reconstruct(p: argparse.ArgumentParser) -> None:
-    """``--reconstruct``: sub-networks' output projections refitted (``subnets.reconstruct``)."""
-    p.add_argument("--reconstruct", action="store_true",
+def add_reconstruct(p: argparse.ArgumentParser, default: bool = False) -> None:
+    """``--reconstruct``: sub-networks' output projections refitted (``subnets.reconstruct``);
+    where it is on by default, ``--no-reconstruct`` turns it off."""
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction if default else "store_true", default=default,
                    help="refit each sub-network's attention and MLP output projections by least squares to what the "
                         "full model's layers computed on calibration text (training-free; statistics collected once "
-                        "per base model and cached)")
+                        "per base model and cached)" + ("; on by default, --no-reconstruct turns it off" if default else ""))
 
 
 def add_graph(p: argparse.ArgumentParser, what: str) -> None:

@@ -12,18 +12,20 @@ same typed request and library function its own command runs: ``SweepRequest`` -
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from export.quantize import GGUF_TYPES
 from predictor.fitting import PhaseReport, PredictorRequest
 from predictor.workload import Workload
 from profiler.request import SweepRequest
 from profiler.sweep import SweepSummary
-from search.request import SearchRequest, parse_ceiling
+from search.recommendation import Recommendation
+from search.request import SearchRequest, check_precisions, parse_ceiling
 from search.run import SearchOutcome
 from subnets.config import SubnetConfig
 from subnets.cost import cost
@@ -31,7 +33,8 @@ from subnets.errors import ConfigError
 from subnets.space import DEFAULT_GRANULARITY
 from subnets.workspace import Workspace
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+ONNX_DEPLOYMENTS = ("fp32", "int8", "int4")
+LLAMA_CPP_DEPLOYMENTS = ("q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -40,18 +43,19 @@ class PipelineRequest:
 
     model: str = "smollm2"
     neuron_step: int = 64
-    reconstruct: bool = False
-    n: int = 24
+    reconstruct: bool = True
+    n: int = 12
+    transfer_samples: int = 5
     seed: int = 0
     granularity: str = DEFAULT_GRANULARITY
     out: Path = Path("runs/pipeline")
     host: str = "local"
     threads: int = 1
     workload: str = "128,64"
-    budget_share: float = 0.85
+    budget_share: float | None = None
     evals: int = 40
     verify: int = 3
-    precision: str = "fp32"
+    precision: str = "auto"
     max_perplexity: str | None = "3x"
     quality_tokens: int = 1024
     min_time: float = 1.0
@@ -62,54 +66,76 @@ class PipelineRequest:
         object.__setattr__(self, "out", Path(self.out))
         Workload.parse(self.workload)
         parse_ceiling(self.max_perplexity, 1.0)
-        if not 0 < self.budget_share <= 1:
+        if self.budget_share is not None and not 0 < self.budget_share <= 1:
             raise ConfigError(f"--budget-share {self.budget_share} is not a share of the full model's latency",
-                              "pass a number in (0, 1], e.g. --budget-share 0.85")
+                              "pass a number in (0, 1], e.g. --budget-share 0.5")
         if self.n < 12:
             raise ConfigError(f"--samples {self.n} is too few: the predictors are cross-validated by sub-network and "
-                              "need 13 or more (the full model and the samples)", "pass --samples 12 or more (default 24)")
+                              "need 13 or more (the full model and the samples)", "pass --samples 12 or more (default 12)")
         for flag, value, least in (("--evals", self.evals, 1), ("--verify", self.verify, 0),
                                    ("--threads", self.threads, 1), ("--quality-tokens", self.quality_tokens, 1),
-                                   ("--train-steps", self.train_steps, 0)):
+                                   ("--train-steps", self.train_steps, 0), ("--transfer-samples", self.transfer_samples, 3)):
             if value < least:
                 raise ConfigError(f"{flag} {value} is below {least}", f"pass {flag} {least} or more")
         if not self.min_time > 0:
             raise ConfigError(f"--min-time {self.min_time} is not positive", "pass --min-time 1 (seconds per cell)")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r} is not an onnxruntime precision",
-                              f"use one of {', '.join(PRECISIONS)}")
+        if self.precision != "auto":
+            check_precisions(self.precision)
 
     @property
     def db(self) -> Path:
         return self.out / "measurements.db"
 
-    @property
-    def predictors(self) -> Path:
-        return self.out / "predictors" / self.host
+    def precisions(self) -> tuple[str, ...]:
+        """The deployments searched: ``auto`` is onnxruntime fp32, int8 and int4, and llama.cpp
+        Q8_0 and Q4_0 where this machine (``--host local``) has llama.cpp's tools."""
+        if self.precision != "auto":
+            return check_precisions(self.precision)
+        from profiler.hosts import local_llama_cpp
+
+        gguf = LLAMA_CPP_DEPLOYMENTS if self.host == "local" and local_llama_cpp() else ()
+        return (*ONNX_DEPLOYMENTS, *gguf)
+
+    def predictors(self, precision: str = "fp32") -> Path:
+        """The predictor folder of one deployment precision (fp32: the architecture sweep's)."""
+        root = self.out / "predictors"
+        return root / self.host if precision == "fp32" else root / f"{self.host}-{precision}"
 
     def past_lens(self) -> tuple[int, ...]:
         wl = Workload.parse(self.workload)
         return tuple(int(p) for p in wl.decode_points()) or (wl.prompt_len,)
 
-    def sweep(self) -> SweepRequest:
-        """Prefill at the workload's prompt length, decode steps at the past lengths the
-        search's latency objective samples; the reference every 10 jobs."""
+    def sweep(self, precision: str = "fp32") -> SweepRequest:
+        """fp32: prefill at the workload's prompt length, decode steps at the past lengths the
+        search's latency objective samples. Another precision: its predictor is the fp32
+        one's terms rescaled, so one decode length (the middle one) is enough."""
+        past = self.past_lens()
         return SweepRequest(host=self.host, model=self.model, neuron_step=self.neuron_step,
-                            seq_len=(Workload.parse(self.workload).prompt_len,), past_len=self.past_lens(),
-                            threads=self.threads, precision=None if self.precision == "fp32" else self.precision,
+                            seq_len=(Workload.parse(self.workload).prompt_len,),
+                            past_len=past if precision == "fp32" else (past[len(past) // 2],),
+                            threads=self.threads, backend="llama.cpp" if precision in GGUF_TYPES else None,
+                            precision=None if precision == "fp32" else precision,
                             reference_every=10, min_time=self.min_time, max_time=max(20.0, 4 * self.min_time),
                             decode_min_time=3 * self.min_time, decode_sessions=3, db=self.db)
 
-    def predictor_training(self) -> PredictorRequest:
-        return PredictorRequest(device=self.host, db=self.db, out=self.predictors, model=self.model)
+    def predictor_training(self, precision: str = "fp32") -> PredictorRequest:
+        """fp32: trained on the architecture sweep; another precision: transferred from it."""
+        from profiler.hosts import resolve_host
+
+        tag = self.sweep(precision).spec(resolve_host(self.host)).backend_tag
+        if precision == "fp32":
+            return PredictorRequest(device=self.host, db=self.db, out=self.predictors(), model=self.model, backend=tag)
+        return PredictorRequest(device=self.host, db=self.db, out=self.predictors(precision), model=self.model,
+                                backend=tag, transfer_from=self.predictors(), include_unstable=True)
 
     def search(self, budget_ms: float) -> SearchRequest:
-        return SearchRequest(device=self.host, predictor=(self.predictors,), latency_budget_ms=budget_ms,
-                             workload=self.workload, evals=self.evals, granularity=self.granularity,
-                             reconstruct=self.reconstruct, max_perplexity=self.max_perplexity, verify=self.verify,
-                             host=self.host, db=self.db, out=self.out / "search", model=self.model,
-                             neuron_step=self.neuron_step, seed=self.seed, quality_tokens=self.quality_tokens,
-                             text=self.text, precision=self.precision)
+        precisions = self.precisions()
+        return SearchRequest(device=self.host, predictor=tuple(self.predictors(p) for p in precisions),
+                             latency_budget_ms=budget_ms, workload=self.workload, evals=self.evals,
+                             granularity=self.granularity, reconstruct=self.reconstruct,
+                             max_perplexity=self.max_perplexity, verify=0, host=self.host, db=self.db,
+                             out=self.out / "search", model=self.model, neuron_step=self.neuron_step, seed=self.seed,
+                             quality_tokens=self.quality_tokens, text=self.text, precision=",".join(precisions))
 
 
 @dataclass
@@ -119,7 +145,10 @@ class PipelineResult:
     predictors: dict[str, PhaseReport]
     search: SearchOutcome
     budget_ms: float
+    recommendation: Recommendation
     report: Path | None = None
+    # each other precision's transferred predictors
+    transferred: dict[str, dict[str, PhaseReport]] = field(default_factory=dict)
 
 
 def _fmt_ppl(p: float) -> str:
@@ -127,12 +156,9 @@ def _fmt_ppl(p: float) -> str:
 
 
 def open_workspace(request: PipelineRequest) -> Workspace:
-    """The base model, judged at the request's precision (a view: one loaded model)."""
-    from export.quantize import at_precision
-
-    ws = Workspace.open(request.model, neuron_step=request.neuron_step, eval_text=request.text,
-                        eval_budget=request.quality_tokens, reconstruct=request.reconstruct)
-    return at_precision(ws, request.precision)
+    """The base model (refitted unless --no-reconstruct); the search views it at each precision."""
+    return Workspace.open(request.model, neuron_step=request.neuron_step, eval_text=request.text,
+                          eval_budget=request.quality_tokens, reconstruct=request.reconstruct)
 
 
 def profile_and_judge(request: PipelineRequest, ws: Workspace, configs: list[SubnetConfig],
@@ -214,28 +240,118 @@ def train_stage(request: PipelineRequest, ws: Workspace, objective: Any, console
     return trained.reconstructing(ws.reconstruct).at_precision(ws.arithmetic)
 
 
-def search_stage(request: PipelineRequest, ws: Workspace, console: Console) -> tuple[SearchOutcome, float]:
-    """Stage 4: the budget (a share of the full model's predicted workload latency), the
-    optional recovery training, the search, and verification on the device."""
-    from edgenas.commands.search import run_with_progress
+def architecture_predictors(request: PipelineRequest, console: Console) -> dict[str, PhaseReport]:
+    """The fp32 predictors on the stable cells; on a machine so busy that too few are stable,
+    on every cell (an unstable cell's interval missed the target, its median still counts)."""
+    from dataclasses import replace
+
+    from predictor.errors import DataError
+    from predictor.fitting import train_predictors
+
+    try:
+        return train_predictors(request.predictor_training())
+    except DataError as e:
+        console.print(f"[yellow]{e.problem}[/]: training on the unstable cells too (a quieter machine measures better)")
+        return train_predictors(replace(request.predictor_training(), include_unstable=True))
+
+
+def transfer_configs(ws: Workspace, configs: list[SubnetConfig], k: int) -> list[SubnetConfig]:
+    """What another precision is measured on to rescale the fp32 predictor's terms: the full
+    model, the shapes recommendations are most often made of (uniform width at three and two
+    quarters of the neurons, a quarter of the layers dropped), then samples spread over size."""
+    from search.baselines import baseline_configs
+    from subnets.cost import count_params
+
+    shapes = baseline_configs(ws, width_points=4, depth_points=4)
+    chosen = [configs[0], *shapes["uniform width"][1:3], shapes["layer dropping"][1]][:k]
+    rest = sorted((c for c in configs[1:] if c not in chosen), key=lambda c: count_params(c, ws.space.dims))
+    more = k - len(chosen)
+    if more > 0 and rest:
+        idx = sorted({round((i + 0.5) * len(rest) / more - 0.5) for i in range(more)})
+        chosen += [rest[min(i, len(rest) - 1)] for i in idx]
+    return chosen
+
+
+def precision_stage(request: PipelineRequest, ws: Workspace, configs: list[SubnetConfig],
+                    console: Console) -> dict[str, dict[str, PhaseReport]]:
+    """Each other deployment precision measured on a few sub-networks, and its predictors
+    transferred from the fp32 ones (their terms rescaled to these measurements)."""
+    from edgenas.commands.profile import sweep
+    from predictor.fitting import train_predictors
+
+    chosen = transfer_configs(ws, configs, request.transfer_samples)
+    out = {}
+    for precision in request.precisions():
+        if precision == "fp32":
+            continue
+        summary = sweep(request.sweep(precision), ws, chosen).boards[0]
+        out[precision] = train_predictors(request.predictor_training(precision))
+        within = ", ".join(f"{ph} {r.comparison['edgenas predictor']['within_5pct']:.0%}" for ph, r in out[precision].items())
+        console.print(f"{precision}: {len(chosen)} sub-networks profiled ({summary.seconds['total']:.0f} s); predictors "
+                      f"transferred from fp32, held-out within ±5%: {within}")
+    return out
+
+
+def budget_stage(request: PipelineRequest, ws: Workspace, console: Console) -> float:
+    """The latency budget: ``--budget-share`` of the full fp32 model's predicted workload
+    latency; by default halfway between the bounds of the two fastest full-model deployments,
+    where the faster precision alone fits and the slower one needs a cut or a precision mix."""
     from predictor.features import ConfigBatch
     from predictor.workload import LatencyObjective
 
-    objective = LatencyObjective.load(request.predictors, Workload.parse(request.workload), request.host,
-                                      ws.base.base_id)
-    full_ms = float(objective.predict(ConfigBatch.from_configs([ws.space.full()], ws.space.dims.num_layers))[0])
-    budget = round(request.budget_share * full_ms, 1)
+    wl, full = Workload.parse(request.workload), ConfigBatch.from_configs([ws.space.full()], ws.space.dims.num_layers)
+    predicted, bound = {}, {}
+    for p in dict.fromkeys(("fp32", *request.precisions())):
+        objective = LatencyObjective.load(request.predictors(p), wl, request.host, ws.base.base_id)
+        (predicted[p],), (bound[p],) = (v.astype(float) for v in objective.predict_both(full))
+    fastest = sorted(request.precisions(), key=bound.__getitem__)
+    if request.budget_share is not None:
+        budget, rule = request.budget_share * predicted["fp32"], f"{request.budget_share:.0%} of the full fp32 model's"
+    elif len(fastest) > 1:
+        budget, rule = (bound[fastest[0]] + bound[fastest[1]]) / 2, f"halfway between full {fastest[0]} and {fastest[1]}"
+    else:
+        budget, rule = 0.85 * bound[fastest[0]], f"85% of the full {fastest[0]} model's bound"
+    console.print(f"full model, predicted (bound) for workload {request.workload}: "
+                  + ", ".join(f"{p} {predicted[p]:.0f} ({bound[p]:.0f}) ms" for p in bound)
+                  + f"; budget {rule} = {budget:.1f} ms")
+    return round(float(budget), 1)
+
+
+def search_stage(request: PipelineRequest, ws: Workspace, budget: float,
+                 console: Console) -> tuple[SearchOutcome, Workspace]:
+    """Stage 4: the optional recovery training, then the search over architecture x
+    precision under the budget; returns the outcome and the weights it judged."""
+    from edgenas.commands.search import run_with_progress
+    from predictor.workload import LatencyObjective
+
     if request.train_steps > 0:
+        objective = LatencyObjective.load(request.predictors(), Workload.parse(request.workload), request.host,
+                                          ws.base.base_id)
         ws = train_stage(request, ws, objective, console)
-    console.print(f"search: full model predicted {full_ms:.0f} ms for workload {request.workload}; budget "
-                  f"{request.budget_share:.0%} of it = {budget} ms")
-    return run_with_progress(request.search(budget), ws, console), budget
+    return run_with_progress(request.search(budget), ws, console), ws
+
+
+def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutcome) -> Recommendation:
+    """Stage 5: the deployment to ship among the searched, the obvious and the full model's
+    precision mixes, and the obvious alternatives, measured on the device."""
+    from search.deployments import setup
+    from search.mix_deployments import mix_choices
+    from search.recommendation import candidates, recommend
+    from search.verify import measure_on_device
+
+    _, deps, _ = setup(outcome.request, ws)
+    by_precision = {d.precision: d for d in deps}
+    budget = outcome.request.latency_budget_ms
+    pool = candidates(outcome.front, outcome.baselines, ws.space.dims, deps[0].precision)
+    pool += mix_choices(deps[0].ws, by_precision, budget)
+    measure = measure_on_device(by_precision, request.host, request.db, budget) if request.verify else None
+    return recommend(pool, budget, outcome.ceiling, outcome.full_perplexity, measure, tries=max(1, request.verify))
 
 
 def run_pipeline(request: PipelineRequest, console: Console) -> PipelineResult:
     from edgenas.commands.predictor import render_training
+    from edgenas.recommendation_view import render_recommendation, write_recommendation
     from edgenas.report import write_report
-    from predictor.fitting import train_predictors
 
     ws = open_workspace(request)
     configs = [ws.space.full(), *ws.space.sample(request.n, request.seed, granularity=request.granularity,
@@ -249,9 +365,15 @@ def run_pipeline(request: PipelineRequest, console: Console) -> PipelineResult:
                   f"{summary.subnets_per_hour:.0f} sub-networks/hour")
     (request.out / "subnets.json").write_text(json.dumps(rows, indent=1))
     console.print(f"results: {request.out / 'subnets.json'}, measurements: {request.db}")
-    predictors = train_predictors(request.predictor_training())
+    predictors = architecture_predictors(request, console)
     render_training(predictors, console)
-    outcome, budget = search_stage(request, ws, console)
-    result = PipelineResult(rows, summary, predictors, outcome, budget, write_report(request.out))
+    transferred = precision_stage(request, ws, configs, console)
+    budget = budget_stage(request, ws, console)
+    outcome, judged = search_stage(request, ws, budget, console)
+    rec = recommend_stage(request, judged, outcome)
+    write_recommendation(request, judged, rec)
+    render_recommendation(rec, request, console)
+    result = PipelineResult(rows, summary, predictors, outcome, budget, rec, write_report(request.out),
+                            transferred=transferred)
     console.print(f"report: {result.report}")
     return result

@@ -75,7 +75,8 @@ def _predictor_section(run: Path) -> str:
         meta = json.loads(meta_path.read_text())
         m = meta.get("metrics") or {}
         bound = (meta.get("fit_info") or {}).get("bound") or {}
-        out.append(f"<h3>{_esc(meta['device_name'])}, {_esc(meta['phase'])}</h3>")
+        out.append(f"<h3>{_esc(meta['device_name'])}, {_esc(m.get('backend') or '')}, {_esc(meta['phase'])}"
+                   + (" (transferred)" if (meta_path.parent / "prior").is_dir() else "") + "</h3>")
         out.append(f"<p>{_esc(m.get('n'))} measurements at {_esc(m.get('threads'))} thread(s), back-end "
                    f"<code>{_esc(m.get('backend'))}</code>, protocol <code>{_esc(m.get('protocol'))}</code>; "
                    f"bound: {bound.get('method', '-')} at nominal {_fmt(bound.get('nominal', 0) * 100, 0)}%, "
@@ -128,6 +129,34 @@ def _search_section(run: Path) -> str:
     return "".join(out)
 
 
+def _recommendation_section(run: Path) -> str:
+    path = run / "recommendation.json"
+    if not path.is_file():
+        return ""
+    rec = json.loads(path.read_text())
+    out = ["<h2>What to ship</h2>"]
+    chosen = rec.get("chosen")
+    cap = rec.get("max_perplexity")
+    limits = f"latency budget {_fmt(rec['budget_ms'])} ms" + (f", perplexity within {_fmt(cap)}" if cap else "")
+    if chosen:
+        out.append(f"<p><b>{_esc(chosen['summary'])} at {_esc(chosen['precision'])} on {_esc(chosen['runtime'])}</b>: "
+                   f"perplexity {_fmt(chosen['perplexity'])}, measured {_fmt(chosen.get('measured_ms'))} ms ({limits}); "
+                   "files in <code>ship/</code>.</p>")
+    else:
+        out.append(f"<p class='bad'>Nothing meets both limits ({_esc(limits)}); relax: {_esc(rec.get('relax'))}.</p>")
+    rows = [(role, c) for role, cs in (("ship", [chosen] if chosen else []), ("instead of", rec.get("alternatives", [])),
+                                       ("set aside", rec.get("rejected", [])), ("nearest", rec.get("nearest", [])))
+            for c in cs]
+    out.append(_table(["", "deployment", "architecture", "MB", "perplexity", "predicted ms", "bound ms", "measured ms",
+                       "ppl gain", "latency cut"],
+                      [[role, f"{c['family']} @ {c['precision']}", c["summary"], _fmt(c["size_mb"], 0),
+                        _fmt(c["perplexity"]), _fmt(c["predicted_ms"]), _fmt(c["upper_ms"]), _fmt(c.get("measured_ms")),
+                        "-" if c.get("ppl_gain") is None else f"{100 * c['ppl_gain']:+.0f}%",
+                        "-" if c.get("latency_cut") is None else f"{100 * c['latency_cut']:+.0f}%"]
+                       for role, c in rows]))
+    return "".join(out)
+
+
 def _settings_section(run: Path) -> str:
     import platform
 
@@ -154,7 +183,8 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     run = Path(run)
     out = out or run / "report.html"
     body = "".join([f"<h1>edgenas run: {_esc(run.resolve().name)}</h1>",
-                    f"<p class='note'>{_esc(run.resolve())}</p>", _device_section(run), _predictor_section(run),
+                    f"<p class='note'>{_esc(run.resolve())}</p>", _recommendation_section(run), _device_section(run),
+                    _predictor_section(run),
                     _search_section(run), _settings_section(run)])
     out.write_text(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgenas report</title>"
                    f"<style>{CSS}</style></head><body>{body}</body></html>")

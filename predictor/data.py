@@ -139,8 +139,10 @@ def _one_protocol(rows: list[dict], device: str, phase: str, threads: int | None
         protocols = store.protocols()
         others = ", ".join(f"{n} at {t} thread(s) {b} under {_describe(protocols, p)}"
                            for (t, b, p), n in counts.items() if (t, b, p) != want)
-        log.info("%s %s: using the %d measurements at %d thread(s) %s under %s (the store also has %s)", device, phase,
-                 counts[want], want[0], want[1], _describe(protocols, want[2]), others)
+        # said when the choice was the store's (the most measured), not the caller's
+        (log.debug if backend is not None else log.info)(
+            "%s %s: using the %d measurements at %d thread(s) %s under %s (the store also has %s)", device, phase,
+            counts[want], want[0], want[1], _describe(protocols, want[2]), others)
     return [r for r in rows if (r["threads"], r["backend"], r["protocol"]) == want]
 
 

@@ -30,21 +30,25 @@ def _splitter(k: int, seed: int) -> Any:
     return GroupKFold(n_splits=k, shuffle=True, random_state=seed)
 
 
-def choose_folds(m: Measurements, k_max: int) -> int:
-    """The most folds (at most ``k_max``) that still leave every training split at least
-    ``MIN_TRAIN`` measurements."""
+def choose_folds(m: Measurements, k_max: int, least: int | None = None) -> int:
+    """The most folds (at most ``k_max``, else the fewest that can) that still leave every
+    training split at least ``least`` measurements (default ``MIN_TRAIN``; a transferred
+    predictor needs fewer)."""
     import math
 
     from predictor.errors import DataError
     from predictor.model import MIN_TRAIN
 
+    least = MIN_TRAIN if least is None else least
     groups = len(set(m.subnet_hashes.tolist()))
     per_group = len(m) / max(groups, 1)
-    for k in range(min(k_max, groups), 1, -1):
-        if (groups - math.ceil(groups / k)) * per_group >= MIN_TRAIN:
+    # the most folds up to k_max; with few sub-networks, more folds (smaller held-out folds,
+    # up to leave-one-out) rather than none
+    for k in [*range(min(k_max, groups), 1, -1), *range(k_max + 1, groups + 1)]:
+        if (groups - math.ceil(groups / k)) * per_group >= least:
             return k
     raise DataError(f"{len(m)} measurements of {groups} sub-networks are too few to train and cross-validate a "
-                    f"{m.phase} predictor (each split needs {MIN_TRAIN} to train on)",
+                    f"{m.phase} predictor (each split needs {least} to train on)",
                     "profile more sub-networks: profile-device --samples 20")
 
 

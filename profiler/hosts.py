@@ -47,6 +47,10 @@ class HostSpec:
         return f"{self.user + '@' if self.user else ''}{self.hostname}:{self.port}{via}"
 
 
+# the llama-cpp-python release whose vendored llama.cpp scripts/build_llama_cpp.sh builds
+LLAMA_CPP_BUILD = "0.3.36"
+
+
 def default_inventory() -> Path:
     env = os.environ.get("EDGENAS_INVENTORY")
     if env:
@@ -140,7 +144,8 @@ def resolve_host(name: str, inventory: Path | None = None, ssh_config: Path | No
     ssh_config = ssh_config or default_ssh_config()
     inv = _load_inventory(inventory).get(name)
     if name == "local" and inv is None:
-        return HostSpec("local", "local", python=sys.executable, remote_dir=str(_local_root()))
+        return HostSpec("local", "local", python=sys.executable, remote_dir=str(_local_root()),
+                        llama_cpp=local_llama_cpp())
     ssh = None
     alias = name
     if inv is not None and inv.get("hostname"):
@@ -184,7 +189,25 @@ def resolve_host(name: str, inventory: Path | None = None, ssh_config: Path | No
     return replace(spec, backend=str(inv.get("backend", spec.backend)),
                    threads=int(inv["threads"]) if "threads" in inv else None,
                    agent_memory_mb=int(inv["agent_memory_mb"]) if "agent_memory_mb" in inv else None,
-                   llama_cpp=str(inv["llama_cpp"]) if "llama_cpp" in inv else None)
+                   llama_cpp=str(inv["llama_cpp"]) if "llama_cpp" in inv else
+                   (local_llama_cpp() if spec.kind == "local" else None))
+
+
+def local_llama_cpp() -> str | None:
+    """This machine's llama.cpp tools: $EDGENAS_LLAMA_CPP, llama-bench on PATH, or the folder
+    ``scripts/build_llama_cpp.sh`` builds into (None: none of them)."""
+    import shutil
+
+    from subnets.paths import cache_dir
+
+    env = os.environ.get("EDGENAS_LLAMA_CPP")
+    if env:
+        return env
+    on_path = shutil.which("llama-bench")
+    if on_path:
+        return str(Path(on_path).parent)
+    built = cache_dir() / "llama.cpp" / LLAMA_CPP_BUILD / "bin"
+    return str(built) if (built / "llama-bench").is_file() else None
 
 
 def _local_root() -> Path:

@@ -63,6 +63,9 @@ class SweepSpec:
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
     gpu_layers: int = 0  # llama.cpp: layers offloaded to the board's GPU (-ngl)
     graph: str = "plain"  # onnxruntime: "plain" operators, or "fused" contrib decoder operators (GroupQueryAttention)
+    # llama.cpp: each tensor group at its own type (an export.mix.PrecisionMix for the swept
+    # sub-network's kept layers) in place of one precision; stored as the back-end llama.cpp:mix-<digest>
+    mix: Any = None
 
     def check(self) -> None:
         """Settings the back-end cannot run, refused before anything is measured."""
@@ -71,6 +74,9 @@ class SweepSpec:
         if self.is_llama_cpp and (self.paired or self.batch != 1):
             raise ConfigError("llama-bench times one sequence at a time, alone",
                               "drop --paired and --batch with --backend llama.cpp")
+        if self.mix is not None and not self.is_llama_cpp:
+            raise ConfigError(f"a precision mix is swept on llama.cpp here, not on {self.backend}",
+                              "profile the mix with --backend llama.cpp")
         ok = (("fp16", "fp32") if self.is_tensorrt else GGUF_PRECISIONS if self.is_llama_cpp
               else ONNX_PRECISIONS)
         if self.resolved_precision not in ok:
@@ -98,7 +104,7 @@ class SweepSpec:
         precisions existed; int4 carries its block size)."""
         p = self.resolved_precision
         if self.is_llama_cpp:
-            return p
+            return p if self.mix is None else f"mix-{self.mix.digest()}"
         if self.is_tensorrt or p == "fp32":
             return None
         return f"int4-b{self.block_size}" if p == "int4" else p
@@ -110,7 +116,7 @@ class SweepSpec:
         if self.is_tensorrt:
             return f"{self.backend}:{self.resolved_precision}"
         if self.is_llama_cpp:  # a GGUF weight type; layers offloaded to a GPU are another back-end
-            return f"{self.backend}:{self.resolved_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
+            return f"{self.backend}:{self.weights_precision}" + (f":ngl{self.gpu_layers}" if self.gpu_layers else "")
         tag = self.backend if self.graph_opt == "all" else f"{self.backend}:opt-{self.graph_opt}"
         if self.graph != "plain":
             tag = f"{tag}:{self.graph}"
@@ -255,7 +261,7 @@ def board_gguf_options(hello: dict[str, Any], spec: SweepSpec) -> GgufOptions:
         if spec.gpu_layers and not binding.get("gpu_offload"):
             raise HostError("the board's llama-cpp-python was built without GPU offload",
                             "reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (Jetson), or drop --gpu-layers")
-        return GgufOptions(precision=spec.resolved_precision, weights=spec.weights)
+        return GgufOptions(precision=spec.resolved_precision, weights=spec.weights, mix=spec.mix)
     if not info.get("llama_bench"):
         also = " (it has llama-cpp-python: --backend llama.cpp-py times through that)" if binding.get("version") else ""
         raise HostError("the board has no llama.cpp llama-bench (not on PATH, nor where the inventory's llama_cpp "
@@ -265,7 +271,7 @@ def board_gguf_options(hello: dict[str, Any], spec: SweepSpec) -> GgufOptions:
     if spec.gpu_layers and devices == ["CPU"]:
         raise HostError("the board's llama.cpp build has no GPU back-end (devices: CPU)",
                         "rebuild llama.cpp with -DGGML_CUDA=ON (Jetson) or -DGGML_VULKAN=ON, or drop --gpu-layers")
-    return GgufOptions(precision=spec.resolved_precision, weights=spec.weights)
+    return GgufOptions(precision=spec.resolved_precision, weights=spec.weights, mix=spec.mix)
 
 
 def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOptions | GgufOptions:

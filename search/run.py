@@ -72,6 +72,7 @@ class SearchOutcome:
             "full_perplexity": self.full_perplexity,
             "max_perplexity": None if math.isinf(self.ceiling) else self.ceiling, "study": res.study_name,
             "storage": self.storage, "workers": self.request.workers, "ppl_evaluations": res.ppl_evaluations,
+            "trials": len(res.points) + res.repeats, "repeats": res.repeats,
             "bound": self.bound, "judged": self.judged}
         if self.baselines:
             d["baselines"], d["matched"] = self.baselines, self.matched
@@ -115,7 +116,7 @@ def _search(request: SearchRequest, ws: Workspace | None, storage: StudyStorage,
                             deps[0].objective.bound(), storage.described, judged=judged(ws))
     if not request.no_baselines:
         progress(request.evals, request.evals, "baselines")
-        outcome.baselines = _baselines(deps, ws, quality, storage)
+        outcome.baselines = _baselines(deps, ws, quality, storage, request.latency_budget_ms)
         outcome.matched = compare_at_matched_quality(res.front, outcome.baselines, request.latency_budget_ms)
     if request.verify > 0 and res.front:
         outcome.verified = _verify(request, deps, res.front, outcome.shown)
@@ -153,21 +154,22 @@ def _study(request: SearchRequest, ws: Workspace, deps: list[Deployment], storag
         others = pool.join()
         done = collect(optuna.load_study(study_name=res.study_name, storage=storage.optuna()), ws.precision,
                        len(deps) > 1, 1e5, request.latency_budget_ms)
-        res.points, res.front, res.hypervolume = done.points, done.front, done.hypervolume
+        res.points, res.front, res.hypervolume, res.repeats = done.points, done.front, done.hypervolume, done.repeats
         res.ppl_evaluations += sum(o["evaluations"] for o in others)
     return res
 
 
-def _baselines(deps: list[Deployment], ws: Workspace, quality: Any,
-               storage: StudyStorage) -> dict[str, list[dict[str, Any]]]:
-    """Each hand-made baseline at each precision, judged like the searched points."""
+def _baselines(deps: list[Deployment], ws: Workspace, quality: Any, storage: StudyStorage,
+               budget_ms: float) -> dict[str, list[dict[str, Any]]]:
+    """Each hand-made baseline at each precision, judged like the searched points (over the
+    budget, only the full model)."""
     from search.baselines import evaluate_baselines
 
     out: dict[str, list[dict[str, Any]]] = {}
     for d in deps:
         q = quality if d.ws is ws else shared_quality(storage, d.ws)
-        for name, pts in evaluate_baselines(d.ws, d.objective, q).items():
-            out[name if len(deps) == 1 else f"{name} @ {d.precision}"] = pts
+        for name, pts in evaluate_baselines(d.ws, d.objective, q, budget_ms).items():
+            out[name if len(deps) == 1 else f"{name} @ {d.precision}"] = [p | {"precision": d.precision} for p in pts]
     return out
 
 

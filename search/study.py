@@ -75,6 +75,7 @@ class SearchResult:
     ppl_evaluations: int = 0
     study_name: str = ""
     resumed: str = ""  # what happened to the study, for the user: resumed, new, or new because X changed
+    repeats: int = 0  # trials that proposed a (config, precision) already judged: told, not evaluated again
 
 
 def study_identity(ws: Any, objective: LatencyObjective, algorithm: str, granularity: str, seed: int,
@@ -191,6 +192,9 @@ class _Loop:
         self.worker, self.mixed, self.me = worker, len(deps) > 1, owner_id()
         self.t_pred = self.t_quality = 0.0
         self.best: dict[str, Any] | None = None
+        # (config, precision) pairs the study has judged: a repeat is told its values again
+        # (from the shared cache) but does not spend an evaluation
+        self.seen = {(t.user_attrs.get("config"), t.user_attrs.get("precision")) for t in self.done_trials()}
 
     def done_trials(self) -> list[Any]:
         import optuna
@@ -229,13 +233,17 @@ class _Loop:
         ppl = self.qualities[dep.precision](config) if evaluate else INFEASIBLE_PPL
         self.t_quality += time.perf_counter() - a
         feasible = evaluate and ppl <= lim.max_perplexity
+        key = (config.to_json(), dep.precision)
+        repeat = key in self.seen
+        self.seen.add(key)
         trial.set_constraint("perplexity", (ppl - lim.max_perplexity) if math.isfinite(lim.max_perplexity) else -1.0)
         trial.set_user_attr("feasible", feasible)
-        trial.set_user_attr("evaluated", evaluate)
+        trial.set_user_attr("evaluated", evaluate and not repeat)
+        trial.set_user_attr("repeat", repeat)
         self.study.tell(trial, [min(ppl, INFEASIBLE_PPL), lat])
         if feasible and (self.best is None or ppl < self.best["perplexity"]):
             self.best = {"perplexity": ppl, "latency_ms": lat, "summary": _summary(config, dep.precision, self.mixed)}
-        return evaluate
+        return evaluate and not repeat
 
 
 def _open_for(ws: Any, objective: LatencyObjective, deps: dict[str, Deployment], storage: StudyStorage,
@@ -349,8 +357,11 @@ def collect(study: Any, precision: str, mixed: bool, ref_ppl: float, budget_ms: 
     """The study's finished trials, its feasible front and hypervolume (every worker's)."""
     import optuna
 
-    points = []
+    points, repeats = [], 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("repeat"):  # told again, judged once
+            repeats += 1
+            continue
         c = SubnetConfig.from_json(t.user_attrs["config"])
         prec = t.user_attrs.get("precision", precision)
         points.append({"trial": t.number, "config_hash": c.config_hash(), "summary": _summary(c, prec, mixed),
@@ -366,7 +377,7 @@ def collect(study: Any, precision: str, mixed: bool, ref_ppl: float, budget_ms: 
         lat_arr = np.array([p["latency_ms"] for p in feas])
         front = sorted((p for p, k in zip(feas, pareto_mask(ppl_arr, lat_arr)) if k), key=lambda p: p["latency_ms"])
         hv = hypervolume(ppl_arr, lat_arr, ref_ppl, budget_ms)
-    return SearchResult(points, front, hv, study_name=study.study_name)
+    return SearchResult(points, front, hv, study_name=study.study_name, repeats=repeats)
 
 
 def _summary(config: SubnetConfig, precision: str, mixed: bool) -> str:

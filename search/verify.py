@@ -117,3 +117,48 @@ def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], h
         out.append(dict(p, measured_ms=measured, error_pct=p["latency_ms"] / measured - 1,
                         meets_budget=measured <= budget_ms))
     return out
+
+
+def measure_mix(ws: Any, objective: LatencyObjective, config: SubnetConfig, mix: Any, host: str,
+                db: Location) -> float | None:
+    """``config`` with each tensor group at its type of the llama.cpp precision ``mix``,
+    measured as ``objective``'s data was (its protocol, the mix's weights): the workload
+    latency, or None when a cell failed. Stored under the back-end ``llama.cpp:mix-<digest>``."""
+    from dataclasses import replace
+
+    wl = objective.workload
+    spec = replace(verification_spec(objective, ws.space.full().config_hash()), mix=mix)
+    store = Store(db)
+    try:
+        summary = Profiler(ws, make_target(resolve_host(host)), store, spec).run([config])
+        latest = {(r["phase"], r["seq_len"], r["past_len"]): r["median_ms"]
+                  for r in store.measurement_rows(device=summary.fingerprint)
+                  if r["subnet_hash"] == config.config_hash() and r["backend"] == spec.backend_tag}
+    finally:
+        store.close()
+    past = tuple(int(p) for p in wl.decode_points())
+    pre = latest.get(("prefill", wl.prompt_len, 0))
+    dec = [latest.get(("decode", 1, q)) for q in past]
+    if pre is None or any(v is None for v in dec):
+        return None
+    return float(wl.total(np.array([pre]), [np.array([v]) for v in dec])[0]) if past else float(pre)
+
+
+def measure_on_device(deps: dict[str, Any], host: str, db: Location, budget_ms: float) -> Any:
+    """``search.recommendation.Measure`` on ``host``: a candidate's workload latency measured as
+    its precision's predictor data was (a precision mix: as its high type's), and whether it
+    meets ``budget_ms``."""
+    from export.mix import PrecisionMix
+
+    def measure(c: Any) -> tuple[float | None, bool | None]:
+        config = SubnetConfig.from_dict(c.config)
+        if c.mix is not None:
+            d = deps[c.precision.split("+")[0]]
+            ms = measure_mix(d.ws, d.objective, config, PrecisionMix.from_dict(c.mix), host, db)
+        else:
+            d = deps[c.precision]
+            point = {"config": c.config, "summary": c.summary, "latency_ms": c.predicted_ms}
+            ms = verify(d.ws, d.objective, [point], host, db, budget_ms)[0].get("measured_ms")
+        return ms, None if ms is None else ms <= budget_ms
+
+    return measure

@@ -159,3 +159,16 @@ def pg_store(postgres, request):
     import re
 
     return postgres.new_database("t_" + re.sub(r"\W", "_", request.node.name.lower())[:50])
+
+
+@pytest.fixture(scope="session")
+def tiny64(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Llama whose rows split into 32-value blocks everywhere (hidden 64): GGUF block
+    types and precision mixes quantize every tensor of it."""
+    from unittest import mock
+
+    from subnets.workspace import Workspace
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("t64") / "tiny64", hidden=64, heads=4, kv_heads=2, head_dim=16)
+    with mock.patch.dict(os.environ, {"EDGENAS_CACHE": str(tmp_path_factory.mktemp("t64cache"))}):
+        return Workspace.open(str(folder), neuron_step=32, eval_budget=256)

@@ -235,6 +235,8 @@ CASES: list[tuple[str, str, Case]] = [
      lambda e: (edgenas, ["pipeline", "--model", e["model"], "--budget-share", "0", "--out", str(e["tmp"] / "run")])),
     ("main job with too few samples for its predictors", "--samples 3 is too few",
      lambda e: (edgenas, ["pipeline", "--model", e["model"], "--samples", "3", "--out", str(e["tmp"] / "run")])),
+    ("main job at a precision no runtime here has", "give distinct precisions from",
+     lambda e: (edgenas, ["pipeline", "--model", e["model"], "--precision", "fp32,q5_k", "--out", str(e["tmp"] / "run")])),
     ("a weight type the runtime lacks in a mix", "onnxruntime has no weight type q4_0",
      lambda e: (edgenas, ["mix", "--model", e["model"], "--neuron-step", "16", "--runtime", "onnxruntime", "--high",
                           "fp32", "--lows", "q4_0", "--out", str(e["tmp"] / "m.json")])),

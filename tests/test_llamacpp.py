@@ -271,16 +271,6 @@ def test_a_mixed_gguf_scores_in_llama_perplexity_what_its_emulation_scores(smoll
     assert abs(want / plain - 1) > 0.01  # the mix's own quantization error, not the fp32 model's
 
 
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    """A tiny Llama whose rows split into 32-value blocks everywhere (hidden 64)."""
-    from subnets.workspace import Workspace
-    from tests.tiny import make_tiny_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("t64") / "tiny64", hidden=64, heads=4, kv_heads=2, head_dim=16)
-    return Workspace.open(str(folder), neuron_step=32, eval_budget=256)
-
-
 def test_a_mixed_gguf_holds_each_group_at_its_type_as_the_quality_emulation_does(tiny64, tmp_path) -> None:
     import gguf
 
@@ -419,3 +409,55 @@ def test_the_python_binding_is_a_back_end_of_its_own(tiny_ws, sshd, llama_cpp, t
         assert r["median_ms"] > 0 and r["n"] >= FAST_TIMING["min_runs"] and r["stop_reason"] in ("converged", "time_cap")
         assert json.loads(r["versions"])["llama_cpp_python"] == "0.3.36"
         assert json.loads(r["settings"])["n_ctx"] >= r["past_len"] + r["seq_len"]
+
+
+def test_the_main_job_searches_llama_cpp_beside_onnxruntime_where_its_tools_are(tiny_dir, llama_cpp, tmp_path,
+                                                                                monkeypatch, capsys) -> None:
+    """``--precision auto`` on a machine with llama.cpp's tools: Q8_0 and Q4_0 are profiled,
+    predicted (transferred from fp32) and searched beside onnxruntime's precisions, and the
+    recommendation is measured and exported for whichever runtime it is on."""
+    from edgenas.cli import main as edgenas
+
+    monkeypatch.setenv("EDGENAS_LLAMA_CPP", str(llama_cpp))
+    out = tmp_path / "run"
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "12", "--workload", "16,8",
+                    "--evals", "10", "--budget-share", "0.95", "--verify", "2", "--quality-tokens", "256",
+                    "--min-time", "0.05", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text[-3000:]
+    rec = json.loads((out / "recommendation.json").read_text())
+    chosen = rec["chosen"]
+    assert chosen["meets_budget"]
+    shown = {a["precision"] for a in rec["alternatives"]} | {chosen["precision"]}
+    assert {"fp32", "int8", "int4", "q8_0", "q4_0"} <= shown
+    for p in ("q8_0", "q4_0"):
+        assert (out / "predictors" / f"local-{p}" / "prefill" / "meta.json").is_file()
+    summary = json.loads((out / "ship" / "summary.json").read_text())
+    if chosen["runtime"] == "llama.cpp":
+        assert Path(summary["gguf_mix"]).is_file()
+
+
+def test_a_precision_mix_is_swept_as_a_back_end_of_its_own(tiny64, sshd, llama_cpp, tmp_path) -> None:
+    """A mix of Q8_0 and Q4_0 groups is profiled on the board from its header (the board fills
+    each tensor at its own type) and stored as llama.cpp:mix-<digest>, beside the uniform
+    types of the same sub-network; a different mix is a different back-end."""
+    from export.mix import PrecisionMix
+    from profiler.store import Store
+    from tests.helpers import sweep
+
+    inv = sshd.inventory(tmp_path / "inv.toml", sys.executable, tmp_path / "board", llama_cpp=str(llama_cpp))
+    cfg = tiny64.space.full()
+    L = len(cfg.layers)
+    mixes = [PrecisionMix("llama.cpp", "q8_0", ("q8_0",) * L, ("q4_0",) * L),
+             PrecisionMix("llama.cpp", "q4_0", ("q4_0",) * L, ("q8_0",) * L)]
+    db = tmp_path / "m.db"
+    for mix in mixes:
+        s = sweep(tiny64, "board", db, [cfg], inv, sshd.ssh_config, backend="llama.cpp", mix=mix)
+        assert s.measured == 2 and not s.failed, s.failed
+    sweep(tiny64, "board", db, [cfg], inv, sshd.ssh_config, backend="llama.cpp", precision="q4_0")
+    store = Store(db)
+    rows = list(store.measurement_rows())
+    store.close()
+    want = {f"llama.cpp:mix-{m.digest()}" for m in mixes} | {"llama.cpp:q4_0"}
+    assert {r["backend"] for r in rows} == want and all(r["median_ms"] > 0 for r in rows)
+    assert s.bytes_uploaded < 200_000  # the mix's header only

@@ -8,6 +8,7 @@ import sqlite3
 
 from edgenas.cli import main as edgenas
 from edgenas.commands.predictor import evaluate_main, predict_main
+from subnets.config import SubnetConfig
 
 
 def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
@@ -19,7 +20,7 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert code == 0, text
     assert "edgenas predictor" in text
     assert "Pareto front" in text
-    assert "verified on local" in text, text[-3000:]
+    assert "What to ship" in text and "measured against a budget" in text, text[-3000:]
     rows = json.loads((out / "subnets.json").read_text())
     assert len(rows) == 21 and all(r["prefill_ms"] and r["perplexity"] > 1 for r in rows)
     for phase in ("prefill", "decode"):
@@ -31,8 +32,8 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert (out / "supernet" / "checkpoint" / "model" / "config.json").is_file()
     assert "super-network: 2 steps" in text
     assert "new study" in text
-    with sqlite3.connect(out / "search" / "study.db") as c:  # perplexities of one quality question
-        assert len(c.execute("SELECT DISTINCT quality_id FROM edgenas_perplexity").fetchall()) == 1
+    with sqlite3.connect(out / "search" / "study.db") as c:  # one quality question per precision searched
+        assert len(c.execute("SELECT DISTINCT quality_id FROM edgenas_perplexity").fetchall()) == 3
 
     db = out / "measurements.db"
     assert evaluate_main(["--predictor", str(out / "predictors" / "local" / "decode"), "--db", str(db)]) == 0
@@ -44,9 +45,40 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
 
     # the run's report: one self-contained page with every section, images embedded
     report = check_report(out / "report.html")
-    assert "verified on the device" in report["headings"]
+    assert "what to ship" in report["headings"]
     assert edgenas(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
     assert check_report(tmp_path / "again.html")["headings"] == report["headings"]
+    check_recommendation(out, text)
+
+    # limits that admit nothing: the nearest candidates and what to relax, exit status 1
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "20", "--workload", "16,8",
+                    "--evals", "4", "--budget-share", "0.95", "--verify", "1", "--quality-tokens", "256",
+                    "--min-time", "0.05", "--max-perplexity", "1.5", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1, text[-3000:]
+    assert "nothing meets both limits" in text and "nearest" in text and "a perplexity ceiling of" in text
+    assert json.loads((out / "recommendation.json").read_text())["nearest"]
+
+
+def check_recommendation(out, text: str) -> None:
+    """The main job's answer: a deployment within the budget, measured on the device, beside
+    the full model at every precision searched (onnxruntime fp32, int8, int4 by default
+    here: the tests' cache has no llama.cpp tools), exported as the files its runtime loads."""
+    assert "What to ship" in text and "ship " in text
+    rec = json.loads((out / "recommendation.json").read_text())
+    chosen = rec["chosen"]
+    assert chosen and chosen["meets_budget"] and chosen["upper_ms"] <= rec["budget_ms"]
+    assert chosen["perplexity"] <= rec["max_perplexity"]
+    fulls = {a["precision"] for a in rec["alternatives"] if a["family"] == "full model"} | (
+        {chosen["precision"]} if chosen["family"] == "full model" else set())
+    assert fulls == {"fp32", "int8", "int4"}
+    for p in ("int8", "int4"):  # each precision's predictors, transferred from the fp32 ones
+        assert (out / "predictors" / f"local-{p}" / "decode" / "meta.json").is_file()
+    summary = json.loads((out / "ship" / "summary.json").read_text())
+    assert summary["config_hash"] == SubnetConfig.from_dict(chosen["config"]).config_hash()
+    assert summary["reconstructed"] and (out / "ship" / "hf" / "config.json").is_file()
+    if chosen["precision"] != "fp32":
+        assert summary["mix"]["attention"][0] == chosen["precision"]
 
 
 def test_pipeline_searches_the_trained_weights_refitted_at_the_deployed_precision(tiny_dir, tmp_path, capsys) -> None:

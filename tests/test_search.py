@@ -192,9 +192,11 @@ def test_nsga2_learns_where_the_feasible_region_is(tiny_ws, tiny_predictor, tmp_
     share = {}
     for algo in ("nsga2", "random"):
         res = run_search(tiny_ws, obj, algo, 40, budget, tmp_path / f"{algo}.db", seed=4)
-        flags = [not p["feasible"] for p in sorted(res.points, key=lambda p: p["trial"])]
-        share[algo] = (float(np.mean(flags[:16])), float(np.mean(flags[-40:])))
         study = optuna.load_study(study_name=res.study_name, storage=f"sqlite:///{tmp_path / f'{algo}.db'}")
+        # every proposal, a repeat included: the sampler's choice, whether or not it was judged again
+        flags = [not t.user_attrs["feasible"] for t in study.get_trials(deepcopy=False)
+                 if t.state == optuna.trial.TrialState.COMPLETE]
+        share[algo] = (float(np.mean(flags[:16])), float(np.mean(flags[-40:])))
         attrs = study.get_trials(deepcopy=False)[-1].system_attrs
         assert {"constraints:latency_upper_ms", "constraints:params"} <= {k for k in attrs if k.startswith("constraints:")}
     early, late = share["nsga2"]
@@ -277,3 +279,19 @@ def test_a_search_over_architecture_and_precision(tiny_dir, tiny_ws, tiny_predic
     with pytest.raises(SearchError, match="no predictor for int8"):
         search(search_args(tiny_dir, [int4, tiny_predictor], tmp_path, precision="fp32,int8", evals=4, block_size=32),
                Console(file=open(tmp_path / "log2", "w")), ws=tiny_ws)
+
+
+def test_the_search_never_spends_two_evaluations_on_one_config(tiny_ws, tiny_predictor, tmp_path) -> None:
+    """A sampler may propose a candidate again: the repeat is told its values (the study needs
+    them) but spends no evaluation and is not a second point."""
+    import optuna
+
+    obj = objective(tiny_ws, tiny_predictor)
+    full = float(obj.predict_upper(ConfigBatch.from_configs([tiny_ws.space.full()], 4))[0])
+    first = run_search(tiny_ws, obj, "nsga2", 10, full, tmp_path / "s.db", seed=5)
+    study = optuna.load_study(study_name=first.study_name, storage=f"sqlite:///{tmp_path / 's.db'}")
+    study.enqueue_trial(dict(study.get_trials(deepcopy=False)[0].params))  # proposed again
+    res = run_search(tiny_ws, obj, "nsga2", 11, full, tmp_path / "s.db", seed=5)
+    hashes = [p["config_hash"] for p in res.points]
+    assert len(hashes) == len(set(hashes)) == 11  # every point judged once, 11 distinct evaluations
+    assert res.repeats >= first.repeats + 1 and res.ppl_evaluations == 1

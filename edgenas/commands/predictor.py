@@ -63,11 +63,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="the base model the sub-networks were cut from")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--transfer-from", type=Path, default=None,
-                   help="a predictor folder of another device: adapt it with this device's (few) measurements")
+                   help="a predictor folder of another device or precision: adapt it with these (few, 3 or more) measurements")
     p.add_argument("--threads", type=int, default=None, help="use the measurements at this thread count (default: the most measured)")
     p.add_argument("--backend", default=None,
                    help="use the measurements of this back-end as stored, e.g. ort-cpu:opt-disabled (default: the most measured)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--include-unstable", action="store_true",
+                   help="train on cells flagged unstable too (their intervals missed the target; their medians still "
+                        "inform a transfer from few measurements)")
 
 
 def handle_train(a: argparse.Namespace) -> int:

@@ -1,0 +1,85 @@
+"""The main job's answer as its user reads it: the recommendation table (the deployment to ship
+beside the obvious alternatives under the same budget), ``recommendation.json``, and the
+recommended deployment exported as the files its runtime loads (``ship/``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from search.recommendation import Choice, Recommendation
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.0%}"
+
+
+def _row(c: Choice, rec: Recommendation, role: str) -> list[str]:
+    status = ("bound over budget" if c.upper_ms > rec.budget_ms else "over ceiling" if c.perplexity > rec.ceiling
+              else "missed on device" if c.meets_budget is False else "met on device" if c.meets_budget
+              else "not measured")
+    return [role, f"{c.label} ({c.runtime})", c.summary, f"{c.size_mb:.0f}", f"{c.perplexity:.1f}",
+            f"{c.perplexity / rec.full_perplexity:.2f}", _ms(c.predicted_ms), _ms(c.upper_ms), _ms(c.measured_ms),
+            _pct(c.ppl_gain), _pct(c.latency_cut), status]
+
+
+def recommendation_table(rec: Recommendation, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("", "deployment", "architecture", "MB", "perplexity", "x full", "predicted ms", "bound ms",
+                "measured ms", "ppl gain", "latency cut", "budget"):
+        t.add_column(col, justify="left" if col in ("", "deployment", "architecture", "budget") else "right")
+    if rec.chosen is not None:
+        t.add_row(*_row(rec.chosen, rec, "ship"))
+    for c in rec.alternatives:
+        t.add_row(*_row(c, rec, "instead of"))
+    for c in rec.rejected:
+        t.add_row(*_row(c, rec, "set aside"))
+    for c in rec.nearest:
+        t.add_row(*_row(c, rec, "nearest"))
+    return t
+
+
+def render_recommendation(rec: Recommendation, request: Any, console: Console) -> None:
+    budget = f"{rec.budget_ms:.1f} ms for workload {request.workload} on {request.host}"
+    console.print(recommendation_table(rec, f"What to ship: {budget}, perplexity within {rec.ceiling:.1f}"))
+    console.print("ppl gain: the shipped deployment's perplexity below the alternative's, both within the budget; "
+                  "latency cut: the fastest admissible deployment at least as good as the alternative, against its "
+                  "predicted latency")
+    if rec.chosen is None:
+        console.print(f"[bold red]nothing meets both limits[/]; relax: {rec.relax}")
+        return
+    c = rec.chosen
+    console.print(f"[bold]ship[/] {c.summary} at {c.precision} on {c.runtime}: perplexity {c.perplexity:.1f} "
+                  f"({c.perplexity / rec.full_perplexity:.2f}x the full model), {_ms(c.measured_ms)} ms measured "
+                  f"against a budget of {rec.budget_ms:.1f} ms; files in {request.out / 'ship'}")
+
+
+def write_recommendation(request: Any, ws: Any, rec: Recommendation) -> None:
+    """recommendation.json, and the chosen deployment exported to ``out/ship``: the HF folder,
+    the ONNX graphs (MatMulNBits/MatMulInteger per layer for int4/int8) or the GGUF file."""
+    from export.mix import PrecisionMix
+    from export.request import ExportRequest, write_export
+    from search.recommendation import runtime_of
+    from subnets.config import SubnetConfig
+
+    (request.out / "recommendation.json").write_text(json.dumps(rec.to_dict(), indent=1))
+    if rec.chosen is None:
+        return
+    c, ship = rec.chosen, request.out / "ship"
+    ship.mkdir(parents=True, exist_ok=True)
+    config = SubnetConfig.from_dict(c.config)
+    (ship / "config.jsonl").write_text(config.to_json() + "\n")
+    mix = None
+    if c.mix is not None or c.precision != "fp32":
+        mix = ship / "mix.json"
+        chosen = c.mix or PrecisionMix.uniform(runtime_of(c.precision), c.precision, len(config.layers)).to_dict()
+        mix.write_text(json.dumps(chosen, indent=1))
+    write_export(ExportRequest(ship / "config.jsonl", ship, model=request.model, neuron_step=request.neuron_step,
+                               reconstruct=request.reconstruct, no_perplexity=True, mix=mix), ws)

@@ -1,0 +1,102 @@
+"""Per-layer precision mixes as deployments: for an architecture on llama.cpp, the mix of a
+high and a low GGUF type (each tensor group at one of them) of least measured sensitivity
+whose predicted latency bound fits the budget, chosen by the mixed-integer program of
+``search.mix_allocation`` and judged for quality as llama.cpp computes it.
+
+A mix's latency is predicted between its two uniform types' predictions for that
+architecture, by the share of the weights at the high type: a decode step reads every weight
+once and a prefill multiplies by every weight, so each weight costs its type's time whatever
+its layer (the precision-mix benchmark measured this additivity on this CPU; the device
+checks each recommended mix)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from export.mix import BYTES_PER_WEIGHT, PrecisionMix
+from predictor.features import ConfigBatch
+from search.mix_allocation import TypeCosts, allocate, group_params, mix_bytes
+from search.sensitivity import HEAD, measure_sensitivity
+from subnets.config import SubnetConfig
+from subnets.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIX = "precision mix"
+SENSITIVITY_TOKENS = 512  # per single-group perplexity: a ranking, not a score
+
+
+@dataclass(frozen=True)
+class MixedDeployment:
+    """A mix of ``config`` and its latency, predicted and bounded between the uniform types'."""
+
+    config: SubnetConfig
+    mix: PrecisionMix
+    high_share: float  # of the weights, at the high type
+    predicted_ms: float
+    upper_ms: float
+    size_mb: float
+
+
+def _kinds_share(mix: PrecisionMix, params: dict[str, int], high: str) -> float:
+    kinds = {HEAD: mix.head, **{f"attn.{i}": k for i, k in enumerate(mix.attention)},
+             **{f"mlp.{i}": k for i, k in enumerate(mix.mlp)}}
+    return sum(params[g] for g, k in kinds.items() if k == high) / sum(params.values())
+
+
+def plan_mix(ws: Any, config: SubnetConfig, high: Any, low: Any, budget_ms: float,
+             progress: Any = None) -> MixedDeployment | None:
+    """The mix of ``config`` between the deployments ``high`` and ``low`` (``search.study.
+    Deployment``s of two GGUF types) whose interpolated bound fits ``budget_ms``; None when
+    the uniform high type fits already or even the uniform low type does not."""
+    batch = ConfigBatch.from_configs([config], ws.space.dims.num_layers)
+    (lat_hi,), (up_hi,) = high.objective.predict_both(batch)
+    (lat_lo,), (up_lo,) = low.objective.predict_both(batch)
+    if up_hi <= budget_ms or up_lo > budget_ms or up_hi <= up_lo:
+        return None
+    params = group_params(ws.weights(config))
+    per_weight = (up_hi - up_lo) / sum(params.values())
+    sens = measure_sensitivity(ws.evaluated_on(ws.eval_text, SENSITIVITY_TOKENS), config, "llama.cpp",
+                               high.precision, (low.precision,), progress=progress)
+    try:
+        mix = allocate(sens, params, budget_ms, costs=TypeCosts(float(up_lo), {high.precision: per_weight,
+                                                                              low.precision: 0.0}))
+    except ConfigError as e:  # rounding at the edge of the budget
+        log.info("no %s/%s mix of %s fits %.1f ms: %s", high.precision, low.precision, config.summary(), budget_ms,
+                 e.problem)
+        return None
+    share = _kinds_share(mix, params, high.precision)
+    return MixedDeployment(config, mix, share, float(lat_lo + share * (lat_hi - lat_lo)),
+                           float(up_lo + share * (up_hi - up_lo)), mix_bytes(mix, params) / 1e6)
+
+
+def mix_label(mix: PrecisionMix) -> str:
+    """``q8_0+q4_0`` (the types it mixes, the most common first)."""
+    from collections import Counter
+
+    counts = Counter([mix.head, *mix.attention, *mix.mlp])
+    return "+".join(k for k, _ in counts.most_common())
+
+
+def mix_choices(ws: Any, deps: dict[str, Any], budget_ms: float, progress: Any = None) -> list[Any]:
+    """The full model's mix between each two GGUF deployments adjacent in bytes per weight,
+    where one fits the budget: a ``Choice`` each, its perplexity judged as llama.cpp computes
+    the mix."""
+    from export.quantize import GGUF_TYPES, MixArithmetic
+    from search.recommendation import Choice
+
+    full = ws.space.full()
+    # in order of quality (bytes per weight): each with the next lower type
+    gguf = sorted((d for p, d in deps.items() if p in GGUF_TYPES), key=lambda d: -BYTES_PER_WEIGHT[d.precision])
+    out = []
+    for high, low in itertools.pairwise(gguf):
+        planned = plan_mix(ws, full, high, low, budget_ms, progress)
+        if planned is None:
+            continue
+        ppl = ws.at_precision(MixArithmetic(planned.mix)).perplexity(full)
+        out.append(Choice(MIX, full.summary(), f"{high.precision}+{low.precision}", full.to_dict(), ppl,
+                          planned.predicted_ms, planned.upper_ms, planned.size_mb, mix=planned.mix.to_dict()))
+    return out
