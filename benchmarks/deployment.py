@@ -9,6 +9,7 @@ profiled twice) and runs, per budget, the same search and recommendation the mai
 
     .venv/bin/edgenas pipeline --out runs/pipeline          # once (llama.cpp tools built)
     python benchmarks/deployment.py --run runs/pipeline --out runs/deployment
+    python benchmarks/deployment.py --run runs/pipeline --out runs/deployment-ort --precision fp32,int8,int4
 
 Per budget: the recommendation and the best admissible obvious deployment, their perplexity on
 the held-out docstrings and on a second domain (the GPL-3 text), measured latency, the
@@ -25,8 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from edgenas.pipeline import PipelineRequest, open_workspace, recommend_stage
-from search.mix_deployments import MIX
-from search.recommendation import SEARCHED, Choice
+from search.recommendation import MIX, SEARCHED, Choice
 
 
 def second_domain(ws: Any, c: Choice, text: str, tokens: int) -> float:
@@ -58,7 +58,8 @@ def one_budget(request: PipelineRequest, ws: Any, share: float, second: str, tok
 
     budget = round(share * full_fp32_ms(request, ws), 1)
     # one study storage for every budget: each candidate's perplexity is judged once
-    search_request = replace(request.search(budget), out=request.out / f"search-{int(share * 100)}",
+    tag = "" if request.precision == "auto" else "-" + request.precision.replace(",", "-")
+    search_request = replace(request.search(budget), out=request.out / f"search-{int(share * 100)}{tag}",
                              storage=f"sqlite:///{(request.out / 'deployment-studies.db').resolve()}")
     outcome = run_with_progress(search_request, ws, Console(file=open(Path("/dev/null"), "w")))
     rec = recommend_stage(request, ws, outcome)
@@ -110,8 +111,11 @@ def main() -> None:
     ap.add_argument("--shares", default="0.3,0.4,0.5,0.6,0.7,0.85")
     ap.add_argument("--evals", type=int, default=40)
     ap.add_argument("--second-text", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--precision", default="auto",
+                    help="the deployments searched: auto (every runtime the run profiled), or one runtime's, "
+                         "e.g. fp32,int8,int4 (onnxruntime) or q8_0,q4_0 (llama.cpp)")
     args = ap.parse_args()
-    request = PipelineRequest(out=args.run, evals=args.evals)
+    request = PipelineRequest(out=args.run, evals=args.evals, precision=args.precision)
     ws = open_workspace(request)
     full_ppl = ws.perplexity(ws.space.full())
     rows = []

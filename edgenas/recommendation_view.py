@@ -21,24 +21,35 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:+.0%}"
 
 
+def _status(c: Choice, rec: Recommendation) -> str:
+    if c.upper_ms > rec.budget_ms:
+        return "bound over"
+    if c.perplexity > rec.ceiling:
+        return "ppl over"
+    return {False: "missed", True: "met", None: "unmeasured"}[c.meets_budget]
+
+
 def _row(c: Choice, rec: Recommendation, role: str) -> list[str]:
-    status = ("bound over budget" if c.upper_ms > rec.budget_ms else "over ceiling" if c.perplexity > rec.ceiling
-              else "missed on device" if c.meets_budget is False else "met on device" if c.meets_budget
-              else "not measured")
-    return [role, f"{c.label} ({c.runtime})", c.summary, f"{c.size_mb:.0f}", f"{c.perplexity:.1f}",
-            f"{c.perplexity / rec.full_perplexity:.2f}", _ms(c.predicted_ms), _ms(c.upper_ms), _ms(c.measured_ms),
-            _pct(c.ppl_gain), _pct(c.latency_cut), status]
+    name = f"{c.family} {c.precision}, {c.runtime}"
+    return [f"[bold]{role}:[/] {name}" if role else name, c.summary, f"{c.size_mb:.0f}",
+            f"{c.perplexity:.1f} ({c.perplexity / rec.full_perplexity:.2f}x)",
+            f"{c.predicted_ms:.0f}/{c.upper_ms:.0f}", _ms(c.measured_ms), _pct(c.ppl_gain), _pct(c.latency_cut),
+            _status(c, rec)]
 
 
 def recommendation_table(rec: Recommendation, title: str) -> Table:
+    """One row per deployment, the one to ship first; ``budget``: met or missed on the
+    device, or why it was not measured (its bound over the budget, its perplexity over the
+    ceiling). Narrow enough for a 120-column terminal."""
     t = Table(title=title)
-    for col in ("", "deployment", "architecture", "MB", "perplexity", "x full", "predicted ms", "bound ms",
-                "measured ms", "ppl gain", "latency cut", "budget"):
-        t.add_column(col, justify="left" if col in ("", "deployment", "architecture", "budget") else "right")
+    for col in ("deployment", "architecture", "MB", "perplexity", "pred/bound ms", "measured", "gain", "cut",
+                "budget"):
+        t.add_column(col, justify="left" if col in ("deployment", "architecture", "budget") else "right",
+                     no_wrap=col != "deployment", min_width=18 if col == "deployment" else None)
     if rec.chosen is not None:
         t.add_row(*_row(rec.chosen, rec, "ship"))
     for c in rec.alternatives:
-        t.add_row(*_row(c, rec, "instead of"))
+        t.add_row(*_row(c, rec, ""))
     for c in rec.rejected:
         t.add_row(*_row(c, rec, "set aside"))
     for c in rec.nearest:
@@ -49,9 +60,8 @@ def recommendation_table(rec: Recommendation, title: str) -> Table:
 def render_recommendation(rec: Recommendation, request: Any, console: Console) -> None:
     budget = f"{rec.budget_ms:.1f} ms for workload {request.workload} on {request.host}"
     console.print(recommendation_table(rec, f"What to ship: {budget}, perplexity within {rec.ceiling:.1f}"))
-    console.print("ppl gain: the shipped deployment's perplexity below the alternative's, both within the budget; "
-                  "latency cut: the fastest admissible deployment at least as good as the alternative, against its "
-                  "predicted latency")
+    console.print("gain: the shipped deployment's perplexity below this one's, both within the budget; cut: the "
+                  "fastest admissible deployment at least as good as this one, against its predicted latency")
     if rec.chosen is None:
         console.print(f"[bold red]nothing meets both limits[/]; relax: {rec.relax}")
         return

@@ -19,14 +19,17 @@ from typing import Any
 from export.mix import BYTES_PER_WEIGHT, PrecisionMix
 from predictor.features import ConfigBatch
 from search.mix_allocation import TypeCosts, allocate, group_params, mix_bytes
+from search.recommendation import MIX
 from search.sensitivity import HEAD, measure_sensitivity
 from subnets.config import SubnetConfig
 from subnets.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MIX = "precision mix"
 SENSITIVITY_TOKENS = 512  # per single-group perplexity: a ranking, not a score
+# the shares of the budget a mix is planned within: the device may measure a mix a few percent
+# slower than its two types' predictions interpolate
+MARGINS = (1.0, 0.96, 0.92)
 
 
 @dataclass(frozen=True)
@@ -81,22 +84,27 @@ def mix_label(mix: PrecisionMix) -> str:
     return "+".join(k for k, _ in counts.most_common())
 
 
-def mix_choices(ws: Any, deps: dict[str, Any], budget_ms: float, progress: Any = None) -> list[Any]:
-    """The full model's mix between each two GGUF deployments adjacent in bytes per weight,
+def mix_choices(ws: Any, deps: dict[str, Any], budget_ms: float, progress: Any = None,
+                margins: tuple[float, ...] = MARGINS) -> list[Any]:
+    """The full model's mixes between each two GGUF deployments adjacent in bytes per weight,
     where one fits the budget: a ``Choice`` each, its perplexity judged as llama.cpp computes
-    the mix."""
+    the mix. One mix per margin (its bound planned within that share of the budget), so that
+    when the device measures the best one over the budget the next, a little faster, is
+    measured instead of falling back to a uniform type."""
     from export.quantize import GGUF_TYPES, MixArithmetic
     from search.recommendation import Choice
 
     full = ws.space.full()
     # in order of quality (bytes per weight): each with the next lower type
     gguf = sorted((d for p, d in deps.items() if p in GGUF_TYPES), key=lambda d: -BYTES_PER_WEIGHT[d.precision])
-    out = []
+    out, seen = [], set()
     for high, low in itertools.pairwise(gguf):
-        planned = plan_mix(ws, full, high, low, budget_ms, progress)
-        if planned is None:
-            continue
-        ppl = ws.at_precision(MixArithmetic(planned.mix)).perplexity(full)
-        out.append(Choice(MIX, full.summary(), f"{high.precision}+{low.precision}", full.to_dict(), ppl,
-                          planned.predicted_ms, planned.upper_ms, planned.size_mb, mix=planned.mix.to_dict()))
+        for margin in margins:
+            planned = plan_mix(ws, full, high, low, budget_ms * margin, progress)
+            if planned is None or planned.mix in seen:
+                continue
+            seen.add(planned.mix)
+            ppl = ws.at_precision(MixArithmetic(planned.mix)).perplexity(full)
+            out.append(Choice(MIX, full.summary(), f"{high.precision}+{low.precision}", full.to_dict(), ppl,
+                              planned.predicted_ms, planned.upper_ms, planned.size_mb, mix=planned.mix.to_dict()))
     return out

@@ -58,15 +58,7 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
         f = sorted(front, key=lambda p: p["latency_ms"])
         ax.plot([p["latency_ms"] for p in f], [p["perplexity"] for p in f], "o-", color="C0", ms=4, label="Pareto front")
         _whiskers(ax, f, "C0")
-    markers = {"full model": ("*", "k"), "uniform width": ("s", "C1"), "layer dropping": ("^", "C2")}
-    for name, pts in baselines.items():
-        if pts:
-            mk, col = markers.get(name, ("D", "C3"))
-            ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], "--", color=col, lw=0.8)
-            fits = [budget_ms is None or p.get("upper_ms", p["latency_ms"]) <= budget_ms for p in pts]
-            ax.scatter([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], marker=mk, s=36,
-                       facecolors=[col if ok else "none" for ok in fits], edgecolors=col, label=name)
-            _whiskers(ax, pts, col)
+    _baselines(ax, baselines, budget_ms)
     if budget_ms:
         ax.axvline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
     if full_ppl:
@@ -90,6 +82,37 @@ def plot_front(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+MARKERS = {"full model": "*", "uniform width": "s", "layer dropping": "^"}
+
+
+def _baselines(ax: Any, baselines: dict[str, list[dict[str, Any]]], budget_ms: float | None) -> None:
+    """Each obvious family (``name`` or ``name @ precision``) by its marker; with several
+    precisions, each precision by its colour (a legend entry per family and per precision,
+    not per series, so a five-precision search's plot stays readable)."""
+    precisions = list(dict.fromkeys(name.partition(" @ ")[2] for name in baselines))
+    by_precision = len(precisions) > 1
+    colors = {p: f"C{i + 1}" for i, p in enumerate(precisions)}
+    families = {}
+    for name, pts in baselines.items():
+        if not pts:
+            continue
+        family, _, precision = name.partition(" @ ")
+        mk = MARKERS.get(family, "D")
+        col = colors[precision] if by_precision else {"*": "k", "s": "C1", "^": "C2"}.get(mk, "C3")
+        ax.plot([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], "--", color=col, lw=0.8)
+        fits = [budget_ms is None or p.get("upper_ms", p["latency_ms"]) <= budget_ms for p in pts]
+        ax.scatter([p["latency_ms"] for p in pts], [p["perplexity"] for p in pts], marker=mk, s=36,
+                   facecolors=[col if ok else "none" for ok in fits], edgecolors=col,
+                   label=None if by_precision else name)
+        _whiskers(ax, pts, col)
+        families[family] = mk
+    if by_precision:
+        for family, mk in families.items():
+            ax.scatter([], [], marker=mk, s=36, color="grey", label=family)
+        for p, col in colors.items():
+            ax.plot([], [], "-", color=col, lw=3, label=p)
 
 
 def _whiskers(ax: Any, pts: Sequence[dict[str, Any]], color: str) -> None:

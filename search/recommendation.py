@@ -23,6 +23,7 @@ from subnets.dims import BaseDims
 
 SEARCHED = "searched"
 FULL = "full model"
+MIX = "precision mix"  # a per-layer mix of two types (search.mix_deployments): found, not obvious
 # measures a candidate on the device: -> (measured ms or None when it could not be, meets the budget)
 Measure = Callable[["Choice"], tuple["float | None", "bool | None"]]
 
@@ -145,21 +146,31 @@ def _measure_one(c: Choice, measure: Measure) -> Choice:
 def recommend(pool: list[Choice], budget_ms: float, ceiling: float, full_ppl: float, measure: Measure | None,
               tries: int = 3) -> Recommendation:
     """The admissible candidate of least perplexity that its measurement keeps within the
-    budget (up to ``tries`` measured), and the best admissible candidate of each obvious
-    family, measured too (no ``measure``: by prediction alone)."""
+    budget (up to ``tries`` measured; after a miss, candidates of that runtime whose
+    prediction, scaled by how much slower the device ran it, misses too are passed over),
+    and the best admissible candidate of each obvious family, measured too (no ``measure``:
+    by prediction alone)."""
     ok = sorted((c for c in pool if _violation(c, budget_ms, ceiling) == 0), key=lambda c: (c.perplexity, c.upper_ms))
     rec = Recommendation(budget_ms, ceiling, full_ppl, None)
     if not ok:
         rec.nearest = sorted(pool, key=lambda c: (_violation(c, budget_ms, ceiling), c.perplexity))[:3]
         rec.relax = _relax_hint(rec.nearest[0], budget_ms, ceiling) if rec.nearest else "nothing was evaluated"
         return rec
-    for c in ok[:max(1, tries)]:
-        if measure is not None:
-            _measure_one(c, measure)
-        if measure is None or c.meets_budget or c.measured_ms is None:
+    slow: dict[str, float] = {}  # per runtime: measured / predicted of the candidates that missed
+    for c in ok:
+        if measure is None:
+            rec.chosen = c
+            break
+        if len(rec.rejected) >= max(1, tries):
+            break
+        if c.predicted_ms * slow.get(c.runtime, 1.0) > budget_ms:
+            continue  # the device ran its runtime slower than predicted: this one would miss too
+        _measure_one(c, measure)
+        if c.meets_budget or c.measured_ms is None:
             rec.chosen = c
             break
         rec.rejected.append(c)
+        slow[c.runtime] = max(slow.get(c.runtime, 1.0), c.measured_ms / c.predicted_ms)
     if rec.chosen is None:  # every one measured over the budget: the best by measurement, flagged
         rec.chosen = min(rec.rejected, key=lambda c: c.measured_ms or math.inf)
         rec.rejected.remove(rec.chosen)
@@ -173,7 +184,7 @@ def _alternatives(pool: list[Choice], ok: list[Choice], chosen: Choice, budget_m
     at every precision (measured where its bound is within the budget), each compared with
     the chosen one."""
     out = []
-    for fam in sorted({c.family for c in pool} - {SEARCHED, FULL}):
+    for fam in sorted({c.family for c in pool} - {SEARCHED, FULL, MIX}):
         best = next((c for c in ok if c.family == fam and c.admissible and c is not chosen), None)
         if best is not None:
             out.append(best)

@@ -13,7 +13,7 @@ from subnets.config import SubnetConfig
 
 def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "20", "--workload", "16,8",
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "12", "--workload", "16,8",
                     "--evals", "20", "--budget-share", "0.95", "--verify", "2", "--quality-tokens", "256", "--min-time", "0.05", "--train-steps", "2",
                     "--out", str(out)])
     text = capsys.readouterr().out
@@ -22,7 +22,7 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert "Pareto front" in text
     assert "What to ship" in text and "measured against a budget" in text, text[-3000:]
     rows = json.loads((out / "subnets.json").read_text())
-    assert len(rows) == 21 and all(r["prefill_ms"] and r["perplexity"] > 1 for r in rows)
+    assert len(rows) == 13 and all(r["prefill_ms"] and r["perplexity"] > 1 for r in rows)
     for phase in ("prefill", "decode"):
         assert (out / "predictors" / "local" / phase / "meta.json").is_file()
         assert (out / "predictors" / "local" / phase / "predicted_vs_measured.png").is_file()
@@ -51,7 +51,7 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     check_recommendation(out, text)
 
     # limits that admit nothing: the nearest candidates and what to relax, exit status 1
-    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "20", "--workload", "16,8",
+    code = edgenas(["pipeline", "--model", str(tiny_dir), "--neuron-step", "16", "--n", "12", "--workload", "16,8",
                     "--evals", "4", "--budget-share", "0.95", "--verify", "1", "--quality-tokens", "256",
                     "--min-time", "0.05", "--max-perplexity", "1.5", "--out", str(out)])
     text = capsys.readouterr().out

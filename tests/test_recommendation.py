@@ -104,11 +104,37 @@ def test_a_mix_plan_fits_between_its_two_types(tiny64) -> None:
 def test_the_full_models_mix_is_a_candidate_between_two_types(tiny64) -> None:
     """The main job's mix candidate: the full model between the two GGUF deployments whose
     bounds straddle the budget, its types named higher first, its quality judged on the mix."""
-    from search.mix_deployments import MIX, mix_choices
+    from search.mix_deployments import mix_choices
+    from search.recommendation import MIX
 
     n = sum(lc.neurons for lc in tiny64.space.full().layers) / 1e3
     deps = {"q4_0": _Line("q4_0", 1.0), "q8_0": _Line("q8_0", 2.0)}
-    (choice,) = mix_choices(tiny64, deps, 1.6 * n)
-    assert choice.family == MIX and choice.precision == "q8_0+q4_0" and choice.runtime == "llama.cpp"
-    assert choice.upper_ms <= 1.6 * n + 1e-9 and math.isfinite(choice.perplexity)
+    choices = mix_choices(tiny64, deps, 1.6 * n)
+    # one mix per margin of the budget (a distinct one each), the first planned within the whole budget
+    assert 1 <= len(choices) <= 3 and len({str(c.mix) for c in choices}) == len(choices)
+    for choice in choices:
+        assert choice.family == MIX and choice.precision == "q8_0+q4_0" and choice.runtime == "llama.cpp"
+        assert choice.upper_ms <= 1.6 * n + 1e-9 and math.isfinite(choice.perplexity)
+    assert choices[0].upper_ms > choices[-1].upper_ms or len(choices) == 1
     assert mix_choices(tiny64, deps, 3.0 * n) == []  # uniform q8_0 fits: no mix
+
+
+def test_after_a_miss_candidates_the_device_would_run_too_slow_are_passed_over() -> None:
+    """The device ran the first choice 16% slower than predicted: the next, predicted within
+    the budget by less than that, is not measured; the one after it is, and meets it."""
+    from search.recommendation import Choice
+
+    def choice(ppl: float, ms: float) -> Choice:
+        return Choice(SEARCHED, f"{ppl}", "q4_0", {}, ppl, ms, ms, 1.0)
+
+    pool = [choice(20.0, 9.5), choice(22.0, 9.0), choice(25.0, 8.0)]
+    measured = []
+
+    def measure(c):
+        measured.append(c.perplexity)
+        ms = c.predicted_ms * 1.16
+        return ms, ms <= 10.0
+
+    rec = recommend(pool, 10.0, math.inf, 18.0, measure)
+    assert measured[:2] == [20.0, 25.0] and rec.chosen.perplexity == 25.0 and rec.chosen.meets_budget
+    assert [r.perplexity for r in rec.rejected] == [20.0]

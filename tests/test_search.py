@@ -191,7 +191,8 @@ def test_nsga2_learns_where_the_feasible_region_is(tiny_ws, tiny_predictor, tmp_
     budget = 0.45 * full
     share = {}
     for algo in ("nsga2", "random"):
-        res = run_search(tiny_ws, obj, algo, 40, budget, tmp_path / f"{algo}.db", seed=4)
+        # 240 proposals: late generations repeat judged configs, which no longer count as evaluations
+        res = run_search(tiny_ws, obj, algo, 40, budget, tmp_path / f"{algo}.db", seed=4, max_trials=240)
         study = optuna.load_study(study_name=res.study_name, storage=f"sqlite:///{tmp_path / f'{algo}.db'}")
         # every proposal, a repeat included: the sampler's choice, whether or not it was judged again
         flags = [not t.user_attrs["feasible"] for t in study.get_trials(deepcopy=False)
