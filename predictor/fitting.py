@@ -43,6 +43,13 @@ class PredictorRequest:
     def folder(self) -> Path:
         return self.out if self.out is not None else Path("runs/predictors") / self.device
 
+    @property
+    def min_train(self) -> int:
+        """Measurements each training split needs: fewer when transferring a fitted predictor."""
+        from predictor.model import MIN_TRAIN, MIN_TRAIN_TRANSFER
+
+        return MIN_TRAIN if self.transfer_from is None else MIN_TRAIN_TRANSFER
+
 
 @dataclass
 class PhaseReport:
@@ -75,9 +82,7 @@ def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: A
     if prior is not None:
         folder = prior / m.phase if (prior / m.phase).is_dir() else prior
         kw["prior"] = load_predictor(folder, base_id=base_id, phase=m.phase)[0]
-    from predictor.model import MIN_TRAIN, MIN_TRAIN_TRANSFER
-
-    k = choose_folds(m, request.folds, MIN_TRAIN if prior is None else MIN_TRAIN_TRANSFER)
+    k = choose_folds(m, request.folds, request.min_train)
     comparison, oof = compare(m, k=k, predictor_kw=kw)
     p = BoostedCostModel(dims, m.phase, **kw).fit(m.batch, m.seq_len, m.past_len, m.y_ms)
     folder = request.folder / m.phase
@@ -104,14 +109,11 @@ def train_predictors(request: PredictorRequest) -> dict[str, PhaseReport]:
 
     if not exists(request.db):
         raise StoreError(f"measurement store {request.db} does not exist", "run profile-device first, or pass --db PATH")
-    from predictor.model import MIN_TRAIN, MIN_TRAIN_TRANSFER
-
     base_id, dims = load_base_info(request.model)
-    least = MIN_TRAIN if request.transfer_from is None else MIN_TRAIN_TRANSFER
     store = Store(request.db)
     try:
         return {phase: _fit_phase(request, load_measurements(store, request.device, phase, dims, base_id,
-                                                             include_unstable=request.include_unstable, minimum=least,
+                                                             include_unstable=request.include_unstable, minimum=request.min_train,
                                                              threads=request.threads, backend=request.backend),
                                   base_id, dims)
                 for phase in request.phase}
