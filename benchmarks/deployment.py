@@ -31,8 +31,9 @@ from search.recommendation import MIX, SEARCHED, Choice
 
 def second_domain(ws: Any, c: Choice, text: str, tokens: int) -> float:
     """``c``'s perplexity on another text, at its precision (or mix) as its runtime computes."""
+    from export.arithmetic import at_precision
     from export.mix import PrecisionMix
-    from export.quantize import MixArithmetic, at_precision
+    from export.quantize import MixArithmetic
     from subnets.config import SubnetConfig
 
     other = ws.evaluated_on(text, tokens)

@@ -74,8 +74,9 @@ def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--supernet", type=Path, default=None,
                    help="take the weights from a trained super-network (`edgenas train-supernet --out`)")
     add_graph(s, "the ONNX graphs")
-    s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], default=None,
-                   help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE")
+    s.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"], default=None,
+                   help="also write OUT/model.TYPE.gguf for llama.cpp (per-layer 'deci' architecture) with weights of TYPE "
+                        "(the K-quant presets by llama.cpp's llama-quantize)")
     s.add_argument("--mix", type=Path, default=None, metavar="MIX.json",
                    help="a precision mix (JSON: runtime, head, attention and mlp types per kept layer): the deployment's "
                         "file as its runtime loads it, OUT/model.mix.gguf with per-tensor types (llama.cpp) or the ONNX "

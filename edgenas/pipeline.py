@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from export.quantize import GGUF_TYPES
+from export.quantize import GGUF_PRESETS, LLAMA_CPP_PRECISIONS
 from predictor.fitting import PhaseReport, PredictorRequest
 from predictor.workload import Workload
 from profiler.request import SweepRequest
@@ -91,7 +91,7 @@ class PipelineRequest:
         Q8_0 and Q4_0 where this machine (``--host local``) has llama.cpp's tools."""
         if self.precision != "auto":
             return check_precisions(self.precision)
-        from profiler.hosts import local_llama_cpp
+        from export.llama_cpp_tools import local_llama_cpp
 
         gguf = LLAMA_CPP_DEPLOYMENTS if self.host == "local" and local_llama_cpp() else ()
         return (*ONNX_DEPLOYMENTS, *gguf)
@@ -113,10 +113,12 @@ class PipelineRequest:
         return SweepRequest(host=self.host, model=self.model, neuron_step=self.neuron_step,
                             seq_len=(Workload.parse(self.workload).prompt_len,),
                             past_len=past if precision == "fp32" else (past[len(past) // 2],),
-                            threads=self.threads, backend="llama.cpp" if precision in GGUF_TYPES else None,
+                            threads=self.threads, backend="llama.cpp" if precision in LLAMA_CPP_PRECISIONS else None,
+                            weights="real" if precision in GGUF_PRESETS else "none",
                             precision=None if precision == "fp32" else precision,
                             reference_every=10, min_time=self.min_time, max_time=max(20.0, 4 * self.min_time),
-                            decode_min_time=3 * self.min_time, decode_sessions=3, db=self.db)
+                            decode_min_time=3 * self.min_time, decode_sessions=3, db=self.db,
+                            repeat_min=3 if precision == "fp32" else 2)
 
     def predictor_training(self, precision: str = "fp32") -> PredictorRequest:
         """fp32: trained on the architecture sweep; another precision: transferred from it."""
@@ -336,6 +338,7 @@ def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutc
     precision mixes, and the obvious alternatives, measured on the device."""
     from search.deployments import setup
     from search.mix_deployments import mix_choices
+    from search.preset_deployments import preset_choices
     from search.recommendation import candidates, recommend
     from search.verify import measure_on_device
 
@@ -343,7 +346,9 @@ def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutc
     by_precision = {d.precision: d for d in deps}
     budget = outcome.request.latency_budget_ms
     pool = candidates(outcome.front, outcome.baselines, ws.space.dims, deps[0].precision)
-    pool += mix_choices(deps[0].ws, by_precision, budget)
+    if request.verify:  # the presets are measured, not predicted: only where the device is used
+        pool += preset_choices(by_precision, request.host, request.db, budget)
+    pool += mix_choices(deps[0].ws, by_precision, budget, known=pool)
     measure = measure_on_device(by_precision, request.host, request.db, budget) if request.verify else None
     return recommend(pool, budget, outcome.ceiling, outcome.full_perplexity, measure, tries=max(1, request.verify))
 
@@ -363,6 +368,9 @@ def run_pipeline(request: PipelineRequest, console: Console) -> PipelineResult:
     console.print(f"profiled {summary.measured} cells now ({summary.already_done} already in {request.db}), "
                   f"{len(summary.failed)} failed; {summary.seconds['total']:.0f} s, "
                   f"{summary.subnets_per_hour:.0f} sub-networks/hour")
+    for phase, r in summary.repeatability.items():
+        console.print(f"repeatability, {phase}: {r['n']} cells re-measured, spread {r['sd_log_ratio']:.1%}, "
+                      f"{r['within_5pct']:.0%} within ±5%")
     (request.out / "subnets.json").write_text(json.dumps(rows, indent=1))
     console.print(f"results: {request.out / 'subnets.json'}, measurements: {request.db}")
     predictors = architecture_predictors(request, console)

@@ -71,25 +71,76 @@ def render_recommendation(rec: Recommendation, request: Any, console: Console) -
                   f"against a budget of {rec.budget_ms:.1f} ms; files in {request.out / 'ship'}")
 
 
+FAMILY_MARKERS = {"full model": "*", "uniform width": "s", "layer dropping": "^", "precision mix": "P", "searched": "o"}
+RUNTIME_COLORS = {"onnxruntime": "C0", "llama.cpp": "C1"}
+
+
+def plot_recommendation(rec: Recommendation, path: Any, title: str) -> Any:
+    """Every row of the recommendation table where the table puts it: each deployment at its
+    predicted latency, a whisker to its bound (hollow: bound over the budget), a cross at what
+    the device measured; the one to ship ringed. Marker: family; colour: runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    rows = [*([rec.chosen] if rec.chosen else []), *rec.alternatives, *rec.rejected, *rec.nearest]
+    for c in rows:
+        col, fits = RUNTIME_COLORS.get(c.runtime, "C2"), c.upper_ms <= rec.budget_ms
+        ax.plot([c.predicted_ms, c.upper_ms], [c.perplexity] * 2, color=col, lw=0.8, alpha=0.7)
+        ax.scatter([c.predicted_ms], [c.perplexity], marker=FAMILY_MARKERS.get(c.family, "D"), s=60,
+                   facecolors=col if fits else "none", edgecolors=col, zorder=3)
+        if c.measured_ms is not None:
+            ax.scatter([c.measured_ms], [c.perplexity], marker="x", s=40, color="red" if c.meets_budget is False else "k",
+                       zorder=4)
+        ax.annotate(f"{c.family} {c.precision}", (c.predicted_ms, c.perplexity), fontsize=6, xytext=(4, 3),
+                    textcoords="offset points")
+    if rec.chosen is not None:
+        ax.scatter([rec.chosen.predicted_ms], [rec.chosen.perplexity], s=380, facecolors="none", edgecolors="green",
+                   lw=1.6, zorder=5, label=f"ship: {rec.chosen.family} {rec.chosen.precision}")
+    ax.axvline(rec.budget_ms, color="red", lw=0.8, ls=":", label=f"budget {rec.budget_ms:g} ms")
+    ax.axhline(rec.full_perplexity, color="k", lw=0.6, ls="--", label=f"full fp32 model, {rec.full_perplexity:.1f}")
+    for family, mk in FAMILY_MARKERS.items():
+        if any(c.family == family for c in rows):
+            ax.scatter([], [], marker=mk, color="grey", label=family)
+    for runtime, col in RUNTIME_COLORS.items():
+        if any(c.runtime == runtime for c in rows):
+            ax.plot([], [], "-", color=col, lw=3, label=runtime)
+    ax.scatter([], [], marker="x", color="k", label="measured on the device (red: over the budget)")
+    ax.set_yscale("log")
+    ax.set_xlabel("workload latency (ms): predicted, whisker to the bound; x measured")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_recommendation(request: Any, ws: Any, rec: Recommendation) -> None:
     """recommendation.json, and the chosen deployment exported to ``out/ship``: the HF folder,
     the ONNX graphs (MatMulNBits/MatMulInteger per layer for int4/int8) or the GGUF file."""
     from export.mix import PrecisionMix
+    from export.quantize import GGUF_PRESETS
     from export.request import ExportRequest, write_export
     from search.recommendation import runtime_of
     from subnets.config import SubnetConfig
 
     (request.out / "recommendation.json").write_text(json.dumps(rec.to_dict(), indent=1))
+    plot_recommendation(rec, request.out / "recommendation.png",
+                        f"What to ship: {rec.budget_ms:.1f} ms for workload {request.workload} on {request.host}")
     if rec.chosen is None:
         return
     c, ship = rec.chosen, request.out / "ship"
     ship.mkdir(parents=True, exist_ok=True)
     config = SubnetConfig.from_dict(c.config)
     (ship / "config.jsonl").write_text(config.to_json() + "\n")
-    mix = None
-    if c.mix is not None or c.precision != "fp32":
+    mix, preset = None, c.precision if c.precision in GGUF_PRESETS else None
+    if preset is None and (c.mix is not None or c.precision != "fp32"):
         mix = ship / "mix.json"
         chosen = c.mix or PrecisionMix.uniform(runtime_of(c.precision), c.precision, len(config.layers)).to_dict()
         mix.write_text(json.dumps(chosen, indent=1))
     write_export(ExportRequest(ship / "config.jsonl", ship, model=request.model, neuron_step=request.neuron_step,
-                               reconstruct=request.reconstruct, no_perplexity=True, mix=mix), ws)
+                               reconstruct=request.reconstruct, no_perplexity=True, mix=mix, gguf=preset), ws)

@@ -144,6 +144,8 @@ def _recommendation_section(run: Path) -> str:
                    "files in <code>ship/</code>.</p>")
     else:
         out.append(f"<p class='bad'>Nothing meets both limits ({_esc(limits)}); relax: {_esc(rec.get('relax'))}.</p>")
+    if (run / "recommendation.png").is_file():
+        out.append(_img(run / "recommendation.png", "what to ship: every deployment of the table"))
     rows = [(role, c) for role, cs in (("ship", [chosen] if chosen else []), ("instead of", rec.get("alternatives", [])),
                                        ("set aside", rec.get("rejected", [])), ("nearest", rec.get("nearest", [])))
             for c in cs]

@@ -34,8 +34,12 @@ import numpy as np
 import torch
 
 from export.artifact import MANIFEST, ExportedSubnet, TensorRecord
+from export.quantize import (  # llama.cpp's names for the weight types written
+    GGUF_PRESETS,
+    gguf_qtype,
+    stored_type,
+)
 from export.quantize import GGUF_TYPES as GGUF_PRECISIONS
-from export.quantize import gguf_qtype, stored_type  # llama.cpp's names for the weight types written
 from subnets.errors import ConfigError
 from subnets.extract import SubnetWeights
 from subnets.paths import sha256_file
@@ -63,9 +67,13 @@ class GgufOptions:
         if self.mix is not None and self.mix.runtime != "llama.cpp":
             raise ConfigError(f"a GGUF file cannot carry an {self.mix.runtime} precision mix",
                               "give a llama.cpp mix (types f16, q8_0, q5_1, q5_0, q4_1, q4_0)")
-        if self.precision not in GGUF_PRECISIONS:
+        if self.precision in GGUF_PRESETS:
+            if self.mix is not None or self.weights != "real":
+                raise ConfigError(f"the {self.precision} preset is a whole file written by llama-quantize",
+                                  "export it with real weights (--weights real) and no --mix")
+        elif self.precision not in GGUF_PRECISIONS:
             raise ConfigError(f"GGUF type {self.precision!r} is not one this exporter writes",
-                              f"pass --precision {' or '.join(GGUF_PRECISIONS)} with --backend llama.cpp")
+                              f"pass --precision {' or '.join((*GGUF_PRECISIONS, *GGUF_PRESETS))} with --backend llama.cpp")
         if self.weights not in ("real", "none"):
             raise ConfigError(f"weights {self.weights!r} is neither 'real' nor 'none'", "pass --weights real or none")
 
@@ -255,6 +263,10 @@ def file_type(options: GgufOptions) -> str:
 def gguf_key(w: SubnetWeights, options: GgufOptions) -> str:
     ident = {"gguf_exporter": GGUF_EXPORTER_VERSION, "config": w.config.to_dict(), "precision": options.precision,
              "weights": options.weights}
+    if options.precision in GGUF_PRESETS:  # upstream's quantizer decides the file
+        from export.llama_cpp_tools import LLAMA_CPP_BUILD
+
+        ident["llama.cpp"] = LLAMA_CPP_BUILD
     if options.mix is not None:
         ident["mix"] = options.mix.to_dict()
     if w.weights_id is not None and options.weights == "real":
@@ -313,6 +325,29 @@ def _write_file(w: SubnetWeights, options: GgufOptions, path: Path, tokenizer_di
 
 
 
+def write_preset(w: SubnetWeights, preset: str, path: Path, tokenizer_dir: Path | None = None) -> Path:
+    """``w`` at llama.cpp's ``preset`` (Q4_K_M, ...) in ``path``, as a llama.cpp user writes it:
+    the F32 file (in a scratch folder beside ``path``) through upstream ``llama-quantize``."""
+    from export.llama_cpp_tools import run_tool
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".f32-") as tmp:
+        f32 = Path(tmp) / GGUF_FILE
+        _write(w, GgufOptions("f32", weights="real"), f32, tokenizer_dir)
+        run_tool("llama-quantize", [str(f32), str(path), preset.upper()], f"the {preset} preset")
+    return path
+
+
+def _write_preset(w: SubnetWeights, preset: str, path: Path, tokenizer_dir: Path | None) -> list[TensorRecord]:
+    """``write_preset``, and its tensors' records."""
+    import gguf
+
+    write_preset(w, preset, path, tokenizer_dir)
+    return [TensorRecord(t.name, [int(x) for x in reversed(t.shape.tolist())], int(t.data_offset), int(t.n_bytes),
+                         "norm" if len(t.shape) == 1 else "linear", t.tensor_type.name.lower())
+            for t in gguf.GGUFReader(str(path)).tensors]
+
+
 def export_gguf(w: SubnetWeights, root: Path, options: GgufOptions | None = None,
                 tokenizer_dir: Path | None = None) -> ExportedSubnet:
     """Export ``w`` as ``root/<key>/model.gguf`` (or its header) unless done; return the export,
@@ -330,7 +365,10 @@ def export_gguf(w: SubnetWeights, root: Path, options: GgufOptions | None = None
     try:
         fname = GGUF_FILE if options.weights == "real" else HEADER_FILE
         # the header carries the tokenizer too: llama-bench draws its tokens from the vocabulary
-        records = _write(w, options, tmp / fname, tokenizer_dir)
+        if options.precision in GGUF_PRESETS:
+            records = _write_preset(w, options.precision, tmp / fname, tokenizer_dir)
+        else:
+            records = _write(w, options, tmp / fname, tokenizer_dir)
         sha = sha256_file(tmp / fname)
         total = records[-1].offset + records[-1].length
         done = ExportedSubnet(key, folder, {"prefill": fname, "decode": fname}, {"prefill": sha, "decode": sha},

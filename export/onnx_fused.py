@@ -117,7 +117,7 @@ def build_fused_graph(g: Any, w: Any, names: dict[str, str], phase: str,
     if phase == "prefill":
         x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
     flat = g.op("Reshape", [x, g.const([-1, d])])
-    logits = g.op("Gemm", [flat, names.get("lm_head", names["embed"])], transB=1)
+    logits = g.lm_head(flat, names)
     g.op("Unsqueeze", [logits, g.const([1])], "logits")
     return inputs, outputs
 

@@ -40,7 +40,7 @@ from subnets.extract import SubnetWeights
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2  # 2: int8/int4 graphs multiply by a quantized LM head
 GRAPHS = ("plain", "fused", "fused-shared")
 MIN_OPSET = 13  # Unsqueeze/Slice with axes as inputs, Softmax over one axis
 WEIGHTS_FILE = "weights.bin"
@@ -133,18 +133,21 @@ def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32
     MatMul (or quantized, see ``_quantized``; with a ``mix``, each at its layer's type); the
     query projection carries the 1/sqrt(head_dim) attention scale (RoPE is linear, so
     scaling before it is exact)."""
-    plan = _plan_fp32(w)
     if mix is not None:
         mix.check_layers(len(w.layers))
 
         def kind_of(name: str) -> str:
+            if name == "lm_head":
+                return mix.head
             layer, part = name.split(".")
             return mix.layer_type(int(layer[1:]), part)
 
-        return _quantized(plan, kind_of, mix.block_size)
+        return _quantized(_plan_fp32(w, mix.head), kind_of, mix.block_size)
     if precision == "fp16":
-        return [(name, arr.astype(np.float16), kind) for name, arr, kind in plan]
-    return plan if precision == "fp32" else _quantized(plan, lambda _name: precision, block_size)
+        return [(name, arr.astype(np.float16), kind) for name, arr, kind in _plan_fp32(w)]
+    if precision == "fp32":
+        return _plan_fp32(w)
+    return _quantized(_plan_fp32(w, precision), lambda _name: precision, block_size)
 
 
 def _quantized(plan: list[tuple[str, np.ndarray, str]], kind_of: Any,
@@ -166,7 +169,9 @@ def _quantized(plan: list[tuple[str, np.ndarray, str]], kind_of: Any,
     return out
 
 
-def _plan_fp32(w: SubnetWeights) -> list[tuple[str, np.ndarray, str]]:
+def _plan_fp32(w: SubnetWeights, head: str = "fp32") -> list[tuple[str, np.ndarray, str]]:
+    """``head``: the LM head's type; quantized, it is a linear weight of its own ([in, out])
+    beside the fp32 embedding the graph gathers from (tied or not)."""
     scale = w.head_dim**-0.5
     out: list[tuple[str, np.ndarray, str]] = [("embed", _np(w.embed), "embed")]
     for i, lw in enumerate(w.layers):
@@ -185,7 +190,9 @@ def _plan_fp32(w: SubnetWeights) -> list[tuple[str, np.ndarray, str]]:
         out.append((p + "up", _np(lw.up.t()), "linear"))
         out.append((p + "down", _np(lw.down.t()), "linear"))
     out.append(("final_norm", _np(w.final_norm), "norm"))
-    if w.lm_head is not None:
+    if head != "fp32":
+        out.append(("lm_head", _np((w.embed if w.lm_head is None else w.lm_head).t()), "linear"))
+    elif w.lm_head is not None:
         out.append(("lm_head", _np(w.lm_head), "embed"))
     return out
 
@@ -306,6 +313,13 @@ class _Graph:
             y = self.op("MatMul", [x, w])
         return self.op("Add", [y, b]) if b else y
 
+    def lm_head(self, flat: str, names: dict[str, str]) -> str:
+        """Logits of the final hidden states [tokens, hidden]: a quantized LM head's MatMul, or
+        the fp32 head (the embedding when tied) by Gemm with its [vocab, hidden] layout."""
+        if "lm_head" in self.kinds:
+            return self.linear(flat, names["lm_head"])
+        return self.op("Gemm", [flat, names.get("lm_head", names["embed"])], transB=1)
+
     def rope(self, x: str, cos: str, sin: str, half: int) -> str:
         x1 = self.slice(x, 0, half, -1)
         x2 = self.slice(x, half, 2 * half, -1)
@@ -418,8 +432,7 @@ def build_graph(w: SubnetWeights, recs: list[TensorRecord], phase: Phase, option
     if phase == "prefill":
         x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
     flat = g.op("Reshape", [x, g.const([-1, w.hidden_size])])
-    logits = g.op("Gemm", [flat, names.get("lm_head", names["embed"])], transB=1)
-    g.op("Unsqueeze", [logits, g.const([1])], "logits")
+    g.op("Unsqueeze", [g.lm_head(flat, names), g.const([1])], "logits")
     return _model(g, inputs, outputs, phase, options)
 
 
@@ -438,7 +451,9 @@ def _model(g: _Graph, inputs: list[Any], outputs: list[Any], phase: Phase, optio
 # content-addressed export
 # --------------------------------------------------------------------------------------
 def _in_features(w: SubnetWeights, name: str) -> int:
-    """K of linear layer ``l{i}.{proj}``: the input width its weight multiplies."""
+    """K of linear layer ``l{i}.{proj}`` (or the LM head): the input width its weight multiplies."""
+    if name == "lm_head":
+        return int(w.embed.shape[1])
     layer, proj = name.split(".")
     lw = w.layers[int(layer[1:])]
     return int(getattr(lw, proj).shape[1])

@@ -26,6 +26,9 @@ from subnets.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp's own per-tensor presets, written by upstream llama-quantize (export.gguf_presets)
+GGUF_PRESETS = ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
+LLAMA_CPP_PRECISIONS = (*GGUF_TYPES, *GGUF_PRESETS)
 # llama.cpp's 32-value block types this suite writes in numpy (the uniform --precision menu is
 # GGUF_TYPES; mixes may use all of these); their activations are rounded to Q8_0 blocks
 GGUF_BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -66,8 +69,8 @@ def dequantized(w: Any, precision: str, block_size: int = 32) -> Any:
     """``SubnetWeights`` whose linear weights are exactly what a ``precision`` export holds
     (quantized then dequantized, the query's attention scale undone): torch on these computes
     what the quantized graph computes with fp32 arithmetic, so its perplexity is the
-    sub-network's quality at that precision. A uniform precision is the uniform mix of it
-    (llama.cpp types: the embedding / LM head too; onnxruntime: the linear layers only)."""
+    sub-network's quality at that precision. A uniform precision is the uniform mix of it,
+    the LM head included (onnxruntime: a quantized copy of it; the embedding stays fp32)."""
     from export.mix import PrecisionMix
 
     if precision in ("fp32", "f32"):
@@ -106,11 +109,11 @@ def emulate_dynamic_int8(model: Any) -> Any:
     """Make ``model`` (built from ``dequantized(w, "int8")``) compute what the int8 graph
     computes: every decoder linear layer's input quantized per tensor to uint8 the way ONNX's
     ``DynamicQuantizeLinear`` does (range widened to hold 0, round half to even), then
-    dequantized. The LM head stays fp32, as in the graph. Returns ``model``."""
+    dequantized; the LM head's too (the graph multiplies by an int8 copy of it). Returns ``model``."""
     import torch
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(_dynamic_uint8_hook)
     return model
 
@@ -234,17 +237,13 @@ class Precision:
 
     @property
     def identity(self) -> str:
-        return f"{self.name}|{self.block_size}"
+        # onnxruntime int8/int4 quantize the LM head since exporter 2: other numbers than before
+        return f"{self.name}|{self.block_size}" + ("|head" if self.name in ("int8", "int4") else "")
 
     def model(self, weights: Any) -> Any:
         from subnets.extract import build_model
 
         return emulate(build_model(dequantized(weights, self.name, self.block_size)), self.name)
-
-
-def at_precision(ws: Any, precision: str, block_size: int = 32) -> Any:
-    """``ws`` judging quality at ``precision`` (a view: it shares the loaded model)."""
-    return ws.at_precision(None if precision == "fp32" else Precision(precision, block_size))
 
 
 def _onnx_roundtrip(t: Any, kind: str, block_size: int, scale: float = 1.0) -> Any:
@@ -276,9 +275,12 @@ def mixed_weights(w: Any, mix: Any) -> Any:
     layers = [dataclasses.replace(lw, **{part: rt(getattr(lw, part), mix.layer_type(i, part),
                                                   q_scale if part == "q" else 1.0) for part in (*ATTENTION, *MLP)})
               for i, lw in enumerate(w.layers)]
-    embed = w.embed if onnx else gguf_roundtrip(w.embed, mix.head)
-    head = None if w.lm_head is None or onnx else gguf_roundtrip(w.lm_head, mix.head)
-    return dataclasses.replace(w, layers=layers, embed=embed, lm_head=w.lm_head if onnx else head)
+    if onnx:  # the embedding is gathered from fp32; the LM head multiplies by its own copy
+        head = w.embed if w.lm_head is None else w.lm_head
+        lm_head = w.lm_head if mix.head == "fp32" else rt(head, mix.head)
+        return dataclasses.replace(w, layers=layers, lm_head=lm_head)
+    head = None if w.lm_head is None else gguf_roundtrip(w.lm_head, mix.head)
+    return dataclasses.replace(w, layers=layers, embed=gguf_roundtrip(w.embed, mix.head), lm_head=head)
 
 
 def emulate_mix(model: Any, mix: Any) -> Any:
@@ -297,7 +299,7 @@ def emulate_mix(model: Any, mix: Any) -> Any:
             hook = hook_for(mix.layer_type(i, part))
             if hook is not None:
                 module.register_forward_pre_hook(hook)
-    head_hook = None if mix.runtime == "onnxruntime" else activation_hook(mix.head)
+    head_hook = hook_for(mix.head)
     if head_hook is not None:
         model.lm_head.register_forward_pre_hook(head_hook)
     return model

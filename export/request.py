@@ -14,6 +14,7 @@ from typing import Any
 from export.gguf_file import GGUF_PRECISIONS
 from export.mix import PrecisionMix
 from export.onnx_graphs import GRAPHS, ExportOptions
+from export.quantize import GGUF_PRESETS
 from subnets.config import SubnetConfig
 from subnets.cost import cost
 from subnets.errors import ConfigError
@@ -41,9 +42,9 @@ class ExportRequest:
         self.options().validate()
         if self.graph not in GRAPHS:
             raise ConfigError(f"--graph {self.graph!r} is not a graph edgenas writes", f"use one of {', '.join(GRAPHS)}")
-        if self.gguf is not None and self.gguf not in GGUF_PRECISIONS:
+        if self.gguf is not None and self.gguf not in (*GGUF_PRECISIONS, *GGUF_PRESETS):
             raise ConfigError(f"--gguf {self.gguf!r} is not a GGUF type this exporter writes",
-                              f"use one of {', '.join(GGUF_PRECISIONS)}")
+                              f"use one of {', '.join((*GGUF_PRECISIONS, *GGUF_PRESETS))} (presets by llama-quantize)")
         config = self.subnet()
         mix = self.precision_mix()
         if mix is not None:
@@ -93,7 +94,7 @@ def summarize(ws: Any, config: SubnetConfig, exported: Any, ppl: float | None, s
 def _gguf_file(ws: Any, w: Any, precision: str, out: Path, mix: PrecisionMix | None = None) -> Path:
     from export.gguf_file import GGUF_FILE, GgufOptions, export_gguf
 
-    done = export_gguf(w, out / ".gguf", GgufOptions(precision if mix is None else "f16", mix=mix),
+    done = export_gguf(w, out / ".gguf", GgufOptions(precision if mix is None else "f16", mix=mix, weights="real"),
                        tokenizer_dir=ws.base.path)
     target = out / f"model.{'mix' if mix is not None else precision}.gguf"
     (done.folder / GGUF_FILE).replace(target)

@@ -70,9 +70,34 @@ class PhaseReport:
     paired: int = 0
     prior: Path | None = None
     plot: Path | None = None
+    # the board's re-measurement spread over these cells' kind (profiler.repeatability), if any
+    repeatability: dict[str, float] | None = None
+
+    @property
+    def noise_ratio(self) -> float | None:
+        """The predictor's held-out error spread over the board's re-measurement spread (a
+        predictor wrong only by the measurement noise scores about 0.71: one measurement's
+        noise, against the difference of two)."""
+        sd = (self.comparison.get("edgenas predictor") or {}).get("sd_log")
+        if not self.repeatability or sd is None or not self.repeatability["sd_log_ratio"] > 0:
+            return None
+        return float(sd / self.repeatability["sd_log_ratio"])
 
 
-def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: Any) -> PhaseReport:
+def _repeatability(store: Any, m: Measurements) -> dict[str, float] | None:
+    """The re-measurement spread of the cells like ``m``'s: its device, phase, back-end,
+    threads and protocol."""
+    from profiler.repeatability import repeatability
+
+    pairs = [(r["first_ms"], r["again_ms"]) for r in store.repeat_pairs(m.fingerprint)
+             if r["phase"] == m.phase and r["backend"] == m.backend and r["threads"] == m.threads
+             and r["protocol"] == m.protocol]
+    rep = repeatability(pairs)
+    return None if rep is None else rep.to_dict()
+
+
+def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: Any,
+               repeat: dict[str, float] | None = None) -> PhaseReport:
     from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
     from predictor.model import BoostedCostModel
     from predictor.persist import load_predictor, save_predictor
@@ -89,10 +114,11 @@ def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: A
     save_predictor(p, folder, m.device_name, m.fingerprint, base_id, m.data_hash,
                    {"cv": comparison, "threads": m.threads, "backend": m.backend, "protocol": m.protocol,
                     "protocol_record": m.protocol_record, "excluded_unstable": m.excluded_unstable,
-                    "excluded_throttled": m.excluded_throttled, "n": len(m), "paired": m.paired})
+                    "excluded_throttled": m.excluded_throttled, "n": len(m), "paired": m.paired,
+                    "repeatability": repeat})
     report = PhaseReport(m.phase, folder, comparison, m.device_name, len(m), len(set(m.subnet_hashes.tolist())),
                          m.threads, m.backend, k, sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist()))),
-                         m.excluded_unstable, m.excluded_throttled, m.paired, prior)
+                         m.excluded_unstable, m.excluded_throttled, m.paired, prior, repeatability=repeat)
     if not request.no_plot:
         report.plot = plot_predicted_vs_measured(m.y_ms, oof, folder / "predicted_vs_measured.png",
                                                  f"{m.device_name} {m.phase}: held-out predictions")
@@ -112,10 +138,11 @@ def train_predictors(request: PredictorRequest) -> dict[str, PhaseReport]:
     base_id, dims = load_base_info(request.model)
     store = Store(request.db)
     try:
-        return {phase: _fit_phase(request, load_measurements(store, request.device, phase, dims, base_id,
-                                                             include_unstable=request.include_unstable, minimum=request.min_train,
-                                                             threads=request.threads, backend=request.backend),
-                                  base_id, dims)
-                for phase in request.phase}
+        out = {}
+        for phase in request.phase:
+            m = load_measurements(store, request.device, phase, dims, base_id, include_unstable=request.include_unstable,
+                                  minimum=request.min_train, threads=request.threads, backend=request.backend)
+            out[phase] = _fit_phase(request, m, base_id, dims, _repeatability(store, m))
+        return out
     finally:
         store.close()

@@ -16,6 +16,8 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray, upper: np.ndarray | None = 
         "mape": float(np.mean(rel)),
         "rmse_ms": float(np.sqrt(np.mean((y_pred - y_true) ** 2))),
         "kendall_tau": _kendall(y_true, y_pred),
+        # the error spread in the unit a board's repeatability is stated in (profiler.repeatability)
+        "sd_log": float(np.sqrt(np.mean(np.log(y_pred / y_true) ** 2))),
     }
     if upper is not None:
         out["upper_coverage"] = float(np.mean(np.asarray(upper) >= y_true))

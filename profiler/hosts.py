@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from export.llama_cpp_tools import local_llama_cpp
 from profiler.errors import HostError
 
 if sys.version_info >= (3, 11):
@@ -45,10 +46,6 @@ class HostSpec:
             return "local"
         via = f" via {self.proxy_jump}" if self.proxy_jump else ""
         return f"{self.user + '@' if self.user else ''}{self.hostname}:{self.port}{via}"
-
-
-# the llama-cpp-python release whose vendored llama.cpp scripts/build_llama_cpp.sh builds
-LLAMA_CPP_BUILD = "0.3.36"
 
 
 def default_inventory() -> Path:
@@ -191,23 +188,6 @@ def resolve_host(name: str, inventory: Path | None = None, ssh_config: Path | No
                    agent_memory_mb=int(inv["agent_memory_mb"]) if "agent_memory_mb" in inv else None,
                    llama_cpp=str(inv["llama_cpp"]) if "llama_cpp" in inv else
                    (local_llama_cpp() if spec.kind == "local" else None))
-
-
-def local_llama_cpp() -> str | None:
-    """This machine's llama.cpp tools: $EDGENAS_LLAMA_CPP, llama-bench on PATH, or the folder
-    ``scripts/build_llama_cpp.sh`` builds into (None: none of them)."""
-    import shutil
-
-    from subnets.paths import cache_dir
-
-    env = os.environ.get("EDGENAS_LLAMA_CPP")
-    if env:
-        return env
-    on_path = shutil.which("llama-bench")
-    if on_path:
-        return str(Path(on_path).parent)
-    built = cache_dir() / "llama.cpp" / LLAMA_CPP_BUILD / "bin"
-    return str(built) if (built / "llama-bench").is_file() else None
 
 
 def _local_root() -> Path:

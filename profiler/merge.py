@@ -60,6 +60,7 @@ class _Merger:
             self.t.execute("INSERT INTO protocols VALUES(?,?) ON CONFLICT DO NOTHING", (digest, record))
         jobs = self._jobs(devices)
         self._measurements(devices, jobs)
+        self._repeats(jobs)
 
     def _devices(self) -> dict[int, int]:
         out = {}
@@ -120,6 +121,16 @@ class _Merger:
                 continue
             _insert(self.t, "measurements", row)
             self.report.cells_added += 1
+
+    def _repeats(self, jobs: dict[int, tuple[int, bool]]) -> None:
+        """Re-measurements, on the target's job of the same cell (each once)."""
+        for r in self.s.execute("SELECT * FROM repeats ORDER BY id").fetchall():
+            row = {c: r[c] for c in r.keys() if c != "id"}
+            row["job_id"] = jobs[r["job_id"]][0]
+            dup = self.t.execute("SELECT 1 FROM repeats WHERE job_id=? AND created=? AND median_ms=?",
+                                 (row["job_id"], r["created"], r["median_ms"])).fetchone()
+            if dup is None:
+                _insert(self.t, "repeats", row)
 
     def _duplicate(self, m: Any, job_id: int) -> None:
         self.report.cells_duplicate += 1

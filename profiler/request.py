@@ -55,6 +55,8 @@ class SweepRequest:
     lease: float = 30.0
     reference_every: int = 20
     drift_threshold: float = 0.03
+    repeat_share: float = 0.1
+    repeat_min: int = 3
     retry_failed: bool = False
     paired: bool = False
     keep_models: bool = False
@@ -76,6 +78,10 @@ class SweepRequest:
         if not self.min_time > 0 or self.max_time < self.min_time:
             raise ConfigError(f"--min-time {self.min_time} / --max-time {self.max_time} is not a time window",
                               "pass --min-time above 0 and --max-time at least as long")
+        if not 0 <= self.repeat_share <= 1 or self.repeat_min < 0:
+            raise ConfigError(f"--repeat-share {self.repeat_share} / --repeat-min {self.repeat_min} is not a share of "
+                              "the cells and a count", "pass --repeat-share in [0, 1] and --repeat-min 0 or more "
+                              "(both 0: measure no cell twice)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads} is not positive", "pass --threads 1 or more")
 
@@ -107,7 +113,8 @@ class SweepRequest:
                          reference_every=self.reference_every, drift_threshold=self.drift_threshold,
                          retry_failed=self.retry_failed, precision=self.precision, block_size=self.block_size,
                          graph_opt=self.graph_opt, keep_models=self.keep_models, paired=self.paired,
-                         gpu_layers=self.gpu_layers, graph=self.graph, lease_s=self.lease)
+                         gpu_layers=self.gpu_layers, graph=self.graph, lease_s=self.lease,
+                         repeat_share=self.repeat_share, repeat_min=self.repeat_min)
 
     def record(self) -> dict[str, Any]:
         """What was asked, as the sweep records it (the store location without a password)."""

@@ -25,7 +25,7 @@ from profiler.protocol import UNRECORDED, Protocol
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
@@ -52,10 +52,14 @@ CREATE INDEX IF NOT EXISTS meas_device ON measurements(device_id, phase);
 CREATE TABLE IF NOT EXISTS protocols(digest TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sweeps(
   id INTEGER PRIMARY KEY, device_id INTEGER, started REAL NOT NULL, finished REAL, args TEXT, summary TEXT);
+CREATE TABLE IF NOT EXISTS repeats(
+  id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id), board TEXT, median_ms REAL NOT NULL,
+  median_rel_ci REAL, unstable INTEGER NOT NULL, created REAL NOT NULL);
 """
+REPEATS_DDL = SCHEMA.split("CREATE TABLE IF NOT EXISTS repeats")[1].split(";")[0]
 JOB_COLUMNS = ("job_key", "device_id", "subnet_hash", "phase", "batch", "seq_len", "past_len", "backend", "threads",
                "protocol")
-OWN_TABLES = {"meta", "devices", "subnets", "jobs", "measurements", "protocols", "sweeps"}
+OWN_TABLES = {"meta", "devices", "subnets", "jobs", "measurements", "protocols", "sweeps", "repeats"}
 
 EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
                   "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
@@ -125,7 +129,12 @@ def _migrate_3(db: Database) -> None:
                        (new, key, jid) if taken is None else (new, jid))
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
+def _migrate_4(db: Database) -> None:
+    """v5 keeps re-measurements of done cells (a sweep's repeatability) beside the measurements."""
+    db.create("CREATE TABLE IF NOT EXISTS repeats" + REPEATS_DDL)
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}
 
 
 def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
@@ -370,6 +379,37 @@ class Store:
              json.dumps(telemetry), json.dumps(r.get("versions")), json.dumps(settings), self.db.now(),
              r.get("companion_median_ms"), r.get("paired_ratio"), protocol))
         return int(cur.fetchone()[0])
+
+    @_retried
+    def add_repeat(self, job_id: int, board: str, result: dict[str, Any]) -> None:
+        """A done cell measured once more, under its protocol, later in a sweep."""
+        with self.tx():
+            self.db.execute("INSERT INTO repeats(job_id, board, median_ms, median_rel_ci, unstable, created) "
+                            "VALUES(?,?,?,?,?,?)", (job_id, board, result["median_ms"], result.get("median_rel_ci"),
+                                                    int(bool(result.get("unstable"))), self.db.now()))
+
+    @_retried
+    def repeated_jobs(self, job_ids: list[int]) -> set[int]:
+        """Those of ``job_ids`` re-measured already."""
+        if not job_ids:
+            return set()
+        marks = ",".join("?" * len(job_ids))
+        return {int(r[0]) for r in self.db.execute(f"SELECT DISTINCT job_id FROM repeats WHERE job_id IN ({marks})",
+                                                   job_ids)}
+
+    @_retried
+    def repeat_pairs(self, device: str | None = None) -> list[dict[str, Any]]:
+        """Each re-measurement beside the cell's measurement: device, phase, back-end, threads,
+        protocol, ``first_ms`` and ``again_ms``."""
+        q = ("SELECT m.job_id, d.name AS device, m.phase, m.backend, m.threads, m.protocol, m.subnet_hash, m.seq_len, "
+             "m.past_len, "
+             "m.median_ms AS first_ms, r.median_ms AS again_ms FROM repeats r JOIN measurements m ON m.job_id=r.job_id "
+             "JOIN devices d ON d.id=m.device_id")
+        args: list[Any] = []
+        if device is not None:
+            q += " WHERE d.name=? OR d.fingerprint=?"
+            args = [device, device]
+        return [dict(r) for r in self.db.execute(q + " ORDER BY r.id", args)]
 
     # --- sweeps -------------------------------------------------------------------------
     @_retried

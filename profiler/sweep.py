@@ -16,10 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from export.gguf_file import GGUF_PRECISIONS, GgufOptions, export_gguf
 from export.onnx_graphs import MIN_OPSET, ExportedSubnet, ExportOptions, export_subnet, min_ir_version
+from export.quantize import GGUF_PRESETS
 from export.quantize import PRECISIONS as ONNX_PRECISIONS
 from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.fingerprint import device_fingerprint
@@ -63,8 +65,9 @@ class SweepSpec:
     graph_opt: str = "all"  # onnxruntime back-ends: graph optimization level
     gpu_layers: int = 0  # llama.cpp: layers offloaded to the board's GPU (-ngl)
     graph: str = "plain"  # onnxruntime: "plain" operators, or "fused" contrib decoder operators (GroupQueryAttention)
-    # llama.cpp: each tensor group at its own type (an export.mix.PrecisionMix for the swept
-    # sub-network's kept layers) in place of one precision; stored as the back-end llama.cpp:mix-<digest>
+    # each tensor group at its own type (an export.mix.PrecisionMix of the back-end's runtime
+    # for the swept sub-network's kept layers) in place of one precision; stored as the
+    # back-end <backend>:mix-<digest> (llama.cpp GGUF types, or onnxruntime's per MatMul)
     mix: Any = None
 
     def check(self) -> None:
@@ -74,11 +77,20 @@ class SweepSpec:
         if self.is_llama_cpp and (self.paired or self.batch != 1):
             raise ConfigError("llama-bench times one sequence at a time, alone",
                               "drop --paired and --batch with --backend llama.cpp")
-        if self.mix is not None and not self.is_llama_cpp:
-            raise ConfigError(f"a precision mix is swept on llama.cpp here, not on {self.backend}",
-                              "profile the mix with --backend llama.cpp")
-        ok = (("fp16", "fp32") if self.is_tensorrt else GGUF_PRECISIONS if self.is_llama_cpp
+        if self.mix is not None:
+            runtime = "llama.cpp" if self.is_llama_cpp else None if self.is_tensorrt else "onnxruntime"
+            if self.mix.runtime != runtime:
+                raise ConfigError(f"a {self.mix.runtime} precision mix cannot be swept on {self.backend}",
+                                  "profile a llama.cpp mix with --backend llama.cpp and an onnxruntime mix "
+                                  "with --backend ort-cpu")
+            if runtime == "onnxruntime" and (self.graph != "plain" or self.resolved_precision != "fp32"):
+                raise ConfigError("an onnxruntime precision mix is swept as plain graphs with per-MatMul types",
+                                  "drop --graph and --precision with --mix")
+        ok = (("fp16", "fp32") if self.is_tensorrt else (*GGUF_PRECISIONS, *GGUF_PRESETS) if self.is_llama_cpp
               else ONNX_PRECISIONS)
+        if self.is_llama_cpp and self.resolved_precision in GGUF_PRESETS and self.weights != "real":
+            raise ConfigError(f"the {self.resolved_precision} preset is written by llama-quantize on this host, "
+                              "with its real weights", "profile it with --weights real")
         if self.resolved_precision not in ok:
             raise ConfigError(f"back-end {self.backend} does not run {self.resolved_precision} here",
                               f"pass --precision {' or '.join(ok)} with --backend {self.backend}")
@@ -103,11 +115,14 @@ class SweepSpec:
         """The graph's weight precision as recorded (None: fp32 onnxruntime graphs, as before
         precisions existed; int4 carries its block size)."""
         p = self.resolved_precision
+        if self.mix is not None and not self.is_tensorrt:
+            return f"mix-{self.mix.digest()}"
         if self.is_llama_cpp:
-            return p if self.mix is None else f"mix-{self.mix.digest()}"
+            return p
         if self.is_tensorrt or p == "fp32":
             return None
-        return f"int4-b{self.block_size}" if p == "int4" else p
+        # "-qhead": the LM head quantized too (exporter 2 on): other graphs than the plain tags before
+        return f"int4-b{self.block_size}-qhead" if p == "int4" else f"{p}-qhead" if p == "int8" else p
 
     @property
     def backend_tag(self) -> str:
@@ -138,6 +153,11 @@ class SweepSpec:
     # A claimed job stays this sweep's for lease_s seconds, renewed by a heartbeat every third
     # of it: a sweep whose process dies loses its jobs to the others within lease_s.
     lease_s: float = 30.0
+    # After its cells are done, a sweep measures this share of them again (at least
+    # repeat_min per phase, where it has that many): the board's repeatability, stored and
+    # reported (profiler.repeatability). 0 and 0: never.
+    repeat_share: float = 0.1
+    repeat_min: int = 3
 
     def timing_for(self, phase: str) -> dict[str, Any]:
         if self.phase_timing is not None and phase in self.phase_timing:
@@ -185,6 +205,8 @@ class SweepSummary:
     subnets: list[str] = field(default_factory=list)  # the sub-networks with a cell measured here
     stopped: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # per phase: profiler.repeatability.Repeatability of this sweep's cells measured twice
+    repeatability: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def subnets_per_hour(self) -> float:
@@ -211,14 +233,14 @@ class SweepSummary:
 
 def tag_precision(tag: str) -> str | None:
     """The weights' precision a back-end tag records (``SweepSpec.backend_tag``): a GGUF type
-    for llama.cpp, ``int8``/``int4-b32``/``fp16`` for onnxruntime, None for fp32 onnxruntime
+    for llama.cpp, ``int8-qhead``/``int4-b32-qhead``/``fp16``/``mix-<digest>`` for onnxruntime, None for fp32 onnxruntime
     graphs and TensorRT engines (whose tag carries the engine's precision instead)."""
     parts = tag.split(":")
     if parts[0] in LLAMA_CPP_BACKENDS:
         return parts[1] if len(parts) > 1 else None
     if parts[0] in ("trt", "trtexec"):
         return None
-    return parts[-1] if parts[-1].startswith(("int8", "int4", "fp16")) else None
+    return parts[-1] if parts[-1].startswith(("int8", "int4", "fp16", "mix-")) else None
 
 
 def choose_backend(hello: dict[str, Any]) -> str:
@@ -291,8 +313,9 @@ def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOption
                         "upgrade onnxruntime on the board")
     precision = "fp32" if spec.is_tensorrt else spec.resolved_precision
     supported = ort.get("precisions")
-    if supported is not None and precision not in supported:
-        raise HostError(f"the board's onnxruntime {ort.get('version')} cannot run {precision} graphs "
+    kinds = {precision} if spec.mix is None else {spec.mix.head, *spec.mix.attention, *spec.mix.mlp}
+    if supported is not None and not kinds <= set(supported):
+        raise HostError(f"the board's onnxruntime {ort.get('version')} cannot run {', '.join(sorted(kinds))} graphs "
                         f"(it runs {', '.join(supported)}): its operators for them are missing",
                         "upgrade onnxruntime on the board (int4 needs MatMulNBits, 1.17+), or pass another --precision")
     graphs = ort.get("graphs")
@@ -301,7 +324,13 @@ def board_export_options(hello: dict[str, Any], spec: SweepSpec) -> ExportOption
                         "(GroupQueryAttention, SkipSimplifiedLayerNormalization)",
                         "upgrade onnxruntime on the board (1.17 or newer), or pass --graph plain")
     return ExportOptions(opset=opset, ir_version=ir, weights=spec.weights,  # type: ignore[arg-type]
-                         precision=precision, block_size=spec.block_size, graph=spec.graph)
+                         precision=precision, block_size=spec.block_size, graph=spec.graph,
+                         mix=None if spec.is_tensorrt else spec.mix)
+
+
+def export_root(ws: Any) -> Path:
+    """Where a sweep keeps its exports of ``ws``'s base model (GGUF files under ``gguf/``)."""
+    return cache_dir() / "exports" / ws.base.base_id.replace("@", "-")
 
 
 class Profiler:
@@ -320,13 +349,14 @@ class Profiler:
         self._exports: dict[str, ExportedSubnet] = {}
         self._on_board: set[str] = set()
         self.owner = owner_id()  # this sweep's job leases
+        self._planned: list[Job] = []
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions | GgufOptions, summary: SweepSummary) -> ExportedSubnet:
         h = config.config_hash()
         if h not in self._exports:
             t0 = time.perf_counter()
-            root = cache_dir() / "exports" / self.ws.base.base_id.replace("@", "-")
+            root = export_root(self.ws)
             if isinstance(options, GgufOptions):
                 self._exports[h] = export_gguf(self.ws.weights(config), root / "gguf", options,
                                                tokenizer_dir=self.ws.base.path)
@@ -474,6 +504,7 @@ class Profiler:
                                  "threads": spec.threads, "protocol": proto})
         self.store.add_jobs(rows)
         jobs = self.store.jobs_by_key([r["job_key"] for r in rows])
+        self._planned = jobs  # every cell of the plan, done or not: the repeat pass chooses among them
         summary.jobs = len(jobs)
         summary.already_done = sum(j.status == "done" for j in jobs)
         failed = [j for j in jobs if j.status == "failed"]
@@ -622,6 +653,48 @@ class Profiler:
                 self._reference(options, device_id, summary)
         return held
 
+    def _repeat_choice(self, planned: list[Job]) -> list[Job]:
+        """The done cells of this plan to measure again: per phase, the share asked (at least
+        ``repeat_min``) less those measured twice already, spread over the plan by a fixed
+        shuffle (the same cells when a killed sweep resumes)."""
+        import math
+        import random
+
+        spec = self.spec
+        state = self.store.job_states([j.id for j in planned])
+        done = [j for j in planned if state.get(j.id) == "done"]
+        again = self.store.repeated_jobs([j.id for j in done])
+        out = []
+        for phase in spec.phases:
+            cells = sorted((j for j in done if j.phase == phase), key=lambda j: (j.subnet_hash, j.seq_len, j.past_len))
+            want = min(len(cells), max(spec.repeat_min, math.ceil(spec.repeat_share * len(cells))))
+            fresh = [j for j in cells if j.id not in again]
+            random.Random(phase).shuffle(fresh)
+            out += fresh[:max(0, want - (len(cells) - len(fresh)))]
+        return out
+
+    def _repeat_pass(self, planned: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
+                     summary: SweepSummary) -> None:
+        """Measure the chosen done cells once more, each stored as it finishes; a cell that
+        fails now is logged and left (its first measurement stands)."""
+        from profiler.repeatability import by_phase
+
+        chosen = self._repeat_choice(planned) if self.spec.repeat_share > 0 or self.spec.repeat_min > 0 else []
+        for n, job in enumerate(chosen):
+            config = by_hash[job.subnet_hash]
+            self.progress(n, len(chosen), f"again: {config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
+            try:
+                result = self._measure(self._export(config, options, summary), job.phase, job.seq_len, job.past_len,
+                                       summary, options)
+            except MeasureError as e:
+                log.warning("re-measuring %s %s failed (%s): %s", config.summary(), job.phase, e.error_class.value,
+                            e.message)
+                continue
+            self.store.add_repeat(job.id, self.target.spec.name, result)
+        ids = {j.id for j in planned}
+        pairs = [r for r in self.store.repeat_pairs(summary.fingerprint) if r["job_id"] in ids]
+        summary.repeatability = {ph: r.to_dict() for ph, r in by_phase(pairs).items()}
+
     def run(self, configs: list[SubnetConfig], args_record: dict[str, Any] | None = None,
             hello: dict[str, Any] | None = None) -> SweepSummary:
         """Measure every cell of ``configs`` not yet in the store (``hello``: the board's
@@ -655,6 +728,7 @@ class Profiler:
                 if held:
                     self.progress(total - len(held), total, f"waiting for {len(held)} job(s) other sweeps hold")
                 swept = self._sweep_up(held, by_hash, options, device_id, summary)
+                self._repeat_pass(self._planned, by_hash, options, summary)
             measured_subnets |= swept
             if not spec.keep_models:  # what jobs taken out of order left on the board
                 left = {self._key(h) for h in measured_subnets if h != self.reference.config_hash()} & self._on_board

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from export.quantize import GGUF_TYPES, at_precision
+from export.arithmetic import at_precision
+from export.quantize import LLAMA_CPP_PRECISIONS
 from predictor.workload import LatencyObjective, Workload
 from search.request import SearchError, SearchRequest
 from search.study import Deployment
@@ -27,7 +28,7 @@ def check_precision(objective: Any, precision: str, block_size: int) -> None:
     the precision is the back-end tag's last part)."""
     from profiler.sweep import SweepSpec, tag_precision
 
-    gguf = precision in GGUF_TYPES
+    gguf = precision in LLAMA_CPP_PRECISIONS
     want = precision if gguf else SweepSpec(precision=precision, block_size=block_size).weights_precision
     for phase, rec in objective.measured_as.items():
         tag = str(rec.get("backend") or "")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from export.mix import BYTES_PER_WEIGHT, HEAD_MENUS, int4_bytes
-from export.quantize import GGUF_TYPES
+from export.quantize import LLAMA_CPP_PRECISIONS
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
 from subnets.dims import BaseDims
@@ -29,12 +29,12 @@ Measure = Callable[["Choice"], tuple["float | None", "bool | None"]]
 
 
 def runtime_of(precision: str) -> str:
-    return "llama.cpp" if precision in GGUF_TYPES else "onnxruntime"
+    return "llama.cpp" if precision in LLAMA_CPP_PRECISIONS else "onnxruntime"
 
 
 def size_mb(config: SubnetConfig, dims: BaseDims, precision: str, block_size: int = 32) -> float:
-    """Weights on disk at ``precision`` (block scales included): the embedding / LM head at
-    the runtime's head type (onnxruntime keeps it fp32), every other weight at ``precision``."""
+    """Weights on disk at ``precision`` (block scales included), the embedding / LM head too;
+    onnxruntime gathers the embedding from fp32, so a quantized LM head is a copy beside it."""
     runtime = runtime_of(precision)
     head_type = precision if precision in HEAD_MENUS[runtime] else HEAD_MENUS[runtime][0]
 
@@ -43,8 +43,11 @@ def size_mb(config: SubnetConfig, dims: BaseDims, precision: str, block_size: in
 
     head = dims.vocab_size * dims.hidden_size
     rest = count_params(config, dims) - head * (1 if dims.tie_word_embeddings else 2)
-    heads = 1 if dims.tie_word_embeddings else 2
-    return (heads * head * per_weight(head_type) + rest * per_weight(precision)) / 1e6
+    onnx = runtime == "onnxruntime"
+    embed = head * per_weight("fp32" if onnx else head_type)
+    shared = dims.tie_word_embeddings and (head_type == "fp32" or not onnx)  # the LM head is the embedding
+    lm_head = 0.0 if shared else head * per_weight(head_type)
+    return (embed + lm_head + rest * per_weight(precision)) / 1e6
 
 
 @dataclass
@@ -165,7 +168,8 @@ def recommend(pool: list[Choice], budget_ms: float, ceiling: float, full_ppl: fl
             break
         if c.predicted_ms * slow.get(c.runtime, 1.0) > budget_ms:
             continue  # the device ran its runtime slower than predicted: this one would miss too
-        _measure_one(c, measure)
+        if c.measured_ms is None:  # a deployment measured already (a preset) is not measured twice
+            _measure_one(c, measure)
         if c.meets_budget or c.measured_ms is None:
             rec.chosen = c
             break

@@ -8,14 +8,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.quantize import BLOCK_SIZES, GGUF_TYPES
+from export.quantize import BLOCK_SIZES, LLAMA_CPP_PRECISIONS
 from export.quantize import PRECISIONS as ONNX_PRECISIONS
 from profiler.database import Location
 from subnets.errors import EdgenasError
 from subnets.space import DEFAULT_GRANULARITY, GRANULARITIES
 
 ALGORITHMS = ("nsga2", "random", "local")
-PRECISIONS = (*ONNX_PRECISIONS, *GGUF_TYPES)
+PRECISIONS = (*ONNX_PRECISIONS, *LLAMA_CPP_PRECISIONS)
 
 
 class SearchError(EdgenasError):

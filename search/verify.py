@@ -86,8 +86,8 @@ def _precision(backend: str, variant: str, recorded: str | None) -> tuple[str | 
     if backend in ("trt", "trtexec"):
         return recorded or variant or "fp16", 32
     if recorded and recorded.startswith("int4-b"):
-        return "int4", int(recorded[len("int4-b"):])
-    return recorded, 32
+        return "int4", int(recorded[len("int4-b"):].split("-")[0])
+    return (recorded.split("-")[0] if recorded else recorded), 32
 
 
 def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], host: str, db: Location,
@@ -119,15 +119,16 @@ def verify(ws: Any, objective: LatencyObjective, points: list[dict[str, Any]], h
     return out
 
 
-def measure_mix(ws: Any, objective: LatencyObjective, config: SubnetConfig, mix: Any, host: str,
-                db: Location) -> float | None:
-    """``config`` with each tensor group at its type of the llama.cpp precision ``mix``,
-    measured as ``objective``'s data was (its protocol, the mix's weights): the workload
-    latency, or None when a cell failed. Stored under the back-end ``llama.cpp:mix-<digest>``."""
+def measure_variant(ws: Any, objective: LatencyObjective, config: SubnetConfig, host: str, db: Location,
+                    **changes: Any) -> float | None:
+    """``config`` measured as ``objective``'s data was (its protocol) but with the sweep
+    settings ``changes`` (a precision ``mix``, or another ``precision`` and its ``weights``):
+    the workload latency, or None when a cell failed. Stored under that variant's back-end tag
+    (``llama.cpp:mix-<digest>``, ``llama.cpp:q4_k_m``, ...)."""
     from dataclasses import replace
 
     wl = objective.workload
-    spec = replace(verification_spec(objective, ws.space.full().config_hash()), mix=mix)
+    spec = replace(verification_spec(objective, ws.space.full().config_hash()), **changes)
     store = Store(db)
     try:
         summary = Profiler(ws, make_target(resolve_host(host)), store, spec).run([config])
@@ -154,7 +155,7 @@ def measure_on_device(deps: dict[str, Any], host: str, db: Location, budget_ms: 
         config = SubnetConfig.from_dict(c.config)
         if c.mix is not None:
             d = deps[c.precision.split("+")[0]]
-            ms = measure_mix(d.ws, d.objective, config, PrecisionMix.from_dict(c.mix), host, db)
+            ms = measure_variant(d.ws, d.objective, config, host, db, mix=PrecisionMix.from_dict(c.mix))
         else:
             d = deps[c.precision]
             point = {"config": c.config, "summary": c.summary, "latency_ms": c.predicted_ms}

@@ -19,6 +19,8 @@ def sweep(ws: Any, host: str, db: Path, configs: list[Any], inventory: Path | No
     spec_kw.setdefault("past_lens", (16,))
     spec_kw.setdefault("timing", FAST_TIMING)
     spec_kw.setdefault("reference_every", 0)
+    spec_kw.setdefault("repeat_share", 0.0)  # re-measuring is tested on its own
+    spec_kw.setdefault("repeat_min", 0)
     spec = SweepSpec(**spec_kw)
     host_spec = resolve_host(host, inventory, ssh_config)
     timeouts = timeouts or Timeouts(connect=10, handshake=60, measure=60, upload_stall=20)

@@ -178,7 +178,8 @@ def _token_bytes(tokenizer, ids: list[int]) -> bytes:
 def _parity(ws, cfg, precision: str, prompt: str, llama_cpp: Path, tmp_path: Path, n: int = 12, mix=None) -> None:
     """llama.cpp's greedy continuation of ``prompt`` equals torch's, torch computing what
     llama.cpp computes at ``precision`` (Workspace.precision), or for a precision ``mix``."""
-    from export.quantize import MixArithmetic, at_precision
+    from export.arithmetic import at_precision
+    from export.quantize import MixArithmetic
 
     tok = ws.base.tokenizer
     e = export_gguf(ws.weights(cfg), tmp_path, GgufOptions(precision, mix=mix), tokenizer_dir=ws.base.path)
@@ -269,6 +270,48 @@ def test_a_mixed_gguf_scores_in_llama_perplexity_what_its_emulation_scores(smoll
     assert float(found.group(1)) == pytest.approx(want, rel=0.005)
     plain = _perplexity_as_llama_cpp(smollm2.model(cfg).eval(), ids, 256, 4)
     assert abs(want / plain - 1) > 0.01  # the mix's own quantization error, not the fp32 model's
+
+
+def test_a_preset_scores_in_llama_perplexity_what_its_emulation_scores(smollm2, llama_cpp, tmp_path,
+                                                                       monkeypatch) -> None:
+    """Q4_K_M as upstream's llama-quantize writes it (K-quant, legacy fallback and Q8_0 tensors
+    in one file): llama-perplexity on it against the torch emulation of the same file's values
+    with llama.cpp's activation rounding per tensor type (Q8_K for K-quants)."""
+    import re
+
+    import gguf
+
+    from export.gguf_file import write_preset
+    from export.gguf_presets import PresetArithmetic
+    from subnets.textdata import stdlib_docstrings
+
+    monkeypatch.setenv("EDGENAS_LLAMA_CPP", str(llama_cpp))
+    cfg = smollm2.space.full()
+    text = tmp_path / "heldout.txt"
+    text.write_text(stdlib_docstrings("heldout").text[:30_000])
+    path = write_preset(smollm2.weights(cfg), "q4_k_m", tmp_path / "q" / "model.gguf", tokenizer_dir=smollm2.base.path)
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= kinds  # a per-tensor mix of llama.cpp's own making
+    res = subprocess.run([str(llama_cpp / "llama-perplexity"), "-m", str(path), "-f", str(text), "-c", "256",
+                          "--chunks", "4", "-t", "2"], capture_output=True, text=True, timeout=600)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
+    assert found, (res.stdout + res.stderr)[-2000:]
+    ids = smollm2.base.tokenizer(text.read_text(), add_special_tokens=False).input_ids
+    want = _perplexity_as_llama_cpp(smollm2.at_precision(PresetArithmetic("q4_k_m")).model(cfg).eval(), ids, 256, 4)
+    assert float(found.group(1)) == pytest.approx(want, rel=0.006)
+
+
+def test_a_preset_without_llama_quantize_names_the_fix(tiny_ws, tmp_path, monkeypatch) -> None:
+    from export.arithmetic import at_precision
+    from export.gguf_file import GgufOptions
+    from subnets.errors import ConfigError
+
+    monkeypatch.setenv("EDGENAS_LLAMA_CPP", str(tmp_path / "no-tools"))
+    with pytest.raises(ConfigError, match=r"needs llama\.cpp's llama-quantize") as e:
+        at_precision(tiny_ws, "q4_k_m").perplexity(tiny_ws.space.full())
+    assert "build_llama_cpp.sh" in e.value.fix
+    with pytest.raises(ConfigError, match="written by llama-quantize"):
+        GgufOptions("q4_k_m", weights="none").validate()
 
 
 def test_a_mixed_gguf_holds_each_group_at_its_type_as_the_quality_emulation_does(tiny64, tmp_path) -> None:
@@ -430,10 +473,16 @@ def test_the_main_job_searches_llama_cpp_beside_onnxruntime_where_its_tools_are(
     assert chosen["meets_budget"]
     shown = {a["precision"] for a in rec["alternatives"]} | {chosen["precision"]}
     assert {"fp32", "int8", "int4", "q8_0", "q4_0"} <= shown
+    # llama.cpp's own presets, written by llama-quantize, measured on the device as they are
+    presets = [a for a in [*rec["alternatives"], chosen] if a["precision"] in ("q6_k", "q5_k_m", "q4_k_m")]
+    assert {a["precision"] for a in presets} == {"q6_k", "q5_k_m", "q4_k_m"}
+    assert all(a["family"] == "full model" and a["measured_ms"] == a["upper_ms"] > 0 for a in presets)
     for p in ("q8_0", "q4_0"):
         assert (out / "predictors" / f"local-{p}" / "prefill" / "meta.json").is_file()
     summary = json.loads((out / "ship" / "summary.json").read_text())
-    if chosen["runtime"] == "llama.cpp":
+    if chosen["precision"] in ("q6_k", "q5_k_m", "q4_k_m"):
+        assert Path(summary["gguf"]).is_file()
+    elif chosen["runtime"] == "llama.cpp":
         assert Path(summary["gguf_mix"]).is_file()
 
 

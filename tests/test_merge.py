@@ -49,7 +49,7 @@ def test_stores_merge_into_and_out_of_a_postgresql_store(tiny_ws, tmp_path, pg_s
 
     a_cfg, b_cfg, c_cfg = tiny_ws.space.sample(3, 4)
     a, b = tmp_path / "a.db", tmp_path / "b.db"
-    sweep(tiny_ws, "local", a, [a_cfg, b_cfg], reference_every=2)
+    sweep(tiny_ws, "local", a, [a_cfg, b_cfg], reference_every=2, repeat_min=1)  # one cell per phase twice
     sweep(tiny_ws, "local", b, [b_cfg, c_cfg])
     report = merge_stores([a, b], pg_store)
     assert report.cells_added == 6 and report.cells_duplicate == 2 and report.devices_matched == 1
@@ -67,6 +67,17 @@ def test_stores_merge_into_and_out_of_a_postgresql_store(tiny_ws, tmp_path, pg_s
             store.close()
 
     assert cells(pg_store) == cells(back) and len(cells(back)[0]) == 6
+
+    def repeats(location) -> list:
+        store = Store(location)
+        try:
+            return sorted((r["phase"], r["first_ms"], r["again_ms"]) for r in store.repeat_pairs())
+        finally:
+            store.close()
+
+    assert len(repeats(a)) == 2 and repeats(a) == repeats(pg_store) == repeats(back)
+    merge_stores([a], back)  # merging again adds no re-measurement twice
+    assert repeats(back) == repeats(a)
     assert edgenas_main(["measurements", "--db", pg_store, "--csv", str(tmp_path / "m.csv")]) == 0
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 1 + 6 + report.references_added
     assert sweep(tiny_ws, "local", pg_store, [a_cfg, b_cfg, c_cfg]).measured == 0  # a sweep resumes on the server

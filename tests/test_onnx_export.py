@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from export.onnx_graphs import WEIGHTS_FILE, ExportOptions, export_subnet, min_ir_version
+from profiler.sweep import SweepSpec
 from subnets.basemodel import load_base_model
 from subnets.config import LayerChoice, SubnetConfig
-from subnets.errors import ExportError
+from subnets.errors import ConfigError, ExportError
 from subnets.extract import build_model, slice_weights
 from subnets.importance import compute_importance
 from subnets.quality import tokenize
@@ -110,6 +112,10 @@ def test_quantized_graphs_compute_their_stated_arithmetic(tiny_base, tiny_import
     assert quant.weights_bytes < fp32.weights_bytes and quant.options["precision"] == precision
     ops = {n.op_type for n in onnx.load(str(quant.path("decode")), load_external_data=False).graph.node}
     assert ("MatMulNBits" in ops) == (precision == "int4") and ("MatMulInteger" in ops) == (precision == "int8")
+    if precision in ("int4", "int8"):  # every linear layer and the LM head; the embedding gathered from fp32
+        matmuls = [n.op_type for n in onnx.load(str(quant.path("decode")), load_external_data=False).graph.node]
+        assert matmuls.count({"int4": "MatMulNBits", "int8": "MatMulInteger"}[precision]) == 7 * len(w.layers) + 1
+        assert next(r for r in quant.tensors if r.name == "embed").dtype == "float32"
     if precision in ("int4", "int8"):
         check_packed_weights(w, quant, precision, block_size)
     # the quantization error itself: near the fp32 graph's logits, and not equal to them
@@ -155,6 +161,7 @@ def check_packed_weights(w, exp, precision: str, block_size: int) -> None:
 def test_a_graph_only_quantized_export_runs_on_board_made_weights(tiny_ws, tmp_path) -> None:
     """Profiling ships int4/int8 graphs without weights; the board fills the packed values
     and scales by kind and dtype. The precision is part of the back-end tag and protocol."""
+    from export.mix import PrecisionMix
     from profiler.store import Store
     from tests.helpers import sweep
 
@@ -163,14 +170,22 @@ def test_a_graph_only_quantized_export_runs_on_board_made_weights(tiny_ws, tmp_p
     for precision in ("int4", "int8"):
         s = sweep(tiny_ws, "local", db, cs, phases=("prefill", "decode"), precision=precision)
         assert s.measured == 4 and not s.failed
+    # a per-MatMul mix (each layer's types, the LM head at int4) is a back-end of its own
+    L = len(tiny_ws.space.full().layers)
+    mix = PrecisionMix("onnxruntime", "int4", ("int4",) * (L - 1) + ("fp32",), ("int8",) + ("int4",) * (L - 1))
+    s = sweep(tiny_ws, "local", db, [tiny_ws.space.full()], phases=("prefill", "decode"), mix=mix)
+    assert s.measured == 2 and not s.failed
     store = Store(db)
     try:
         rows = list(store.measurement_rows())
         protocols = store.protocols()
     finally:
         store.close()
-    assert {r["backend"] for r in rows} == {"ort-cpu:int4-b32", "ort-cpu:int8"}
-    assert {protocols[r["protocol"]].precision for r in rows} == {"int4-b32", "int8"}
+    tag = f"ort-cpu:mix-{mix.digest()}"
+    assert {r["backend"] for r in rows} == {"ort-cpu:int4-b32-qhead", "ort-cpu:int8-qhead", tag}
+    assert {protocols[r["protocol"]].precision for r in rows} == {"int4-b32-qhead", "int8-qhead", f"mix-{mix.digest()}"}
+    with pytest.raises(ConfigError, match=r"cannot be swept on llama\.cpp"):
+        SweepSpec(backend="llama.cpp", mix=mix).check()
 
 
 def test_qwen2_biases_and_untied_head(tmp_path) -> None:
@@ -308,6 +323,8 @@ def test_a_mixed_precision_graph_computes_its_mix(tiny16, tmp_path) -> None:
     check_parity(base, imp, config, tmp_path / "a", 17, mix=int4_only)
     with_int8 = PrecisionMix("onnxruntime", "fp32", ("int8", "fp32", "int4"), ("int4", "int8", "fp32"))
     check_parity(base, imp, config, tmp_path / "b", 17, mix=with_int8)
+    for head in ("int4", "int8"):  # the LM head as a quantized copy, the embedding gathered from fp32
+        check_parity(base, imp, config, tmp_path / f"h{head}", 17, mix=replace(with_int8, head=head))
     w = slice_weights(base, imp, config)
     exp = export_subnet(w, tmp_path / "c", ExportOptions(mix=with_int8))
     kinds = {r.name: r.kind for r in exp.tensors}

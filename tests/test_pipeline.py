@@ -19,6 +19,10 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert code == 0, text
     assert "edgenas predictor" in text
+    # the sweep measured a few cells twice; each predictor is stated against that noise floor
+    assert "repeatability, decode: 4 cells re-measured" in text and "noise floor: " in text
+    meta = json.loads((out / "predictors" / "local" / "decode" / "meta.json").read_text())
+    assert meta["metrics"]["repeatability"]["n"] == 4
     assert "Pareto front" in text
     assert "What to ship" in text and "measured against a budget" in text, text[-3000:]
     rows = json.loads((out / "subnets.json").read_text())
@@ -77,14 +81,17 @@ def check_recommendation(out, text: str) -> None:
     summary = json.loads((out / "ship" / "summary.json").read_text())
     assert summary["config_hash"] == SubnetConfig.from_dict(chosen["config"]).config_hash()
     assert summary["reconstructed"] and (out / "ship" / "hf" / "config.json").is_file()
-    if chosen["precision"] != "fp32":
+    if chosen.get("mix"):
+        assert summary["mix"] == chosen["mix"]
+    elif chosen["precision"] != "fp32":
         assert summary["mix"]["attention"][0] == chosen["precision"]
+    assert (out / "recommendation.png").is_file()  # the table's rows as a plot, in the report too
 
 
 def test_pipeline_searches_the_trained_weights_refitted_at_the_deployed_precision(tiny_dir, tmp_path, capsys) -> None:
     """Every setting of the main job reaches its search: after recovery training the search
     judges the super-network's weights, refitted (--reconstruct) and at int4 (--precision)."""
-    from export.quantize import at_precision
+    from export.arithmetic import at_precision
     from training.recovery import open_supernet
 
     out = tmp_path / "run"

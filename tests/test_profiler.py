@@ -383,7 +383,8 @@ def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
     with sqlite3.connect(db) as c:
         cols = {r[1] for r in c.execute("PRAGMA table_info(measurements)")}
         assert {"paired_ratio", "companion_ms", "protocol"} <= cols
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
+        assert c.execute("SELECT COUNT(*) FROM repeats").fetchone()[0] == 0  # v5: re-measurements beside them
 
 
 def test_a_schema_2_store_keeps_every_measurement_and_merges_backend_devices(tmp_path) -> None:
@@ -567,3 +568,30 @@ def test_a_larger_sub_network_measures_slower(tiny_ws, tmp_path) -> None:
         store.close()
     for phase in ("prefill", "decode"):
         assert med[(full.config_hash(), phase)] > 1.3 * med[(small.config_hash(), phase)], med
+
+
+def test_a_sweep_measures_a_share_of_its_cells_twice(tiny_ws, tmp_path, capsys) -> None:
+    """After its cells are done a sweep measures a share of them again (at least a few per
+    phase), stored beside the measurements and never used as training rows; a rerun adds only
+    what a larger plan asks for; the store's listing and the summary report the spread."""
+    from edgenas.cli import main as edgenas_main
+
+    db = tmp_path / "m.db"
+    cs = configs(tiny_ws, 6, seed=5)
+    first = sweep(tiny_ws, "local", db, cs[:4], repeat_share=0.5, repeat_min=1)
+    assert first.measured == 8 and set(first.repeatability) == {"prefill", "decode"}
+    assert all(r["n"] == 2 and r["sd_log_ratio"] >= 0 and 0 <= r["within_5pct"] <= 1
+               for r in first.repeatability.values())
+    again = sweep(tiny_ws, "local", db, cs[:4], repeat_share=0.5, repeat_min=1)
+    assert again.measured == 0 and {r["n"] for r in again.repeatability.values()} == {2}
+    more = sweep(tiny_ws, "local", db, cs, repeat_share=0.5, repeat_min=1)
+    assert {r["n"] for r in more.repeatability.values()} == {3}
+    store = Store(db)
+    try:
+        assert store.count("measurements") == 12 and len(store.repeat_pairs()) == 6
+        assert len(list(store.measurement_rows())) == 12
+    finally:
+        store.close()
+    assert edgenas_main(["measurements", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "re-measured" in out and "spread" in out

@@ -138,3 +138,28 @@ def test_after_a_miss_candidates_the_device_would_run_too_slow_are_passed_over()
     rec = recommend(pool, 10.0, math.inf, 18.0, measure)
     assert measured[:2] == [20.0, 25.0] and rec.chosen.perplexity == 25.0 and rec.chosen.meets_budget
     assert [r.perplexity for r in rec.rejected] == [20.0]
+
+
+def test_onnxruntime_mixes_pair_the_types_on_its_front(tiny64) -> None:
+    """Per runtime, mixes pair the types adjacent on the full model's own front (bound x
+    perplexity): a type slower and worse than another is no end of a mix. An onnxruntime mix
+    is a candidate like llama.cpp's; a known candidate within the budget as good as a pair's
+    high type leaves that pair unplanned."""
+    from search.mix_deployments import mix_choices, mix_pairs
+    from search.recommendation import Choice
+
+    full = tiny64.space.full()
+    n = sum(lc.neurons for lc in full.layers) / 1e3
+    deps = {"fp32": _Line("fp32", 3.0), "int8": _Line("int8", 1.6), "int4": _Line("int4", 1.0),
+            "q8_0": _Line("q8_0", 2.0), "q4_0": _Line("q4_0", 1.2)}
+    pairs = mix_pairs(tiny64, deps, full)
+    assert {(h.precision, lo.precision) for h, lo, _ in pairs} >= {("q8_0", "q4_0")}
+    for high, low, _ in pairs:
+        assert (high.precision in ("q8_0", "q4_0")) == (low.precision in ("q8_0", "q4_0"))  # one runtime
+        assert high.ms_per_m > low.ms_per_m
+    ort = {p: d for p, d in deps.items() if p in ("fp32", "int8", "int4")}
+    choices = mix_choices(tiny64, ort, 1.4 * n, margins=(1.0,))  # above int4's bound, below the others'
+    assert choices and all(c.runtime == "onnxruntime" and c.upper_ms <= 1.4 * n + 1e-9 for c in choices)
+    assert {c.precision for c in choices} <= {"fp32+int8", "fp32+int4", "int8+int4"}
+    good = Choice("full model", "full", "fp32", full.to_dict(), 1.0, n, n, 1.0)
+    assert mix_choices(tiny64, ort, 1.4 * n, margins=(1.0,), known=[good]) == []

@@ -227,12 +227,12 @@ def test_a_search_at_int4_uses_int4_predictors_quality_and_verification(tiny_dir
     assert res["verified"] and res["verified"][0]["measured_ms"] > 0
     store = Store(db)
     try:
-        assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:int4-b32"}
+        assert {r["backend"] for r in store.measurement_rows()} == {"ort-cpu:int4-b32-qhead"}
     finally:
         store.close()
     fp32_ppl = tiny_ws.perplexity(tiny_ws.space.full())
     assert res["full_perplexity"] != fp32_ppl  # judged as the int4 graph computes
-    with pytest.raises(SearchError, match="trained on ort-cpu:int4-b32 measurements, the search asks for fp32"):
+    with pytest.raises(SearchError, match="trained on ort-cpu:int4-b32-qhead measurements, the search asks for fp32"):
         search(search_args(tiny_dir, tmp_path / "pred", tmp_path, precision="fp32", block_size=32), console, ws=tiny_ws)
 
 
@@ -251,14 +251,14 @@ def _int4_predictor(tiny_ws, folder: Path) -> Path:
     configs = tiny_ws.space.sample(40, 0)
     batch = ConfigBatch.from_configs(configs, tiny_ws.space.dims.num_layers)
     rng = np.random.default_rng(0)
-    proto = Protocol(timing=dict(FAST_TIMING), opset=17, ir_version=min_ir_version(17), precision="int4-b32")
+    proto = Protocol(timing=dict(FAST_TIMING), opset=17, ir_version=min_ir_version(17), precision="int4-b32-qhead")
     for phase in ("prefill", "decode"):
         seq = rng.choice([16, 32, 64], 40).astype(float) if phase == "prefill" else np.ones(40)
         past = np.zeros(40) if phase == "prefill" else rng.choice([16, 48, 96], 40).astype(float)
         y = roofline_latency(configs, tiny_ws.space.dims, phase, seq, past, 0.01, seed=1, peak=1e6, bw=8e6, launch=0.3)
         p = BoostedCostModel(tiny_ws.space.dims, phase).fit(batch, seq, past, y)
         save_predictor(p, folder / phase, "local", "fp-local", tiny_ws.base.base_id, "synthetic",
-                       {"threads": 2, "backend": "ort-cpu:int4-b32", "protocol": proto.digest,
+                       {"threads": 2, "backend": "ort-cpu:int4-b32-qhead", "protocol": proto.digest,
                         "protocol_record": proto.to_dict()})
     return folder
 

@@ -20,12 +20,13 @@ out_console = Console(width=None if sys.stdout.isatty() else 150)
 
 def metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
     t = Table(title=title)
-    for c in ("model", "within ±5%", "within ±10%", "MAPE", "RMSE ms", "Kendall τ", "bound coverage"):
+    for c in ("model", "within ±5%", "within ±10%", "MAPE", "error sd", "RMSE ms", "Kendall τ", "bound coverage"):
         t.add_column(c, justify="left" if c == "model" else "right")
     for name, m in results.items():
-        cov = m.get("upper_coverage")
-        t.add_row(name, f"{m['within_5pct']:.1%}", f"{m['within_10pct']:.1%}", f"{m['mape']:.2%}", f"{m['rmse_ms']:.3f}",
-                  f"{m['kendall_tau']:.3f}", "-" if cov is None else f"{cov:.1%}")
+        cov, sd = m.get("upper_coverage"), m.get("sd_log")
+        t.add_row(name, f"{m['within_5pct']:.1%}", f"{m['within_10pct']:.1%}", f"{m['mape']:.2%}",
+                  "-" if sd is None else f"{sd:.1%}", f"{m['rmse_ms']:.3f}", f"{m['kendall_tau']:.3f}",
+                  "-" if cov is None else f"{cov:.1%}")
     return t
 
 
@@ -47,6 +48,14 @@ def render_training(reports: dict[str, PhaseReport], console: Console = out_cons
         excluded = r.excluded_unstable + r.excluded_throttled
         console.print(f"excluded: {r.excluded_unstable} unstable, {r.excluded_throttled} throttled measurement(s)"
                       if excluded else "excluded: none (no unstable or throttled measurements)")
+        rep = r.repeatability
+        if rep:
+            sd = r.comparison["edgenas predictor"]["sd_log"]
+            console.print(f"noise floor: {rep['n']} of these cells re-measured, spread {rep['sd_log_ratio']:.1%} "
+                          f"({rep['within_5pct']:.0%} within ±5%); the predictor's error spread {sd:.1%} = "
+                          f"{r.noise_ratio:.2f}x that (0.71: wrong by the measurement's own noise alone)")
+        else:
+            console.print("noise floor: no cell of these measured twice (profile-device --repeat-share)")
         if r.paired:
             console.print(f"{r.paired} of {r.n} latencies are paired: ratio to the interleaved companion x its "
                           "median (profile-device --paired)")

@@ -77,10 +77,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="trust and record a host key seen for the first time (changed keys are always refused)")
     p.add_argument("--weights", choices=["none", "real"], default="none",
                    help="none: ship graphs only, the board fills random weights (default); real: ship the weights")
-    p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0"], default=None,
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8", "int4", "f32", "f16", "q8_0", "q4_0", "q6_k", "q5_k_m",
+                                           "q4_k_m", "q3_k_m"], default=None,
                    help="trt/trtexec: engine precision fp16 (default) or fp32; onnxruntime back-ends: the linear layers' "
                         "weights fp32 (default), int8 (MatMulInteger, dynamically quantized activations) or int4 "
-                        "(MatMulNBits), or fp16 (the whole graph in half precision); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0")
+                        "(MatMulNBits), or fp16 (the whole graph in half precision); llama.cpp: the GGUF weight type f16 (default), f32, q8_0 or q4_0, or a "
+                        "K-quant preset written by llama-quantize (with --weights real)")
     add_graph(p, "onnxruntime back-ends")
     p.add_argument("--gpu-layers", type=int, default=0,
                    help="llama.cpp: layers offloaded to the board's GPU (llama-bench -ngl; default 0, CPU only)")
@@ -108,6 +110,9 @@ def _add_protocol_args(p: argparse.ArgumentParser) -> None:
                         "sweep of the store takes over a dead one's jobs within S (default 30)")
     p.add_argument("--reference-every", type=int, default=20, help="re-measure the reference every N jobs (0: never)")
     p.add_argument("--drift-threshold", type=float, default=0.03)
+    p.add_argument("--repeat-share", type=float, default=0.1,
+                   help="after the sweep, measure this share of its cells again: the board's repeatability (default 0.1)")
+    p.add_argument("--repeat-min", type=int, default=3, help="at least this many cells per phase again (default 3)")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed in earlier sweeps")
     p.add_argument("--paired", action="store_true",
                    help="time every cell alternately with the reference sub-network and store the ratio (cancels a "
@@ -213,6 +218,9 @@ def _print_board(s: Any, rows: list[Any], db: Location) -> None:
         f"({sec['upload'] / tot:.0%}, {s.bytes_uploaded / 1e6:.1f} MB), session load {sec['session_load']:.1f} s "
         f"({sec['session_load'] / tot:.0%}), timing {sec['timing']:.1f} s ({sec['timing'] / tot:.0%})"
         f" | {s.subnets_per_hour:.0f} sub-networks/hour")
+    for phase, r in s.repeatability.items():
+        out_console.print(f"repeatability, {phase}: {r['n']} cells re-measured, spread {r['sd_log_ratio']:.1%} "
+                          f"(sd of the log ratio), {r['within_5pct']:.0%} within ±5%")
     if s.references:
         out_console.print(f"reference medians (ms): {', '.join(f'{x:.2f}' for x in s.references)}")
     for d in s.drift:
@@ -260,6 +268,16 @@ def merge_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def repeatability_by_device(store: Any) -> dict[tuple[str, str], Any]:
+    """(device, phase) -> ``Repeatability`` of every cell measured twice in the store."""
+    from profiler.repeatability import by_phase
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in store.repeat_pairs():
+        rows.setdefault(r["device"], []).append(r)
+    return {(dev, ph): rep for dev, rs in rows.items() for ph, rep in by_phase(rs).items()}
+
+
 def measurements_main(args: argparse.Namespace) -> int:
     from profiler.store import Store
 
@@ -277,11 +295,16 @@ def measurements_main(args: argparse.Namespace) -> int:
             out_console.print(f"wrote {n} measurements to {args.parquet}")
         if not args.csv and not args.parquet:
             t = Table(title=describe(args.db))
-            for c in ("device", "fingerprint", "phase", "measurements", "median ms (min..max)"):
+            for c in ("device", "fingerprint", "phase", "measurements", "median ms (min..max)", "re-measured",
+                      "spread", "within ±5%"):
                 t.add_column(c)
+            again = repeatability_by_device(store)
             for name, fp, phase, n, lo, hi in store.phase_counts():
-                t.add_row(name, fp, phase, str(n), f"{lo:.2f}..{hi:.2f}")
+                r = again.get((name, phase))
+                t.add_row(name, fp, phase, str(n), f"{lo:.2f}..{hi:.2f}", *(
+                    ("0", "-", "-") if r is None else (str(r.n), f"{r.sd_log_ratio:.1%}", f"{r.within_5pct:.0%}")))
             out_console.print(t)
+            out_console.print("spread: sd of log(second / first) over the cells a sweep measured twice")
     finally:
         store.close()
     return 0
