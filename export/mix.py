@@ -28,12 +28,25 @@ MENUS: dict[str, tuple[str, ...]] = {
 }
 # the embedding / LM head: llama.cpp stores the tied tensor once at its type; onnxruntime
 # gathers the embedding from fp32 and, at int8 or int4, multiplies by a quantized copy of it as
-# the LM head (as onnxruntime-genai's int4 builder does): at 576 x 49152 it is a fifth of
-# SmolLM2's weights, and in fp32 it was 63% of the bytes an int4 decode step read
+# the LM head: at 576 x 49152 it is a fifth of SmolLM2's weights, and in fp32 it was 63% of the
+# bytes an int4 decode step read
 HEAD_MENUS: dict[str, tuple[str, ...]] = {"llama.cpp": MENUS["llama.cpp"], "onnxruntime": MENUS["onnxruntime"]}
+# onnxruntime's int4 keeps an int8 head: on this CPU (1 thread, benchmarks/lm_head.py) an int8
+# head decoded as fast as an int4 one (11.4 vs 11.3 ms at P=128; fp32 head 15.2 ms) for a
+# perplexity of 33.2 against 35.5 (fp32 head 32.5)
+_DEFAULT_HEADS = {("onnxruntime", "int4"): "int8"}
+
+
+def default_head(runtime: str, kind: str) -> str:
+    """The head's type in a uniform deployment at ``kind``."""
+    heads = HEAD_MENUS.get(runtime, ())
+    return _DEFAULT_HEADS.get((runtime, kind)) or (kind if kind in heads else heads[0] if heads else kind)
 # bytes per weight as stored (block scales included): what a decode step reads
 BYTES_PER_WEIGHT = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
-                    "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "int8": 1.0}
+                    "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "int8": 1.0,
+                    # llama.cpp's presets, nominally (their K type's bytes): the file's own size is
+                    # reported wherever one was written (fallback and upgraded tensors differ)
+                    "q6_k": 210 / 256, "q5_k_m": 176 / 256, "q4_k_m": 144 / 256, "q3_k_m": 110 / 256}
 ATTENTION = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
 
@@ -74,11 +87,8 @@ class PrecisionMix:
     @classmethod
     def uniform(cls, runtime: str, kind: str, num_layers: int, head: str | None = None,
                 block_size: int = 32) -> PrecisionMix:
-        """Every layer at ``kind``; the head at ``head`` (default: ``kind`` where the runtime
-        allows it, else its only head type)."""
-        heads = HEAD_MENUS.get(runtime, ())
-        head = head or (kind if kind in heads else heads[0] if heads else kind)
-        return cls(runtime, head, (kind,) * num_layers, (kind,) * num_layers, block_size)
+        """Every layer at ``kind``; the head at ``head`` (default: ``default_head``)."""
+        return cls(runtime, head or default_head(runtime, kind), (kind,) * num_layers, (kind,) * num_layers, block_size)
 
     @property
     def num_layers(self) -> int:

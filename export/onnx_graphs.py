@@ -40,7 +40,7 @@ from subnets.extract import SubnetWeights
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = 2  # 2: int8/int4 graphs multiply by a quantized LM head
+EXPORTER_VERSION = 3  # 2: int8/int4 graphs multiply by a quantized LM head; 3: int8 for int4 graphs
 GRAPHS = ("plain", "fused", "fused-shared")
 MIN_OPSET = 13  # Unsqueeze/Slice with axes as inputs, Softmax over one axis
 WEIGHTS_FILE = "weights.bin"
@@ -147,7 +147,10 @@ def plan_weights(w: SubnetWeights, precision: str = "fp32", block_size: int = 32
         return [(name, arr.astype(np.float16), kind) for name, arr, kind in _plan_fp32(w)]
     if precision == "fp32":
         return _plan_fp32(w)
-    return _quantized(_plan_fp32(w, precision), lambda _name: precision, block_size)
+    from export.mix import default_head
+
+    head = default_head("onnxruntime", precision)
+    return _quantized(_plan_fp32(w, head), lambda name: head if name == "lm_head" else precision, block_size)
 
 
 def _quantized(plan: list[tuple[str, np.ndarray, str]], kind_of: Any,

@@ -237,12 +237,17 @@ class Precision:
 
     @property
     def identity(self) -> str:
-        # onnxruntime int8/int4 quantize the LM head since exporter 2: other numbers than before
-        return f"{self.name}|{self.block_size}" + ("|head" if self.name in ("int8", "int4") else "")
+        # onnxruntime int8/int4 multiply by an int8 LM head since exporter 3: other numbers than before
+        return f"{self.name}|{self.block_size}" + ("|head8" if self.name in ("int8", "int4") else "")
 
     def model(self, weights: Any) -> Any:
         from subnets.extract import build_model
 
+        if self.name in ("int8", "int4"):  # each linear layer's own rounding, the int8 head's too
+            from export.mix import PrecisionMix
+
+            mix = PrecisionMix.uniform("onnxruntime", self.name, len(weights.layers), block_size=self.block_size)
+            return MixArithmetic(mix).model(weights)
         return emulate(build_model(dequantized(weights, self.name, self.block_size)), self.name)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from export.mix import BYTES_PER_WEIGHT, HEAD_MENUS, int4_bytes
+from export.mix import BYTES_PER_WEIGHT, default_head, int4_bytes
 from export.quantize import LLAMA_CPP_PRECISIONS
 from subnets.config import SubnetConfig
 from subnets.cost import count_params
@@ -36,7 +36,7 @@ def size_mb(config: SubnetConfig, dims: BaseDims, precision: str, block_size: in
     """Weights on disk at ``precision`` (block scales included), the embedding / LM head too;
     onnxruntime gathers the embedding from fp32, so a quantized LM head is a copy beside it."""
     runtime = runtime_of(precision)
-    head_type = precision if precision in HEAD_MENUS[runtime] else HEAD_MENUS[runtime][0]
+    head_type = default_head(runtime, precision)
 
     def per_weight(kind: str) -> float:
         return int4_bytes(block_size) if kind == "int4" else BYTES_PER_WEIGHT[kind]

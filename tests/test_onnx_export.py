@@ -48,10 +48,12 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     dequantized weights, for int8 those and per-tensor uint8 activations (emulated). int4 at
     accuracy level 4 quantizes activations per block too: checked at int8's tolerance. With a
     precision ``mix``, each MatMul at its layer's type against ``MixArithmetic``'s emulation."""
-    from export.quantize import MixArithmetic, dequantized, emulate
+    from export.quantize import MixArithmetic, Precision, dequantized, emulate
 
     w = slice_weights(base, imp, config)
-    if mix is None:
+    if mix is None and precision in ("int8", "int4"):  # the quality objective's own view (the int8 head's too)
+        model = Precision(precision, block_size).model(w)
+    elif mix is None:
         model = emulate(build_model(dequantized(w, precision, block_size)), precision)
     else:
         model = MixArithmetic(mix).model(w)
@@ -59,7 +61,8 @@ def check_parity(base, imp, config: SubnetConfig, root, opset: int, precision: s
     exp = export_subnet(w, root, ExportOptions(opset=opset, precision="fp32" if mix else precision,
                                                block_size=block_size, accuracy_level=accuracy_level, graph=graph,
                                                mix=mix))
-    precision = "int4-acc4" if precision == "int4" and accuracy_level == 4 else precision
+    # int4 graphs multiply by an int8 head: its logits carry int8's per-tensor activation rounding
+    precision = "int4-acc4" if precision == "int4" and accuracy_level == 4 else "int8" if precision == "int4" else precision
     if graph == "plain":  # the fused graph's SimplifiedLayerNormalization is onnxruntime's, unknown to onnx
         onnx.checker.check_model(str(exp.path("prefill")))
     x = torch.randint(0, base.dims.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -111,10 +114,12 @@ def test_quantized_graphs_compute_their_stated_arithmetic(tiny_base, tiny_import
     quant = export_subnet(w, tmp_path / "q", ExportOptions(precision=precision, block_size=block_size))
     assert quant.weights_bytes < fp32.weights_bytes and quant.options["precision"] == precision
     ops = {n.op_type for n in onnx.load(str(quant.path("decode")), load_external_data=False).graph.node}
-    assert ("MatMulNBits" in ops) == (precision == "int4") and ("MatMulInteger" in ops) == (precision == "int8")
-    if precision in ("int4", "int8"):  # every linear layer and the LM head; the embedding gathered from fp32
+    assert ("MatMulNBits" in ops) == (precision == "int4") and ("MatMulInteger" in ops) == (precision in ("int8", "int4"))
+    if precision in ("int4", "int8"):  # every linear layer, and the LM head at int8; the embedding gathered from fp32
         matmuls = [n.op_type for n in onnx.load(str(quant.path("decode")), load_external_data=False).graph.node]
-        assert matmuls.count({"int4": "MatMulNBits", "int8": "MatMulInteger"}[precision]) == 7 * len(w.layers) + 1
+        layers = 7 * len(w.layers)
+        assert matmuls.count("MatMulNBits") == (layers if precision == "int4" else 0)
+        assert matmuls.count("MatMulInteger") == (1 if precision == "int4" else layers + 1)
         assert next(r for r in quant.tensors if r.name == "embed").dtype == "float32"
     if precision in ("int4", "int8"):
         check_packed_weights(w, quant, precision, block_size)

@@ -20,9 +20,9 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert code == 0, text
     assert "edgenas predictor" in text
     # the sweep measured a few cells twice; each predictor is stated against that noise floor
-    assert "repeatability, decode: 4 cells re-measured" in text and "noise floor: " in text
+    assert "repeatability, decode: 3 cells re-measured" in text and "noise floor: " in text  # 10% of 26, at least 3
     meta = json.loads((out / "predictors" / "local" / "decode" / "meta.json").read_text())
-    assert meta["metrics"]["repeatability"]["n"] == 4
+    assert meta["metrics"]["repeatability"]["n"] == 3
     assert "Pareto front" in text
     assert "What to ship" in text and "measured against a budget" in text, text[-3000:]
     rows = json.loads((out / "subnets.json").read_text())

@@ -238,10 +238,11 @@ def test_workload_bound_covers_new_sub_networks_as_the_search_draws_them() -> No
     train_cfgs = SPACE.sample(40, 31)
     tb = ConfigBatch.from_configs(train_cfgs, DIMS.num_layers)
     pre = BoostedCostModel(DIMS, "prefill").fit(tb, 128, 0, roofline_latency(train_cfgs, DIMS, "prefill", 128, 0, 0.02, 1))
-    rows = ConfigBatch.from_configs(train_cfgs * 3, DIMS.num_layers)
+    k = len(points)
+    rows = ConfigBatch.from_configs(train_cfgs * k, DIMS.num_layers)
     past = np.repeat(points, 40)
     dec = BoostedCostModel(DIMS, "decode").fit(rows, 1, past,
-                                               roofline_latency(train_cfgs * 3, DIMS, "decode", 1, past, 0.02, 2))
+                                               roofline_latency(train_cfgs * k, DIMS, "decode", 1, past, 0.02, 2))
     obj = LatencyObjective(pre, dec, wl, "synthetic", "base@x")
     new = SPACE.sample(300, 77)
     nb = ConfigBatch.from_configs(new, DIMS.num_layers)
