@@ -333,7 +333,8 @@ def search_stage(request: PipelineRequest, ws: Workspace, budget: float,
     return run_with_progress(request.search(budget), ws, console), ws
 
 
-def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutcome) -> Recommendation:
+def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutcome,
+                    console: Console | None = None) -> Recommendation:
     """Stage 5: the deployment to ship among the searched, the obvious and the full model's
     precision mixes, and the obvious alternatives, measured on the device."""
     from search.deployments import setup
@@ -346,11 +347,16 @@ def recommend_stage(request: PipelineRequest, ws: Workspace, outcome: SearchOutc
     by_precision = {d.precision: d for d in deps}
     budget = outcome.request.latency_budget_ms
     pool = candidates(outcome.front, outcome.baselines, ws.space.dims, deps[0].precision)
+    status = (console or Console(quiet=True)).status
     if request.verify:  # the presets are measured, not predicted: only where the device is used
-        pool += preset_choices(by_precision, request.host, request.db, budget)
-    pool += mix_choices(deps[0].ws, by_precision, budget, known=pool)
+        with status(f"llama.cpp's presets: writing, judging and measuring them on {request.host}"):
+            pool += preset_choices(by_precision, request.host, request.db, budget)
+    with status("per-layer precision mixes: sensitivities (cached) and each mix's perplexity"):
+        pool += mix_choices(deps[0].ws, by_precision, budget, known=pool)
     measure = measure_on_device(by_precision, request.host, request.db, budget) if request.verify else None
-    return recommend(pool, budget, outcome.ceiling, outcome.full_perplexity, measure, tries=max(1, request.verify))
+    with status(f"the recommendation and its alternatives, measured on {request.host}"):
+        return recommend(pool, budget, outcome.ceiling, outcome.full_perplexity, measure,
+                         tries=max(1, request.verify))
 
 
 def run_pipeline(request: PipelineRequest, console: Console) -> PipelineResult:
@@ -378,7 +384,7 @@ def run_pipeline(request: PipelineRequest, console: Console) -> PipelineResult:
     transferred = precision_stage(request, ws, configs, console)
     budget = budget_stage(request, ws, console)
     outcome, judged = search_stage(request, ws, budget, console)
-    rec = recommend_stage(request, judged, outcome)
+    rec = recommend_stage(request, judged, outcome, console)
     write_recommendation(request, judged, rec)
     render_recommendation(rec, request, console)
     result = PipelineResult(rows, summary, predictors, outcome, budget, rec, write_report(request.out),
