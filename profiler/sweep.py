@@ -121,7 +121,7 @@ class SweepSpec:
             return p
         if self.is_tensorrt or p == "fp32":
             return None
-        # "-qhead": the LM head quantized too (exporter 2 on): other graphs than the plain tags before
+        # "-qhead": the LM head multiplied at int8 (exporter 3 on): other graphs than the plain tags before
         return f"int4-b{self.block_size}-qhead" if p == "int4" else f"{p}-qhead" if p == "int8" else p
 
     @property

@@ -35,7 +35,7 @@ def group_params(w: Any) -> dict[str, int]:
 
 def mix_bytes(mix: PrecisionMix, params: dict[str, int]) -> float:
     """Bytes of the mix's linear weights and head (what a decode step reads, norms aside)."""
-    kinds = _kinds(mix)
+    kinds = group_kinds(mix)
     return float(sum(params[g] * mix.bytes_per_weight(kinds[g]) for g in params))
 
 
@@ -53,10 +53,11 @@ class TypeCosts:
     per_weight: dict[str, float]
 
     def of(self, mix: PrecisionMix, params: dict[str, int]) -> float:
-        return self.intercept + sum(params[g] * self.per_weight[k] for g, k in _kinds(mix).items())
+        return self.intercept + sum(params[g] * self.per_weight[k] for g, k in group_kinds(mix).items())
 
 
-def _kinds(mix: PrecisionMix) -> dict[str, str]:
+def group_kinds(mix: PrecisionMix) -> dict[str, str]:
+    """Each tensor group's type in ``mix`` (the head, ``attn.<i>``, ``mlp.<i>``)."""
     return {HEAD: mix.head, **{f"attn.{i}": k for i, k in enumerate(mix.attention)},
             **{f"mlp.{i}": k for i, k in enumerate(mix.mlp)}}
 
@@ -65,11 +66,11 @@ def fit_type_costs(measured: list[tuple[PrecisionMix, dict[str, int], float]]) -
     """``TypeCosts`` from (mix, group weights, measured time) of deployments on one board."""
     from scipy.optimize import nnls
 
-    kinds = sorted({k for mix, _, _ in measured for k in _kinds(mix).values()})
+    kinds = sorted({k for mix, _, _ in measured for k in group_kinds(mix).values()})
     rows = []
     for mix, params, _ in measured:
         per = dict.fromkeys(kinds, 0.0)
-        for g, k in _kinds(mix).items():
+        for g, k in group_kinds(mix).items():
             per[k] += params[g]
         rows.append([1.0, *(per[k] / 1e6 for k in kinds)])
     coef, _ = nnls(np.array(rows), np.array([t for _, _, t in measured]))

@@ -19,9 +19,9 @@ from typing import Any
 
 from export.mix import PrecisionMix
 from predictor.features import ConfigBatch
-from search.mix_allocation import TypeCosts, allocate, group_params, mix_bytes
+from search.mix_allocation import TypeCosts, allocate, group_kinds, group_params, mix_bytes
 from search.recommendation import MIX, runtime_of
-from search.sensitivity import HEAD, measure_sensitivity
+from search.sensitivity import measure_sensitivity
 from subnets.config import SubnetConfig
 from subnets.errors import ConfigError
 
@@ -46,9 +46,7 @@ class MixedDeployment:
 
 
 def _high_weights(mix: PrecisionMix, params: dict[str, int], high: str) -> float:
-    kinds = {HEAD: mix.head, **{f"attn.{i}": k for i, k in enumerate(mix.attention)},
-             **{f"mlp.{i}": k for i, k in enumerate(mix.mlp)}}
-    return float(sum(params[g] for g, k in kinds.items() if k == high))
+    return float(sum(params[g] for g, k in group_kinds(mix).items() if k == high))
 
 
 def plan_mix(ws: Any, config: SubnetConfig, high: Any, low: Any, budget_ms: float,
@@ -80,14 +78,6 @@ def plan_mix(ws: Any, config: SubnetConfig, high: Any, low: Any, budget_ms: floa
     share = (_high_weights(mix, params, high.precision) - w_lo) / (w_hi - w_lo)
     return MixedDeployment(config, mix, share, float(lat_lo + share * (lat_hi - lat_lo)),
                            float(up_lo + share * (up_hi - up_lo)), mix_bytes(mix, params) / 1e6)
-
-
-def mix_label(mix: PrecisionMix) -> str:
-    """``q8_0+q4_0`` (the types it mixes, the most common first)."""
-    from collections import Counter
-
-    counts = Counter([mix.head, *mix.attention, *mix.mlp])
-    return "+".join(k for k, _ in counts.most_common())
 
 
 def mix_pairs(ws: Any, deps: dict[str, Any], config: SubnetConfig) -> list[tuple[Any, Any, float]]:
