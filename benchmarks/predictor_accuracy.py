@@ -17,7 +17,7 @@ import numpy as np
 from predictor.data import load_measurements
 from predictor.evaluate import compare, learning_curve
 from predictor.features import ConfigBatch
-from predictor.model import BoostedCostModel
+from predictor.model import BoostedCostModel, model_form
 from profiler.store import Store
 from subnets.basemodel import load_base_info
 
@@ -42,7 +42,11 @@ def main() -> None:
               f"{m.excluded_unstable} unstable and {m.excluded_throttled} throttled excluded; {args.folds}-fold by sub-network; "
               f"{m.paired} paired (companion-normalized)")
         print(f"{'model':50s} {'±5%':>7s} {'±10%':>7s} {'MAPE':>7s} {'tau':>6s} {'bound cov.':>10s}")
-        for name, r in compare(m, k=args.folds)[0].items():
+        rows = compare(m, k=args.folds)[0]
+        # the predictor before its base was chosen by cross-validation: the full physics base always
+        rows["edgenas predictor, physics base only"] = compare(m, k=args.folds, predictor_kw={"base": "physics"})[0][
+            "edgenas predictor"]
+        for name, r in rows.items():
             cov = r.get("upper_coverage")
             print(f"{name:50s} {r['within_5pct']:7.1%} {r['within_10pct']:7.1%} {r['mape']:7.2%} {r['kendall_tau']:6.3f} "
                   f"{'-' if cov is None else f'{cov:.1%}':>10s}")
@@ -64,6 +68,7 @@ def main() -> None:
         for _ in range(200):
             model.predict(one, m.seq_len[:1], m.past_len[:1])
         single = (time.perf_counter() - t1) / 200
+        print(f"predictor: {model_form(model.fit_info)}")
         print(f"speed: {len(big) / dt:,.0f} configs/s in a batch of {len(big):,}; {single * 1e3:.2f} ms for one "
               f"(boosted: {model.booster is not None})")
     store.close()

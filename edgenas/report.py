@@ -70,6 +70,8 @@ def _device_section(run: Path) -> str:
 
 
 def _predictor_section(run: Path) -> str:
+    from predictor.model import model_form
+
     out = ["<h2>Latency predictors</h2>"]
     for meta_path in sorted((run / "predictors").glob("*/*/meta.json")):
         meta = json.loads(meta_path.read_text())
@@ -81,7 +83,7 @@ def _predictor_section(run: Path) -> str:
                    f"<code>{_esc(m.get('backend'))}</code>, protocol <code>{_esc(m.get('protocol'))}</code>; "
                    f"bound: {bound.get('method', '-')} at nominal {_fmt(bound.get('nominal', 0) * 100, 0)}%, "
                    f"guaranteed {_fmt(bound.get('guaranteed', 0) * 100, 0)}% over {_esc(bound.get('sub_networks'))} "
-                   "sub-networks.</p>")
+                   f"sub-networks; {_esc(model_form(meta.get('fit_info') or {}))}.</p>")
         cv = m.get("cv") or {}
         rows = [[name, _fmt(100 * r.get("within_5pct", 0)) + "%", _fmt(100 * r.get("within_10pct", 0)) + "%",
                  _fmt(100 * r.get("mape", 0), 2) + "%", _fmt(r.get("kendall_tau"), 3),

@@ -50,7 +50,8 @@ class LatencyEstimator(RegressorMixin, BaseEstimator):
     """``fit(X, y)`` / ``predict(X)`` / ``predict_upper(X)`` over ``config_table`` rows."""
 
     def __init__(self, dims: BaseDims | None = None, phase: str = "prefill", model: str = "edgenas",
-                 alpha: float = 0.1, boost: str = "auto", seed: int = 0, prior: BoostedCostModel | None = None) -> None:
+                 alpha: float = 0.1, boost: str = "auto", seed: int = 0, prior: BoostedCostModel | None = None,
+                 base: str = "auto") -> None:
         self.dims = dims
         self.phase = phase
         self.model = model
@@ -58,13 +59,14 @@ class LatencyEstimator(RegressorMixin, BaseEstimator):
         self.boost = boost
         self.seed = seed
         self.prior = prior
+        self.base = base
 
     def _make(self) -> Any:
         if self.dims is None:
             raise ValueError("LatencyEstimator needs dims (the base model's BaseDims)")
         if self.model == "edgenas":
             return BoostedCostModel(self.dims, self.phase, alpha=self.alpha, boost=self.boost, seed=self.seed,
-                                    prior=self.prior)
+                                    base=self.base, prior=self.prior)
         for cls in BASELINES:
             if cls.name == self.model:
                 return cls(self.dims, self.phase)

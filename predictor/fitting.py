@@ -72,6 +72,7 @@ class PhaseReport:
     plot: Path | None = None
     # the board's re-measurement spread over these cells' kind (profiler.repeatability), if any
     repeatability: dict[str, float] | None = None
+    form: str = ""  # what the predictor is made of (predictor.model.model_form)
 
     @property
     def noise_ratio(self) -> float | None:
@@ -99,7 +100,7 @@ def _repeatability(store: Any, m: Measurements) -> dict[str, float] | None:
 def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: Any,
                repeat: dict[str, float] | None = None) -> PhaseReport:
     from predictor.evaluate import choose_folds, compare, plot_predicted_vs_measured
-    from predictor.model import BoostedCostModel
+    from predictor.model import BoostedCostModel, model_form
     from predictor.persist import load_predictor, save_predictor
 
     prior = request.transfer_from
@@ -118,7 +119,8 @@ def _fit_phase(request: PredictorRequest, m: Measurements, base_id: str, dims: A
                     "repeatability": repeat})
     report = PhaseReport(m.phase, folder, comparison, m.device_name, len(m), len(set(m.subnet_hashes.tolist())),
                          m.threads, m.backend, k, sorted(set(zip(m.seq_len.tolist(), m.past_len.tolist()))),
-                         m.excluded_unstable, m.excluded_throttled, m.paired, prior, repeatability=repeat)
+                         m.excluded_unstable, m.excluded_throttled, m.paired, prior, repeatability=repeat,
+                         form=model_form(p.fit_info))
     if not request.no_plot:
         report.plot = plot_predicted_vs_measured(m.y_ms, oof, folder / "predicted_vs_measured.png",
                                                  f"{m.device_name} {m.phase}: held-out predictions")

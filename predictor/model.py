@@ -9,7 +9,11 @@ over analytic costs: a constant, linear-layer MACs, attention MACs, LM-head MACs
 (per-layer launch overhead), weight bytes (each weight is read from memory once per call,
 whatever the token count: this term alone cut prefill MAPE from 2.5% to 1.9% here) and
 KV-cache bytes. It already explains most of the variance
-(a 3-term line reached 93% within 5% in a probe on this box).
+(a 3-term line reached 93% within 5% in a probe on this box). With few sub-networks those
+seven coefficients fit noise, so the base is one of ``BASES`` (the full one, or a
+baseline's shape: all MACs under one coefficient, MACs and layers, bytes), the one with the
+least error leaving one sub-network out at a time: where a baseline's shape predicts
+held-out sub-networks best, the predictor takes that shape, and says so (``model_form``).
 
 Correction: XGBoost on log latency with the base's log prediction as its margin, monotone
 non-decreasing in every size feature, so the final prediction stays monotone in size.
@@ -51,6 +55,17 @@ from subnets.dims import BaseDims
 log = logging.getLogger(__name__)
 
 BASE_TERMS = ("const", "linear_macs", "attention_macs", "lm_head_macs", "layers", "weight_bytes", "kv_bytes")
+# The bases an inner cross-validation chooses from, each a tuple of term groups (a group's
+# terms share one coefficient). With the main job's 8-13 sub-networks per phase the full
+# base's 7 coefficients fit noise: on a busy machine it lost to linear-in-FLOPs on decode
+# (MAPE 12.7% vs 8.2%), which two coefficients cannot overfit. The full base wins where
+# there is data for it; each smaller one is a baseline's shape, fitted the predictor's way.
+BASES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "physics": tuple((t,) for t in BASE_TERMS),
+    "FLOPs": (("const",), ("linear_macs", "attention_macs", "lm_head_macs")),
+    "MACs and layers": (("const",), ("linear_macs",), ("attention_macs",), ("layers",)),
+    "bytes": (("const",), ("weight_bytes", "kv_bytes")),
+}
 MIN_TRAIN = 10
 MIN_TRAIN_TRANSFER = 3  # the transferred base is the prior's, its term scales shrunk toward one
 MIN_BOOST = 30
@@ -81,7 +96,9 @@ class BoostedCostModel:
     alpha: float = 0.1  # the upper bound covers 1 - alpha
     boost: str = "auto"  # "auto" (chosen by CV), "on", "off"
     seed: int = 0
+    base: str = "auto"  # a name in BASES, or "auto": chosen by an inner cross-validation
     # fitted state
+    base_used: str = "physics"
     base_coef: np.ndarray | None = None
     base_scale: np.ndarray | None = None
     transfer_coef: tuple[float, float] | None = None
@@ -105,12 +122,7 @@ class BoostedCostModel:
             coef, *_ = np.linalg.lstsq(A, np.log(y), rcond=None)
             self.transfer_coef = (float(coef[0]), float(coef[1]))
             return
-        D = _base_design(X)
-        scale = np.maximum(np.abs(D).max(axis=0), 1e-12)
-        Dn = D / scale
-        # relative-error least squares: divide each row by its target
-        coef, _ = nnls(Dn / y[:, None], np.ones_like(y))
-        self.base_coef, self.base_scale = coef, scale
+        self.base_coef, self.base_scale = _fit_terms(_base_design(X), y, BASES[self.base_used])
 
     def _contributions(self, X: np.ndarray) -> np.ndarray:
         """[N, terms] milliseconds each base term contributes (a from-scratch predictor)."""
@@ -176,6 +188,8 @@ class BoostedCostModel:
         if n < minimum:
             raise DataError(f"{n} measurements; the predictor needs at least {minimum}",
                             "profile more sub-networks (profile-device --samples 20)")
+        if self.base != "auto" and self.base not in BASES:
+            raise DataError(f"unknown predictor base {self.base!r}", f"use 'auto' or one of {', '.join(BASES)}")
         shapes = Shapes.of(n, seq_len, past_len)
         group = _groups(batch)
         n_groups = int(group.max()) + 1
@@ -189,7 +203,7 @@ class BoostedCostModel:
         self.folds = []
         for f in range(k):
             tr, te = folds != f, folds == f
-            sub = BoostedCostModel(self.dims, self.phase, self.alpha, self.boost, self.seed, prior=self.prior)
+            sub = BoostedCostModel(self.dims, self.phase, self.alpha, self.boost, self.seed, self.base, prior=self.prior)
             sub._fit_once(_take(batch, tr), Shapes(shapes.seq_len[tr], shapes.past_len[tr]), y[tr])
             oof[te] = sub.predict(_take(batch, te), shapes.seq_len[te], shapes.past_len[te])
             self.folds.append(sub)
@@ -198,12 +212,15 @@ class BoostedCostModel:
         self.score_fold = fold_of
         self._fit_once(batch, shapes, y)
         self.fit_info.update({"n_train": n, "boosted": self.booster is not None, "cv": accuracy(y, oof),
+                              "base": "transferred" if self.prior is not None else self.base_used,
                               "bound": self.coverage()})
         return self
 
     def _fit_once(self, batch: ConfigBatch, shapes: Shapes, y: np.ndarray) -> None:
         """Base, and the booster where an inner cross-validation says it helps."""
         X = feature_matrix(batch, self.dims, self.phase, shapes.seq_len, shapes.past_len)
+        if self.prior is None:
+            self.base_used = self.base if self.base != "auto" else self._choose_base(X, y, _groups(batch))
         use_boost = self.boost == "on" or (self.boost == "auto" and len(y) >= MIN_BOOST)
         if self.boost == "auto" and use_boost:
             oof_base, oof_boost = self._oof(batch, shapes, y, True)
@@ -214,6 +231,23 @@ class BoostedCostModel:
         self._fit_base(X, y, batch, shapes)
         self.booster = self._fit_boost(X, y, self._base_predict(X, batch, shapes)) if use_boost else None
         self._flat = None
+
+    def _choose_base(self, X: np.ndarray, y: np.ndarray, group: np.ndarray) -> str:
+        """The base with the smallest held-out log error, leaving out one sub-network at a
+        time (a few linear fits each; five folds past 40 sub-networks). Ties keep the first,
+        the full physics base."""
+        D, n_groups = _base_design(X), int(group.max()) + 1
+        folds = group if n_groups <= 40 else (np.random.default_rng(self.seed + 2).permutation(n_groups) % 5)[group]
+        errors = {}
+        for name, terms in BASES.items():
+            pred = np.zeros(len(y))
+            for f in np.unique(folds):
+                tr, te = folds != f, folds == f
+                coef, scale = _fit_terms(D[tr], y[tr], terms)
+                pred[te] = np.maximum(D[te] / scale @ coef, 1e-6)
+            errors[name] = float(np.mean(np.abs(np.log(pred / y))))
+        self.fit_info["cv_base_error"] = errors
+        return min(errors, key=lambda k: (errors[k], list(BASES).index(k)))
 
     def coverage(self, alpha: float | None = None) -> dict[str, Any]:
         """What the bound at ``alpha`` promises, with this many held-out sub-networks."""
@@ -234,7 +268,7 @@ class BoostedCostModel:
         boost_pred = np.zeros(n)
         for f in range(k):
             tr, te = folds != f, folds == f
-            sub = BoostedCostModel(self.dims, self.phase, self.alpha, "off", self.seed, prior=self.prior)
+            sub = BoostedCostModel(self.dims, self.phase, self.alpha, "off", self.seed, self.base_used, prior=self.prior)
             btr, bte = _take(batch, tr), _take(batch, te)
             str_, ste = Shapes(shapes.seq_len[tr], shapes.past_len[tr]), Shapes(shapes.seq_len[te], shapes.past_len[te])
             Xtr = feature_matrix(btr, self.dims, self.phase, str_.seq_len, str_.past_len)
@@ -274,6 +308,22 @@ class BoostedCostModel:
                         self.predict_upper(batch, seq_len, past_len))
 
 
+def model_form(fit_info: dict[str, Any]) -> str:
+    """What a fitted predictor is made of, in words (from its ``fit_info``, as saved)."""
+    base = fit_info.get("base", "physics")
+    if base == "transferred":
+        text = "base: the prior device's, rescaled per term"
+    else:
+        errors = fit_info.get("cv_base_error") or {}
+        text = f"base: {base}" + (" (least held-out error of " + ", ".join(
+            f"{k} {v:.1%}" for k, v in errors.items()) + ")" if errors else "")
+    if fit_info.get("boosted"):
+        return text + "; boosted correction on"
+    why = (f"fewer than {MIN_BOOST} measurements" if fit_info.get("n_train", 0) < MIN_BOOST
+           else "it did not lower the held-out error")
+    return text + f"; no boosted correction ({why})"
+
+
 def _groups(batch: ConfigBatch) -> np.ndarray:
     """The sub-network of each row: all its shapes are held out together (with rows split at
     random, a sub-network's other shape sits in the training folds and the residuals, hence
@@ -309,6 +359,20 @@ def _fit_term_scales(C: np.ndarray, y: np.ndarray) -> np.ndarray:
     w = np.zeros(C.shape[1])
     w[used] = best
     return w
+
+
+def _fit_terms(D: np.ndarray, y: np.ndarray, groups: tuple[tuple[str, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(coefficients, scales) over all BASE_TERMS, non-negative, fitted for relative error,
+    the terms of a group sharing one coefficient (in their own units) and a term in no group
+    held at zero."""
+    idx = [[BASE_TERMS.index(t) for t in g] for g in groups]
+    G = np.stack([D[:, i].sum(axis=1) for i in idx], axis=1)
+    scale = np.maximum(np.abs(G).max(axis=0), 1e-12)
+    c, _ = nnls(G / scale / y[:, None], np.ones_like(y))  # each row divided by its target
+    coef = np.zeros(D.shape[1])
+    for i, v in zip(idx, c / scale):
+        coef[i] = v
+    return coef, np.ones(D.shape[1])
 
 
 def _take(batch: ConfigBatch, mask: np.ndarray) -> ConfigBatch:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from predictor.features import FEATURE_SCHEMA_VERSION, FEATURES
-from predictor.model import BASE_TERMS, BoostedCostModel
+from predictor.model import BASE_TERMS, BASES, BoostedCostModel
 from subnets.dims import BaseDims
 from subnets.errors import EdgenasError
 
@@ -185,6 +185,7 @@ def load_predictor(folder: Path, device: str | None = None, base_id: str | None 
         p = BoostedCostModel(BaseDims.from_dict(meta["dims"]), meta["phase"], alpha=float(meta["alpha"]))
         _restore_bound(p, folder, meta, base_id, phase, override)
         p.fit_info = dict(meta.get("fit_info") or {})
+        p.base_used = p.fit_info["base"] if p.fit_info.get("base") in BASES else "physics"
         _restore_base(p, folder, meta, base_id, phase, override)
         if meta.get("boosted"):
             import xgboost as xgb

@@ -23,6 +23,8 @@ def test_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     assert "repeatability, decode: 3 cells re-measured" in text and "noise floor: " in text  # 10% of 26, at least 3
     meta = json.loads((out / "predictors" / "local" / "decode" / "meta.json").read_text())
     assert meta["metrics"]["repeatability"]["n"] == 3
+    # each predictor says what it is made of: the base's shape chosen by cross-validation
+    assert "predictor: base: " in text and meta["fit_info"]["base"] in meta["fit_info"]["cv_base_error"]
     assert "Pareto front" in text
     assert "What to ship" in text and "measured against a budget" in text, text[-3000:]
     rows = json.loads((out / "subnets.json").read_text())

@@ -45,6 +45,8 @@ def render_training(reports: dict[str, PhaseReport], console: Console = out_cons
             f"{r.phase}: {r.n} measurements of {r.n_subnets} sub-networks on {r.device_name} "
             f"({r.threads} thread{'s' if r.threads > 1 else ''}, {r.backend}), {r.folds}-fold by sub-network, "
             f"shapes {shapes}{' (transfer from ' + str(r.prior) + ')' if r.prior else ''}", r.comparison))
+        if r.form:
+            console.print(f"predictor: {r.form}")
         excluded = r.excluded_unstable + r.excluded_throttled
         console.print(f"excluded: {r.excluded_unstable} unstable, {r.excluded_throttled} throttled measurement(s)"
                       if excluded else "excluded: none (no unstable or throttled measurements)")
