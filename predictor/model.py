@@ -320,7 +320,7 @@ def model_form(fit_info: dict[str, Any]) -> str:
     if fit_info.get("boosted"):
         return text + "; boosted correction on"
     why = (f"fewer than {MIN_BOOST} measurements" if fit_info.get("n_train", 0) < MIN_BOOST
-           else "it did not lower the held-out error")
+           else "it did not lower the held-out error" if "cv_mape_boost" in fit_info else "turned off")
     return text + f"; no boosted correction ({why})"
 
 
