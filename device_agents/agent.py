@@ -277,8 +277,11 @@ class Agent(object):
 
     def _session(self, args):
         """The session of a measured model, from a two-entry LRU (a model's phases and shapes
-        share it; older models' memory is released)."""
+        share it; older models' memory is released). ``fresh``: a new load of the model, as an
+        interleaved round of a decode cell asks (where a session's weights land sets its level)."""
         key = self._session_key(args)
+        if args.get("fresh"):
+            self.sessions = [e for e in self.sessions if e[0] != key]
         for i, (k, sess, load_ms) in enumerate(self.sessions):
             if k == key:
                 self.sessions.append(self.sessions.pop(i))  # most recently used last

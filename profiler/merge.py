@@ -61,6 +61,7 @@ class _Merger:
         jobs = self._jobs(devices)
         self._measurements(devices, jobs)
         self._repeats(jobs)
+        self._rounds(devices, jobs)
 
     def _devices(self) -> dict[int, int]:
         out = {}
@@ -131,6 +132,20 @@ class _Merger:
                                  (row["job_id"], r["created"], r["median_ms"])).fetchone()
             if dup is None:
                 _insert(self.t, "repeats", row)
+
+    def _rounds(self, devices: dict[int, int], jobs: dict[int, tuple[int, bool]]) -> None:
+        """Interleaved rounds (a resumable cell's, and the references' drift), each once."""
+        for r in self.s.execute("SELECT * FROM rounds ORDER BY id").fetchall():
+            row = {c: r[c] for c in r.keys() if c != "id"}
+            row["device_id"] = devices[r["device_id"]]
+            if r["job_id"] is not None:
+                row["job_id"] = jobs[r["job_id"]][0]
+            dup = self.t.execute("SELECT 1 FROM rounds WHERE round_batch=? AND round_no=? AND pass_no=? AND "
+                                 "subnet_hash=? AND phase=? AND seq_len=? AND past_len=?",
+                                 (r["round_batch"], r["round_no"], r["pass_no"], r["subnet_hash"], r["phase"],
+                                  r["seq_len"], r["past_len"])).fetchone()
+            if dup is None:
+                _insert(self.t, "rounds", row)
 
     def _duplicate(self, m: Any, job_id: int) -> None:
         self.report.cells_duplicate += 1

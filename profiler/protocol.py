@@ -37,12 +37,18 @@ class Protocol:
     ir_version: int | None = 8
     graph_opt: str = "all"
     precision: str | None = None  # TensorRT's engine precision, or the weights' (int8, int4-b32, q4_0, ...)
+    # None: each cell timed to completion before the next; else interleaved rounds
+    # (profiler.rounds.RoundsPlan.to_dict: rounds, target, batch, the statistic stored)
+    schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timing", normalized_timing(self.timing))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["schedule"] is None:  # protocols recorded before rounds existed keep their digests
+            del d["schedule"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Protocol:
@@ -57,5 +63,8 @@ class Protocol:
         parts = [f"min {t.get('min_time_s', 'default')} s"]
         if t.get("sessions", 1) > 1:
             parts.append(f"{t['sessions']} sessions")
+        if self.schedule:
+            s = self.schedule
+            parts.append(f"rounds {s['min_rounds']}-{s['max_rounds']}" + (", drift-normalised" if s.get("normalize") else ""))
         parts += ["paired" if self.paired else "unpaired", f"weights {self.weights}", f"opset {self.opset}"]
         return ", ".join(parts)

@@ -11,6 +11,7 @@ from typing import Any
 
 from profiler.database import Location, describe
 from profiler.fleet import FleetSummary
+from profiler.rounds import RoundsPlan, paired_refused
 from profiler.sweep import SweepSpec
 from subnets.config import SubnetConfig
 from subnets.errors import ConfigError
@@ -59,6 +60,10 @@ class SweepRequest:
     repeat_min: int = 3
     retry_failed: bool = False
     paired: bool = False
+    rounds: int = 0  # 0: each cell timed to completion; N: cells interleaved in N rounds or more
+    max_rounds: int = 8
+    round_cells: int = 12
+    normalize_drift: bool = False
     keep_models: bool = False
     connect_timeout: float | None = None
     handshake_timeout: float = 120.0
@@ -82,8 +87,16 @@ class SweepRequest:
             raise ConfigError(f"--repeat-share {self.repeat_share} / --repeat-min {self.repeat_min} is not a share of "
                               "the cells and a count", "pass --repeat-share in [0, 1] and --repeat-min 0 or more "
                               "(both 0: measure no cell twice)")
+        if self.rounds_plan() is not None and self.paired:  # a bad --rounds range fails in rounds_plan
+            raise paired_refused()
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads} is not positive", "pass --threads 1 or more")
+
+    def rounds_plan(self) -> RoundsPlan | None:
+        if self.rounds == 0:
+            return None
+        return RoundsPlan(min_rounds=self.rounds, max_rounds=self.max_rounds, target_rel_ci=self.target_ci,
+                          batch_cells=self.round_cells, normalize=self.normalize_drift)
 
     def host_settings(self, host: Any) -> Any:
         """An inventory entry with this request's overrides."""
@@ -114,7 +127,7 @@ class SweepRequest:
                          retry_failed=self.retry_failed, precision=self.precision, block_size=self.block_size,
                          graph_opt=self.graph_opt, keep_models=self.keep_models, paired=self.paired,
                          gpu_layers=self.gpu_layers, graph=self.graph, lease_s=self.lease,
-                         repeat_share=self.repeat_share, repeat_min=self.repeat_min)
+                         repeat_share=self.repeat_share, repeat_min=self.repeat_min, rounds=self.rounds_plan())
 
     def record(self) -> dict[str, Any]:
         """What was asked, as the sweep records it (the store location without a password)."""

@@ -25,7 +25,7 @@ from profiler.protocol import UNRECORDED, Protocol
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
@@ -55,11 +55,18 @@ CREATE TABLE IF NOT EXISTS sweeps(
 CREATE TABLE IF NOT EXISTS repeats(
   id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id), board TEXT, median_ms REAL NOT NULL,
   median_rel_ci REAL, unstable INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds(
+  id INTEGER PRIMARY KEY, job_id INTEGER REFERENCES jobs(id), device_id INTEGER NOT NULL, subnet_hash TEXT NOT NULL,
+  phase TEXT NOT NULL, seq_len INTEGER NOT NULL, past_len INTEGER NOT NULL, protocol TEXT NOT NULL,
+  pass_no INTEGER NOT NULL, round_batch TEXT NOT NULL, round_no INTEGER NOT NULL, board TEXT,
+  median_ms REAL NOT NULL, n INTEGER, raw_ms TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS rounds_job ON rounds(job_id, pass_no);
 """
 REPEATS_DDL = SCHEMA.split("CREATE TABLE IF NOT EXISTS repeats")[1].split(";")[0]
+ROUNDS_DDL = SCHEMA.split("CREATE TABLE IF NOT EXISTS rounds")[1].split(";")[0]
 JOB_COLUMNS = ("job_key", "device_id", "subnet_hash", "phase", "batch", "seq_len", "past_len", "backend", "threads",
                "protocol")
-OWN_TABLES = {"meta", "devices", "subnets", "jobs", "measurements", "protocols", "sweeps", "repeats"}
+OWN_TABLES = {"meta", "devices", "subnets", "jobs", "measurements", "protocols", "sweeps", "repeats", "rounds"}
 
 EXPORT_COLUMNS = ["id", "device", "fingerprint", "subnet_hash", "base_id", "params", "phase", "batch", "seq_len",
                   "past_len", "backend", "threads", "is_reference", "median_ms", "mean_ms", "p90_ms", "p99_ms",
@@ -134,7 +141,13 @@ def _migrate_4(db: Database) -> None:
     db.create("CREATE TABLE IF NOT EXISTS repeats" + REPEATS_DDL)
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}
+def _migrate_5(db: Database) -> None:
+    """v6 keeps the rounds of interleaved sweeps (``profiler.rounds``), each as it finishes."""
+    db.create("CREATE TABLE IF NOT EXISTS rounds" + ROUNDS_DDL)
+    db.execute("CREATE INDEX IF NOT EXISTS rounds_job ON rounds(job_id, pass_no)")
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5}
 
 
 def job_key(fingerprint: str, config_hash: str, phase: str, batch: int, seq_len: int, past_len: int,
@@ -367,6 +380,10 @@ class Store:
         settings = r.get("settings")
         if r.get("sessions"):  # a cell timed over several sessions: each one's median (and ratio)
             settings = dict(settings or {}, sessions=r["sessions"])
+        if r.get("round_medians_ms"):  # interleaved rounds: both statistics, each round's median and drift
+            settings = dict(settings or {}, rounds={k: r.get(k) for k in (
+                "raw_median_ms", "raw_rel_ci", "normalized_median_ms", "normalized_rel_ci", "round_medians_ms",
+                "drift_factors")})
         cur = self.db.execute(
             "INSERT INTO measurements(job_id, device_id, subnet_hash, phase, batch, seq_len, past_len, backend, threads, "
             "is_reference, median_ms, mean_ms, p90_ms, p99_ms, std_ms, cov, n, median_rel_ci, load_ms, peak_rss_mb, "
@@ -410,6 +427,41 @@ class Store:
             q += " WHERE d.name=? OR d.fingerprint=?"
             args = [device, device]
         return [dict(r) for r in self.db.execute(q + " ORDER BY r.id", args)]
+
+    # --- interleaved rounds -------------------------------------------------------------
+    @_retried
+    def add_round(self, row: dict[str, Any]) -> None:
+        """One round of one cell (``job_id`` None: the round's reference), kept as it finishes."""
+        cols = ("job_id", "device_id", "subnet_hash", "phase", "seq_len", "past_len", "protocol", "pass_no",
+                "round_batch", "round_no", "board", "median_ms", "n", "raw_ms")
+        with self.tx():
+            self.db.execute(f"INSERT INTO rounds({', '.join(cols)}, created) VALUES({','.join('?' * (len(cols) + 1))})",
+                            (*(json.dumps(row[c]) if c == "raw_ms" else row.get(c) for c in cols), self.db.now()))
+
+    @_retried
+    def rounds_of(self, job_ids: list[int], pass_no: int) -> list[dict[str, Any]]:
+        """The stored rounds of ``job_ids`` in one pass, oldest first."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i:i + 500]
+            out += [dict(r) for r in self.db.execute(
+                f"SELECT * FROM rounds WHERE pass_no=? AND job_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                [pass_no, *chunk])]
+        for r in out:
+            r["raw_ms"] = json.loads(r["raw_ms"]) if r["raw_ms"] else []
+        return out
+
+    @_retried
+    def reference_rounds(self, device_id: int, protocol: str, batches: list[str] | None = None) -> list[dict[str, Any]]:
+        """The reference's rounds on a device under a protocol (of ``batches`` only, if given), oldest first."""
+        q = "SELECT * FROM rounds WHERE job_id IS NULL AND device_id=? AND protocol=?"
+        args: list[Any] = [device_id, protocol]
+        if batches is not None:
+            if not batches:
+                return []
+            q += f" AND round_batch IN ({','.join('?' * len(batches))})"
+            args += batches
+        return [dict(r) for r in self.db.execute(q + " ORDER BY id", args)]
 
     # --- sweeps -------------------------------------------------------------------------
     @_retried

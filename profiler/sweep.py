@@ -27,6 +27,8 @@ from profiler.errors import ErrorClass, HostError, MeasureError
 from profiler.fingerprint import device_fingerprint
 from profiler.owner import owner_alive, owner_id
 from profiler.protocol import Protocol
+from profiler.round_batch import RoundBatch
+from profiler.rounds import RoundsPlan, paired_refused
 from profiler.store import Job, Store, job_key
 from profiler.targets import Target
 from subnets.config import SubnetConfig
@@ -74,6 +76,8 @@ class SweepSpec:
         """Settings the back-end cannot run, refused before anything is measured."""
         if self.graph != "plain" and (self.is_llama_cpp or self.is_tensorrt):
             raise ConfigError(f"--graph {self.graph} is an onnxruntime graph variant", "drop --graph with this back-end")
+        if self.rounds is not None and self.paired:
+            raise paired_refused()
         if self.is_llama_cpp and (self.paired or self.batch != 1):
             raise ConfigError("llama-bench times one sequence at a time, alone",
                               "drop --paired and --batch with --backend llama.cpp")
@@ -158,6 +162,9 @@ class SweepSpec:
     # reported (profiler.repeatability). 0 and 0: never.
     repeat_share: float = 0.1
     repeat_min: int = 3
+    # None: each cell timed to completion before the next; a plan: cells interleaved in
+    # rounds, a batch at a time (profiler.rounds), the reference in every round
+    rounds: RoundsPlan | None = None
 
     def timing_for(self, phase: str) -> dict[str, Any]:
         if self.phase_timing is not None and phase in self.phase_timing:
@@ -176,7 +183,8 @@ class SweepSpec:
         precision = self.resolved_precision if self.is_tensorrt else self.weights_precision
         return Protocol(timing=self.timing_for(phase), weights=self.weights, paired=companion is not None,
                         companion=companion, opset=options.opset, ir_version=options.ir_version,
-                        graph_opt=self.graph_opt, precision=precision)
+                        graph_opt=self.graph_opt, precision=precision,
+                        schedule=self.rounds.to_dict() if self.rounds is not None else None)
 
 
 @dataclass
@@ -197,6 +205,7 @@ class SweepSummary:
     drift: list[str] = field(default_factory=list)
     unstable: int = 0
     throttled: int = 0
+    rounds: int = 0  # bursts timed in interleaved rounds (references included)
     seconds: dict[str, float] = field(default_factory=lambda: {"export": 0.0, "upload": 0.0, "session_load": 0.0,
                                                               "timing": 0.0, "total": 0.0})
     bytes_uploaded: int = 0
@@ -350,6 +359,7 @@ class Profiler:
         self._on_board: set[str] = set()
         self.owner = owner_id()  # this sweep's job leases
         self._planned: list[Job] = []
+        self._batches = 0  # interleaved batches run: each batch's rounds are tagged by it
 
     # --- pieces -------------------------------------------------------------------------
     def _export(self, config: SubnetConfig, options: ExportOptions | GgufOptions, summary: SweepSummary) -> ExportedSubnet:
@@ -371,8 +381,10 @@ class Profiler:
         return exported.key if exported is not None else ""
 
     def _measure(self, exported: ExportedSubnet, phase: str, seq_len: int, past_len: int,
-                 summary: SweepSummary, options: ExportOptions | GgufOptions | None = None) -> dict[str, Any]:
-        """One cell; with ``options`` and a paired sweep, timed alternately with the reference."""
+                 summary: SweepSummary, options: ExportOptions | GgufOptions | None = None,
+                 timing: dict[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
+        """One cell; with ``options`` and a paired sweep, timed alternately with the reference
+        (``timing``: in place of the phase's; ``fresh``: in a newly loaded session)."""
         t0 = time.perf_counter()
         if self.target.ensure_model(exported, self._on_board):
             summary.seconds["upload"] += time.perf_counter() - t0
@@ -386,12 +398,14 @@ class Profiler:
                 companion = ref.key
         args = {"key": exported.key, "phase": phase, "batch": self.spec.batch, "seq_len": seq_len,
                 "past_len": past_len, "threads": self.spec.threads, "backend": self.spec.backend,
-                "timing": self.spec.timing_for(phase), "precision": self.spec.resolved_precision,
+                "timing": timing or self.spec.timing_for(phase), "precision": self.spec.resolved_precision,
                 "graph_opt": self.spec.graph_opt, "gpu_layers": self.spec.gpu_layers,
                 # one TensorRT engine per model and phase covers the sweep's whole shape grid
                 "profile_seq_lens": list(self.spec.seq_lens), "profile_past_lens": list(self.spec.past_lens)}
         if companion is not None:
             args["companion"] = companion
+        if fresh:
+            args["fresh"] = True
         result = self.target.call("measure", args, timeout=self.target.timeouts.measure)
         result["settings"] = dict(result.get("settings") or {}, board=self.target.spec.name)  # which board of a fleet
         if not result.get("session_reused"):
@@ -449,21 +463,30 @@ class Profiler:
             self._on_board.discard(exported.key)
             return self._measure(exported, phase, seq, past, summary)
 
+    def reference_shape(self, phase: str) -> tuple[int, int]:
+        """(seq_len, past_len) of a phase's reference cell: the sweep's first shape."""
+        return (self.spec.seq_lens[0], 0) if phase == "prefill" else (1, self.spec.past_lens[0])
+
     def _reference(self, options: ExportOptions | GgufOptions, device_id: int, summary: SweepSummary) -> None:
         phase = self.spec.phases[0]
-        seq = self.spec.seq_lens[0] if phase == "prefill" else 1
-        past = self.spec.past_lens[0] if phase == "decode" else 0
+        seq, past = self.reference_shape(phase)
         exported = self._export(self.reference, options, summary)
         try:
             r = self._measure_reference(exported, phase, seq, past, summary)
         except MeasureError as e:
             log.warning("reference measurement failed: %s", e)
             return
+        self.record_reference(phase, r, exported.key, options, device_id, summary)
+
+    def record_reference(self, phase: str, r: dict[str, Any], export_key: str, options: ExportOptions | GgufOptions,
+                         device_id: int, summary: SweepSummary) -> None:
+        """Store a reference measurement and warn when it moved from the store's first."""
+        seq, past = self.reference_shape(phase)
         self.store.add_subnet(self.reference.config_hash(), self.reference.base_id, self.reference.to_json(),
                               count_params(self.reference, self.ws.space.dims), self.reference.summary())
         protocol = self.store.add_protocol(self.spec.protocol(phase, options, None))
         self.store.add_reference(device_id, self.reference.config_hash(), phase, self.spec.batch, seq, past,
-                                 self.spec.backend_tag, self.spec.threads, r, exported.key, protocol)
+                                 self.spec.backend_tag, self.spec.threads, r, export_key, protocol)
         summary.references.append(r["median_ms"])
         base = summary.references[0]
         prior = [row["median_ms"] for row in self.store.references(device_id)
@@ -561,17 +584,36 @@ class Profiler:
         """Measure the held jobs that are free now; return those still held by a live sweep."""
         self._release_dead_leases()
         state = self.store.job_states([j.id for j in held])
-        still = []
+        free = []
         for job in held:
             if state.get(job.id) in ("done", "failed"):
                 summary.held_elsewhere += int(state.get(job.id) == "done")
-                continue
+            else:
+                free.append(job)
+        if self.spec.rounds is not None:
+            return self._interleaved(free, by_hash, options, device_id, summary, measured)
+        still = []
+        for job in free:
             outcome = self._run_job(job, by_hash[job.subnet_hash], options, device_id, summary)
             if outcome == "held":
                 still.append(job)
             elif outcome == "measured":
                 measured.add(job.subnet_hash)
         return still
+
+    def _interleaved(self, jobs: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
+                     device_id: int, summary: SweepSummary, measured: set[str], pass_no: int = 0) -> list[Job]:
+        """``jobs`` in interleaved rounds, a batch of the plan's size at a time (pass 1: done
+        cells re-measured). Returns the jobs another sweep holds."""
+        held: list[Job] = []
+        size = self.spec.rounds.batch_cells if self.spec.rounds else len(jobs)
+        for start in range(0, len(jobs), size):
+            self._batches += 1
+            batch = RoundBatch(self, jobs[start:start + size], by_hash, options, device_id, summary, pass_no,
+                               f"{self.owner}/{pass_no}/{self._batches}")
+            held += batch.run()
+            measured |= batch.measured
+        return held
 
     def _sweep_up(self, waiting: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
                   device_id: int, summary: SweepSummary) -> set[str]:
@@ -631,6 +673,8 @@ class Profiler:
         evicted from the board after its last cell. Before each job, skipped jobs whose
         holder let go since (it finished, or its process is gone) are taken first."""
         spec, total, since_ref, held = self.spec, len(pending), 0, []
+        if spec.rounds is not None:
+            return self._interleaved(pending, by_hash, options, device_id, summary, measured)
         if spec.reference_every and pending:
             self._reference(options, device_id, summary)
         for done, job in enumerate(pending):
@@ -674,12 +718,15 @@ class Profiler:
         return out
 
     def _repeat_pass(self, planned: list[Job], by_hash: dict[str, SubnetConfig], options: ExportOptions | GgufOptions,
-                     summary: SweepSummary) -> None:
+                     device_id: int, summary: SweepSummary) -> None:
         """Measure the chosen done cells once more, each stored as it finishes; a cell that
         fails now is logged and left (its first measurement stands)."""
         from profiler.repeatability import by_phase
 
         chosen = self._repeat_choice(planned) if self.spec.repeat_share > 0 or self.spec.repeat_min > 0 else []
+        if self.spec.rounds is not None:
+            self._interleaved(chosen, by_hash, options, device_id, summary, set(), pass_no=1)
+            chosen = []
         for n, job in enumerate(chosen):
             config = by_hash[job.subnet_hash]
             self.progress(n, len(chosen), f"again: {config.summary()} {job.phase} S={job.seq_len} P={job.past_len}")
@@ -728,7 +775,7 @@ class Profiler:
                 if held:
                     self.progress(total - len(held), total, f"waiting for {len(held)} job(s) other sweeps hold")
                 swept = self._sweep_up(held, by_hash, options, device_id, summary)
-                self._repeat_pass(self._planned, by_hash, options, summary)
+                self._repeat_pass(self._planned, by_hash, options, device_id, summary)
             measured_subnets |= swept
             if not spec.keep_models:  # what jobs taken out of order left on the board
                 left = {self._key(h) for h in measured_subnets if h != self.reference.config_hash()} & self._on_board

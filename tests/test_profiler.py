@@ -383,8 +383,9 @@ def test_a_schema_1_store_is_migrated_in_place(tmp_path) -> None:
     with sqlite3.connect(db) as c:
         cols = {r[1] for r in c.execute("PRAGMA table_info(measurements)")}
         assert {"paired_ratio", "companion_ms", "protocol"} <= cols
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
         assert c.execute("SELECT COUNT(*) FROM repeats").fetchone()[0] == 0  # v5: re-measurements beside them
+        assert c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0  # v6: interleaved rounds
 
 
 def test_a_schema_2_store_keeps_every_measurement_and_merges_backend_devices(tmp_path) -> None:

@@ -117,6 +117,15 @@ def _add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paired", action="store_true",
                    help="time every cell alternately with the reference sub-network and store the ratio (cancels a "
                         "shared or drifting board's common slow-downs; cells take twice as long)")
+    p.add_argument("--rounds", type=int, default=0, metavar="N",
+                   help="interleave cells in rounds: a short burst per cell, cells shuffled each round, the reference in "
+                        "every round, each cell's rounds pooled until --target-ci (at least N rounds; default 0: each "
+                        "cell timed to completion before the next)")
+    p.add_argument("--max-rounds", type=int, default=8, help="with --rounds: a cell's rounds at most (default 8)")
+    p.add_argument("--round-cells", type=int, default=12,
+                   help="with --rounds: cells claimed and interleaved together (default 12)")
+    p.add_argument("--normalize-drift", action="store_true",
+                   help="with --rounds: a cell's number divides out each round's reference drift (both are stored)")
     p.add_argument("--keep-models", action="store_true",
                    help="leave measured models on the board (default: delete each once its cells are measured)")
 
