@@ -36,15 +36,17 @@ from subnets.workspace import Workspace
 
 
 def measure(main: PipelineRequest, ws: Workspace, configs: list[Any], precision: str, db: Path,
-            out: Path, repeat_share: float, rounds: int = 0, normalize: bool = False) -> dict[str, Any]:
+            out: Path, repeat_share: float, rounds: int = 0, normalize: bool = False, max_rounds: int = 8,
+            quantile: float = 0.5) -> dict[str, Any]:
     """One runtime under one condition and protocol: its sweep, then its own predictors."""
     sweep = replace(main.sweep(precision), db=db, past_len=main.past_lens(), repeat_share=repeat_share, repeat_min=5,
-                    rounds=rounds, normalize_drift=normalize)
+                    rounds=rounds, normalize_drift=normalize, max_rounds=max_rounds, round_quantile=quantile)
     summary = profile(sweep, ws, configs).boards[0]
     tag = sweep.spec(resolve_host(main.host)).backend_tag
     reports = train_predictors(PredictorRequest(device=main.host, db=db, out=out / precision, model=main.model,
                                                 backend=tag, include_unstable=True, no_plot=True))
-    label = "today" if not rounds else f"rounds {rounds}-{sweep.max_rounds}" + (", normalised" if normalize else "")
+    label = "today" if not rounds else (f"rounds {rounds}-{max_rounds}, q{quantile:g}"
+                                        + (", normalised" if normalize else ""))
     if rounds:
         row_drift = drift_effect(db)
     row: dict[str, Any] = {"precision": precision, "backend": tag, "protocol": label, "seconds": summary.seconds["total"],
@@ -64,10 +66,8 @@ def drift_effect(db: Path) -> dict[str, Any]:
     interval with each cell's rounds raw and drift-normalised (both passes' rounds are kept,
     and the reference ran in every round of both)."""
     import sqlite3
-    import statistics
 
-    from profiler.repeatability import repeatability
-    from profiler.rounds import Cell, Drift, level
+    from profiler.rounds import Cell, Drift
 
     with sqlite3.connect(db) as c:
         c.row_factory = sqlite3.Row
@@ -86,13 +86,23 @@ def drift_effect(db: Path) -> dict[str, Any]:
     for phase in sorted({c.phase for c in cells.values()}):
         mine = {k: c for k, c in cells.items() if c.phase == phase}
         for name, stat in (("raw", lambda c: c.medians), ("normalised", drift.normalised)):
-            levels = {k: level(stat(c)) for k, c in mine.items()}
-            pairs = [(levels[(j, 0)][0], levels[(j, 1)][0]) for j, p in levels if p == 1 and (j, 0) in levels]
-            rep = repeatability(pairs)
-            out.setdefault(phase, {})[name] = {
-                "median_rel_ci": statistics.median(v[1] for k, v in levels.items() if k[1] == 0),
-                "repeatability": rep.to_dict() if rep else None}
+            out.setdefault(phase, {})[name] = _spread_at(mine, stat, None)
+            # the same cells had they stopped after k rounds (a cell that converged sooner: its own)
+            out[phase][name]["by_rounds"] = {k: _spread_at(mine, stat, k) for k in range(2, 9)}
     return out
+
+
+def _spread_at(cells: dict[tuple[int, int], Any], stat: Any, k: int | None) -> dict[str, Any]:
+    import statistics
+
+    from profiler.repeatability import repeatability
+    from profiler.rounds import level
+
+    levels = {key: level(stat(c)[:k]) for key, c in cells.items()}
+    pairs = [(levels[(j, 0)][0], levels[(j, 1)][0]) for j, p in levels if p == 1 and (j, 0) in levels]
+    rep = repeatability(pairs)
+    return {"median_rel_ci": statistics.median(v[1] for key, v in levels.items() if key[1] == 0),
+            "repeatability": rep.to_dict() if rep else None}
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -122,7 +132,9 @@ def main() -> None:
     ap.add_argument("--burst", type=float, default=2.0, help="the load generator's busy spell (s)")
     ap.add_argument("--repeat-share", type=float, default=0.3, help="share of the cells measured twice")
     ap.add_argument("--protocols", default="today", help="today, rounds, rounds-norm (comma-separated)")
-    ap.add_argument("--rounds", type=int, default=3, help="the rounds protocol's minimum rounds")
+    ap.add_argument("--rounds", type=int, default=6, help="the rounds protocol's minimum rounds")
+    ap.add_argument("--max-rounds", type=int, default=8, help="the rounds protocol's maximum rounds")
+    ap.add_argument("--quantile", type=float, default=0.25, help="the rounds protocol's level: this quantile")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     main_job = PipelineRequest(model=args.model, n=args.samples)
@@ -143,7 +155,7 @@ def main() -> None:
                 with BackgroundLoad(load):
                     results[cond].append(measure(main_job, ws, configs, precision, args.out / f"{cond}-{proto}.db",
                                                  args.out / "predictors" / cond / proto, args.repeat_share, rounds,
-                                                 proto == "rounds-norm"))
+                                                 proto == "rounds-norm", args.max_rounds, args.quantile))
             (args.out / "load_robustness.json").write_text(json.dumps(
                 {"load": LoadSpec(share=args.share, burst_s=args.burst).to_dict(), "results": results}, indent=1))
     print(table(results))

@@ -143,6 +143,9 @@ def _pipeline_args(s: argparse.ArgumentParser) -> None:
                    help="quality ceiling for the search, a perplexity or a multiple of the full model's (default 3x)")
     s.add_argument("--quality-tokens", type=int, default=1024, help="held-out tokens per perplexity")
     s.add_argument("--min-time", type=float, default=1.0, help="timed seconds per profiling cell at least")
+    s.add_argument("--rounds", type=int, default=6, metavar="N",
+                   help="profile cells interleaved in N to 8 rounds, each cell's level the lower quartile of its round "
+                        "medians (default 6; 0: each cell timed to completion before the next)")
     s.add_argument("--text", default=None, help="held-out text file for perplexity")
     s.add_argument("--train-steps", type=int, default=0,
                    help="recovery training: train the model as a super-network for N sandwich steps (sampling by the "

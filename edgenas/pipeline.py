@@ -23,6 +23,7 @@ from export.quantize import GGUF_PRESETS, LLAMA_CPP_PRECISIONS
 from predictor.fitting import PhaseReport, PredictorRequest
 from predictor.workload import Workload
 from profiler.request import SweepRequest
+from profiler.rounds import RoundsPlan
 from profiler.sweep import SweepSummary
 from search.recommendation import Recommendation
 from search.request import SearchRequest, check_precisions, parse_ceiling
@@ -59,6 +60,9 @@ class PipelineRequest:
     max_perplexity: str | None = "3x"
     quality_tokens: int = 1024
     min_time: float = 1.0
+    # profiling cells interleaved in this many rounds or more (0: each timed to completion):
+    # on a busy machine a cell's level from many short rounds repeats (benchmarks/load_robustness.py)
+    rounds: int = 6
     text: str | None = None
     train_steps: int = 0
 
@@ -81,6 +85,8 @@ class PipelineRequest:
             raise ConfigError(f"--min-time {self.min_time} is not positive", "pass --min-time 1 (seconds per cell)")
         if self.precision != "auto":
             check_precisions(self.precision)
+        if self.rounds:  # a bad range fails here, before the model loads
+            RoundsPlan(min_rounds=self.rounds, max_rounds=max(8, self.rounds))
 
     @property
     def db(self) -> Path:
@@ -118,7 +124,8 @@ class PipelineRequest:
                             precision=None if precision == "fp32" else precision,
                             reference_every=10, min_time=self.min_time, max_time=max(20.0, 4 * self.min_time),
                             decode_min_time=3 * self.min_time, decode_sessions=3, db=self.db,
-                            repeat_min=3 if precision == "fp32" else 2)
+                            repeat_min=3 if precision == "fp32" else 2, rounds=self.rounds,
+                            max_rounds=max(8, self.rounds), round_quantile=0.25 if self.rounds else 0.5)
 
     def predictor_training(self, precision: str = "fp32") -> PredictorRequest:
         """fp32: trained on the architecture sweep; another precision: transferred from it."""

@@ -65,6 +65,9 @@ class Protocol:
             parts.append(f"{t['sessions']} sessions")
         if self.schedule:
             s = self.schedule
-            parts.append(f"rounds {s['min_rounds']}-{s['max_rounds']}" + (", drift-normalised" if s.get("normalize") else ""))
+            q = s.get("quantile", 0.5)
+            parts.append(f"rounds {s['min_rounds']}-{s['max_rounds']}, level "
+                         + ("the median" if q == 0.5 else f"quantile {q:g}") + " of the rounds"
+                         + (", drift-normalised" if s.get("normalize") else ""))
         parts += ["paired" if self.paired else "unpaired", f"weights {self.weights}", f"opset {self.opset}"]
         return ", ".join(parts)

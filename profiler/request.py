@@ -64,6 +64,7 @@ class SweepRequest:
     max_rounds: int = 8
     round_cells: int = 12
     normalize_drift: bool = False
+    round_quantile: float = 0.5
     keep_models: bool = False
     connect_timeout: float | None = None
     handshake_timeout: float = 120.0
@@ -96,7 +97,7 @@ class SweepRequest:
         if self.rounds == 0:
             return None
         return RoundsPlan(min_rounds=self.rounds, max_rounds=self.max_rounds, target_rel_ci=self.target_ci,
-                          batch_cells=self.round_cells, normalize=self.normalize_drift)
+                          batch_cells=self.round_cells, normalize=self.normalize_drift, quantile=self.round_quantile)
 
     def host_settings(self, host: Any) -> Any:
         """An inventory entry with this request's overrides."""

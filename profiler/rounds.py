@@ -26,9 +26,6 @@ from profiler.errors import MeasureError
 from profiler.protocol import normalized_timing
 from subnets.errors import ConfigError
 
-# the median of k normal draws has a standard error of about sqrt(pi/2) sd / sqrt(k)
-MEDIAN_SE = math.sqrt(math.pi / 2)
-
 
 @dataclass(frozen=True)
 class RoundsPlan:
@@ -37,6 +34,9 @@ class RoundsPlan:
     target_rel_ci: float = 0.02  # half-width of the level's 95% interval, relative
     batch_cells: int = 12  # cells claimed and interleaved together
     normalize: bool = False  # the cell's number: drift-normalised (True) or raw round medians
+    # which quantile of its round medians is the cell's level: 0.5, the median; lower, where
+    # other work only ever adds time and a round it touched should not set the level
+    quantile: float = 0.5
     # a cell whose rounds end wider than this is flagged unstable (as a several-session
     # cell is: its level is uncertain by nature, so only a wide one is untrustworthy)
     unstable_rel_ci: float = 0.10
@@ -49,6 +49,9 @@ class RoundsPlan:
                               "each cell timed to completion)")
         if self.batch_cells < 2:
             raise ConfigError(f"--round-cells {self.batch_cells} interleaves nothing", "pass --round-cells 2 or more")
+        if not 0 < self.quantile < 1:
+            raise ConfigError(f"--round-quantile {self.quantile} is not a quantile", "pass --round-quantile 0.5 "
+                              "(the median of a cell's rounds) or 0.25")
         if not 0 < self.target_rel_ci < 1:
             raise ConfigError(f"a target of {self.target_rel_ci} is not a relative interval", "pass --target-ci 0.02")
 
@@ -57,11 +60,13 @@ class RoundsPlan:
 
     def burst_timing(self, timing: dict[str, Any]) -> dict[str, Any]:
         """One round's timing settings, from the cell's: its minimum timed seconds spread over
-        the minimum rounds, no convergence test inside the burst (the rounds converge)."""
+        the most rounds it may take (a cell that never converges is timed as long as one
+        timed to completion), no convergence test inside the burst (the rounds converge).
+        Under load, the number of rounds set a cell's repeatability, a burst's length hardly."""
         t = normalized_timing(timing)
-        burst = t["min_time_s"] / self.min_rounds
-        return {**t, "min_time_s": burst, "max_time_s": burst, "min_runs": 3, "target_rel_ci": 0.0, "sessions": 1,
-                "warmup_runs": 2, "warmup_s": min(t["warmup_s"], burst / 4)}
+        burst = t["min_time_s"] / self.max_rounds
+        return {**t, "min_time_s": burst, "max_time_s": burst, "min_runs": 2, "target_rel_ci": 0.0, "sessions": 1,
+                "warmup_runs": 1, "warmup_s": min(t["warmup_s"], burst / 4)}
 
 
 def paired_refused() -> ConfigError:
@@ -69,17 +74,21 @@ def paired_refused() -> ConfigError:
                        "moves)", "drop --paired, or pass --rounds 0")
 
 
-def level(medians: list[float]) -> tuple[float, float]:
-    """(the median of the round medians, the relative half-width of its 95% interval):
-    Student's t over the rounds' log spread, the median's standard error."""
+def level(medians: list[float], quantile: float = 0.5) -> tuple[float, float]:
+    """(the ``quantile`` of the round medians, the relative half-width of its 95% interval):
+    Student's t over the rounds' log spread, times that quantile's standard error in units
+    of sd / sqrt(k) (1.25 for the median, 1.36 for the lower quartile, normal theory)."""
+    import numpy as np
+    from scipy.stats import norm
     from scipy.stats import t as student_t
 
     k = len(medians)
-    mid = statistics.median(medians)
+    mid = float(np.quantile(medians, quantile)) if k else math.nan
     if k < 2 or mid <= 0:
         return mid, math.inf
     sd = statistics.stdev(math.log(m) for m in medians)
-    return mid, math.expm1(float(student_t.ppf(0.975, k - 1)) * MEDIAN_SE * sd / math.sqrt(k))
+    se = math.sqrt(quantile * (1 - quantile)) / float(norm.pdf(norm.ppf(quantile)))
+    return mid, math.expm1(float(student_t.ppf(0.975, k - 1)) * se * sd / math.sqrt(k))
 
 
 @dataclass
@@ -119,8 +128,8 @@ class Drift:
 def pooled(cell: Cell, drift: Drift, plan: RoundsPlan) -> dict[str, Any]:
     """The cell's measurement from its rounds: the chosen statistic's level and interval,
     both statistics beside it, and the pooled runs' spread."""
-    raw, raw_ci = level(cell.medians)
-    norm, norm_ci = level(drift.normalised(cell))
+    raw, raw_ci = level(cell.medians, plan.quantile)
+    norm, norm_ci = level(drift.normalised(cell), plan.quantile)
     out = spread(cell.raw_ms)
     out.update({"median_ms": norm if plan.normalize else raw, "median_rel_ci": norm_ci if plan.normalize else raw_ci,
                 "raw_median_ms": raw, "raw_rel_ci": raw_ci, "normalized_median_ms": norm, "normalized_rel_ci": norm_ci,
@@ -149,7 +158,7 @@ def finished(cell: Cell, drift: Drift, plan: RoundsPlan) -> str | None:
     """Why the cell's rounds end now ("converged", "max_rounds"), or None for another round."""
     k = len(cell.medians)
     stat = drift.normalised(cell) if plan.normalize else cell.medians
-    if k >= plan.min_rounds and level(stat)[1] <= plan.target_rel_ci:
+    if k >= plan.min_rounds and level(stat, plan.quantile)[1] <= plan.target_rel_ci:
         return "converged"
     return "max_rounds" if k >= plan.max_rounds else None
 

@@ -201,7 +201,7 @@ class SweepSummary:
     held_elsewhere: int = 0  # jobs another live sweep of the same store was measuring
     retries: int = 0
     reconnects: int = 0
-    references: list[float] = field(default_factory=list)
+    references: dict[str, list[float]] = field(default_factory=dict)  # per phase, the reference's medians
     drift: list[str] = field(default_factory=list)
     unstable: int = 0
     throttled: int = 0
@@ -487,14 +487,12 @@ class Profiler:
         protocol = self.store.add_protocol(self.spec.protocol(phase, options, None))
         self.store.add_reference(device_id, self.reference.config_hash(), phase, self.spec.batch, seq, past,
                                  self.spec.backend_tag, self.spec.threads, r, export_key, protocol)
-        summary.references.append(r["median_ms"])
-        base = summary.references[0]
+        summary.references.setdefault(phase, []).append(r["median_ms"])
         prior = [row["median_ms"] for row in self.store.references(device_id)
                  if row["phase"] == phase and row["seq_len"] == seq and row["past_len"] == past
                  and row["threads"] == self.spec.threads and row["backend"] == self.spec.backend_tag
                  and row["protocol"] == protocol]
-        if prior:
-            base = prior[0]
+        base = prior[0] if prior else r["median_ms"]
         change = r["median_ms"] / base - 1.0
         if abs(change) > self.spec.drift_threshold:
             msg = (f"reference drifted {change:+.1%} ({base:.2f} -> {r['median_ms']:.2f} ms) after "

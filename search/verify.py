@@ -14,6 +14,7 @@ import numpy as np
 from predictor.workload import LatencyObjective
 from profiler.database import Location
 from profiler.hosts import resolve_host
+from profiler.rounds import RoundsPlan
 from profiler.store import Store
 from profiler.sweep import Profiler, SweepSpec
 from profiler.targets import make_target
@@ -64,7 +65,7 @@ def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
     backend, _, variant = str(tag).partition(":")
     pro = [r["protocol_record"] for r in recs]
     base = pro[0]
-    for key in ("weights", "paired", "companion", "graph_opt", "opset"):
+    for key in ("weights", "paired", "companion", "graph_opt", "opset", "schedule"):
         if len({str(p.get(key)) for p in pro}) > 1:
             raise VerifyError(f"the prefill and decode predictors were measured with different {key}",
                               "train both phases from one sweep's measurements")
@@ -78,7 +79,8 @@ def verification_spec(objective: LatencyObjective, full_hash: str) -> SweepSpec:
                      backend=backend, reference_every=0, weights=base.get("weights", "none"),
                      paired=bool(base.get("paired")), graph_opt=base.get("graph_opt", "all"),
                      precision=precision, block_size=block, opset=int(base.get("opset") or 17),
-                     phase_timing={ph: dict(p.get("timing") or {}) for ph, p in zip(phases, pro)})
+                     phase_timing={ph: dict(p.get("timing") or {}) for ph, p in zip(phases, pro)},
+                     rounds=RoundsPlan(**base["schedule"]) if base.get("schedule") else None)
 
 
 def _precision(backend: str, variant: str, recorded: str | None) -> tuple[str | None, int]:

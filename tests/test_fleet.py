@@ -247,3 +247,26 @@ def test_a_server_store_outlives_a_dropped_connection(pg_store) -> None:
         assert abs(store.db.now() - time.time()) < 5  # the server's clock, here the same host's
     finally:
         store.close()
+
+
+def test_two_boards_share_an_interleaved_sweep_a_batch_each(tiny_ws, two_boards, tmp_path) -> None:
+    """In rounds, a board claims a batch of cells: every cell measured once, all of its rounds
+    on the board that claimed it, both boards used."""
+    from profiler.rounds import RoundsPlan
+
+    inv, _ = two_boards
+    db = tmp_path / "m.db"
+    configs = tiny_ws.space.sample(6, 5, layer_ranking=tiny_ws.importance.layer_ranking())
+    fleet = _fleet(tiny_ws, inv, "pair", db, configs, rounds=RoundsPlan(min_rounds=2, max_rounds=2, batch_cells=3))
+    by = _measured_by(db)
+    assert len(by) == 12 and set(by.values()) == {"b1", "b2"} and sum(s.measured for s in fleet.boards) == 12
+    with sqlite3.connect(db) as c:
+        boards = c.execute("SELECT job_id, COUNT(DISTINCT board), COUNT(*) FROM rounds WHERE job_id IS NOT NULL "
+                           "GROUP BY job_id").fetchall()
+    assert len(boards) == 12 and all(n_boards == 1 and n == 2 for _, n_boards, n in boards)
+    assert all(by[job] == b for job, b in _round_boards(db).items())
+
+
+def _round_boards(db: Path) -> dict[int, str]:
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("SELECT job_id, board FROM rounds WHERE job_id IS NOT NULL").fetchall())

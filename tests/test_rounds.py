@@ -72,6 +72,8 @@ def test_a_faulting_cell_tries_again_next_round_and_fails_when_it_runs_out() -> 
 def test_a_spiked_round_barely_moves_the_level_and_drift_divides_out() -> None:
     mid, rel = level([10.0, 10.1, 9.9, 10.0, 14.0])
     assert mid == pytest.approx(10.0) and rel > 0.02  # the spike widens the interval, not the level
+    low, low_rel = level([10.0, 10.1, 9.9, 10.0, 14.0], quantile=0.25)
+    assert low == pytest.approx(10.0) and low_rel > rel  # a quartile is known less well than the median
     cell = Cell(1, "decode", "decode")
     for r, m in enumerate([10.0, 11.0, 12.0]):  # the board slows 10% a round, the reference with it
         cell.add(m, ("b", r), [m])
@@ -83,7 +85,8 @@ def test_a_spiked_round_barely_moves_the_level_and_drift_divides_out() -> None:
 
 def test_bad_round_settings_name_the_fix() -> None:
     for kw, fix in (({"rounds": 1}, "--rounds 2"), ({"rounds": 4, "max_rounds": 3}, "--max-rounds"),
-                    ({"rounds": 3, "round_cells": 1}, "--round-cells 2")):
+                    ({"rounds": 3, "round_cells": 1}, "--round-cells 2"), ({"rounds": 3, "round_quantile": 1.0},
+                                                                               "--round-quantile 0.5")):
         with pytest.raises(ConfigError) as e:
             SweepRequest(host="local", **kw)
         assert fix in e.value.fix
@@ -183,3 +186,21 @@ def test_under_load_interleaved_cells_keep_their_medians_inside_their_intervals(
     assert len(pairs) == 8
     inside = [abs(math.log(p["again_ms"] / p["first_ms"])) <= math.log1p(rel[p["job_id"]]) for p in pairs]
     assert sum(inside) >= len(inside) / 2
+
+
+def test_verification_repeats_an_interleaved_protocol(tiny_ws) -> None:
+    """Points verified on the device are measured as the predictor's data was: in rounds."""
+    from types import SimpleNamespace
+
+    from predictor.workload import Workload
+    from profiler.protocol import Protocol
+    from search.verify import verification_spec
+    from tests.helpers import FAST_TIMING
+
+    plan = RoundsPlan(min_rounds=3, max_rounds=5, normalize=True)
+    record = Protocol(timing=dict(FAST_TIMING), schedule=plan.to_dict())
+    measured = {"threads": 1, "backend": "ort-cpu", "protocol": record.digest, "protocol_record": record.to_dict()}
+    objective = SimpleNamespace(workload=Workload.parse("128,4"), measured_as={"prefill": measured, "decode": measured})
+    spec = verification_spec(objective, tiny_ws.space.full().config_hash())
+    assert spec.rounds == plan
+    assert spec.protocol("prefill", SimpleNamespace(opset=17, ir_version=8), None).schedule == plan.to_dict()

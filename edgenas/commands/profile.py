@@ -124,6 +124,9 @@ def _add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rounds", type=int, default=8, help="with --rounds: a cell's rounds at most (default 8)")
     p.add_argument("--round-cells", type=int, default=12,
                    help="with --rounds: cells claimed and interleaved together (default 12)")
+    p.add_argument("--round-quantile", type=float, default=0.5,
+                   help="with --rounds: the quantile of a cell's round medians that is its level (default 0.5, the "
+                        "median; 0.25 where other work on the board only ever adds time)")
     p.add_argument("--normalize-drift", action="store_true",
                    help="with --rounds: a cell's number divides out each round's reference drift (both are stored)")
     p.add_argument("--keep-models", action="store_true",
@@ -226,12 +229,12 @@ def _print_board(s: Any, rows: list[Any], db: Location) -> None:
         f"time {sec['total']:.1f} s: export {sec['export']:.1f} s ({sec['export'] / tot:.0%}), upload {sec['upload']:.1f} s "
         f"({sec['upload'] / tot:.0%}, {s.bytes_uploaded / 1e6:.1f} MB), session load {sec['session_load']:.1f} s "
         f"({sec['session_load'] / tot:.0%}), timing {sec['timing']:.1f} s ({sec['timing'] / tot:.0%})"
-        f" | {s.subnets_per_hour:.0f} sub-networks/hour")
+        f" | {s.subnets_per_hour:.0f} sub-networks/hour" + (f" | {s.rounds} bursts in interleaved rounds" if s.rounds else ""))
     for phase, r in s.repeatability.items():
         out_console.print(f"repeatability, {phase}: {r['n']} cells re-measured, spread {r['sd_log_ratio']:.1%} "
                           f"(sd of the log ratio), {r['within_5pct']:.0%} within ±5%")
-    if s.references:
-        out_console.print(f"reference medians (ms): {', '.join(f'{x:.2f}' for x in s.references)}")
+    for phase, medians in s.references.items():
+        out_console.print(f"reference medians, {phase} (ms): {', '.join(f'{x:.2f}' for x in medians)}")
     for d in s.drift:
         out_console.print(f"[yellow]drift:[/] {d}")
     if s.failed:
