@@ -103,8 +103,8 @@ class Target:
         try:
             hello = self.client.call("hello", timeout=self.timeouts.handshake)
         except MeasureError as e:
-            tail = self.client.stderr_tail
-            if "not found" in tail or "No such file" in tail or proc.exit_status() == 127:
+            tail, status = self._exit_evidence(proc)
+            if "not found" in tail or "No such file" in tail or status == 127:
                 raise HostError(f"{self.spec.name} has no Python at {self.spec.python!r}",
                                 "install python3 (3.8+) on the board, or set python = \"/path/to/python3\" in the inventory") from None
             if "SyntaxError" in tail:
@@ -126,6 +126,15 @@ class Target:
                         ", ".join(map(str, hello["other_agents"])))
         self.hello = hello
         return hello
+
+    def _exit_evidence(self, proc: AgentProcess) -> tuple[str, int | None]:
+        """The failed agent's stderr and exit status: on a busy host its stdout can end before
+        its status and its last stderr lines arrive (a board without Python read as a hang)."""
+        deadline = time.monotonic() + 3.0
+        while proc.exit_status() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the stderr reader drains after the exit
+        return self.client.stderr_tail if self.client else "", proc.exit_status()
 
     def restart(self) -> dict[str, Any]:
         """After a timeout or a lost link: kill what is left, reconnect, shake hands again."""
